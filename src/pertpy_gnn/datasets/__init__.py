@@ -1,0 +1,3 @@
+"""Datasets: the simulated screen, remote loaders and readers."""
+
+__all__: list[str] = []

@@ -1,0 +1,113 @@
+"""Differentially expressed genes of every perturbation versus control, vectorized."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._constants import CONTROL, DE_KEY
+from .._utils import check_overwrite, get_adata, get_matrix, logger
+from ._perturbations import get_parsed, layer_of
+
+
+def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group cell counts, means and unbiased variances of the rows of ``x`` (one sparse product each).
+
+    ``codes`` holds a group index per row; rows with ``-1`` are ignored.
+    """
+    keep = codes >= 0
+    ind = sp.csr_matrix(
+        (np.ones(int(keep.sum())), (codes[keep], np.flatnonzero(keep))), shape=(n_groups, x.shape[0])
+    )
+    n = np.asarray(ind.sum(axis=1)).ravel()
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64)
+        s1 = (ind @ x).toarray()
+        s2 = (ind @ x.multiply(x)).toarray()
+    else:
+        x = np.asarray(x, dtype=np.float64)
+        s1 = ind @ x
+        s2 = ind @ (x * x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / n[:, None]
+        var = (s2 - n[:, None] * mean**2) / (n[:, None] - 1)
+    return n, mean, np.maximum(var, 0)
+
+
+def rank_de_genes(
+    data,
+    *,
+    n_genes: int = 20,
+    layer: str | None = None,
+    key_added: str = DE_KEY,
+    overwrite: bool = False,
+    modality: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Top differentially expressed genes of every perturbation versus control cells.
+
+    Welch's t-test per gene (the score of :func:`scanpy.tl.rank_genes_groups` with
+    ``method='t-test'``), genes ranked by the absolute score as in GEARS. Computed for all
+    perturbations at once with sparse group sums: seconds for 90,000 cells x 5,000 genes.
+
+    Parameters
+    ----------
+    data
+        AnnData parsed by :func:`pertpy_gnn.pp.parse_perturbations`, or a MuData with ``modality``.
+    n_genes
+        Number of top genes kept per perturbation (GEARS uses 20).
+    layer
+        Expression layer; by default the one recorded by ``parse_perturbations``.
+    key_added
+        Key in ``adata.uns``.
+    overwrite
+        Replace an existing result under ``key_added``.
+    modality
+        Modality of a MuData.
+    copy
+        Return a copy instead of writing into ``data``.
+
+    Returns
+    -------
+    ``None`` or a copy if ``copy=True``. Sets ``adata.uns['pg_de_genes']``, a dict with
+
+    ``names``
+        DataFrame, one row per perturbation, columns ``0 .. n_genes-1``: gene names by rank.
+    ``indices``
+        Same shape, integer positions of those genes in ``var_names``.
+    ``scores``
+        Same shape, t-statistics (signed).
+    ``params``
+        ``n_genes``, ``layer``, ``method``.
+    """
+    adata = get_adata(data, modality)
+    adata = adata.copy() if copy else adata
+    check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
+    col, _ = get_parsed(adata)
+    layer = layer_of(adata) if layer is None else layer
+    x = get_matrix(adata, layer)
+    n_genes = int(min(n_genes, adata.n_vars))
+    cats = list(col.cat.categories)
+    n, mean, var = group_moments(x, col.cat.codes.to_numpy(), len(cats))
+    c = cats.index(CONTROL)
+    perts = [i for i, name in enumerate(cats) if name != CONTROL and n[i] > 0]
+    too_small = [cats[i] for i in perts if n[i] < 2]
+    if too_small:
+        logger.warning("Perturbations with a single cell get a variance of 0: %s", too_small[:10])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(np.nan_to_num(var[perts] / n[perts, None]) + np.nan_to_num(var[c] / n[c]))
+        t = (mean[perts] - mean[c]) / se
+    t = np.where(np.isfinite(t), t, 0.0)
+    order = np.argsort(-np.abs(t), axis=1, kind="stable")[:, :n_genes]
+    scores = np.take_along_axis(t, order, axis=1)
+    index = [cats[i] for i in perts]
+    names = np.asarray(adata.var_names)[order]
+    adata.uns[key_added] = {
+        "names": pd.DataFrame(names, index=index, columns=[str(i) for i in range(n_genes)]),
+        "indices": pd.DataFrame(order.astype(np.int64), index=index, columns=[str(i) for i in range(n_genes)]),
+        "scores": pd.DataFrame(scores.astype(np.float32), index=index, columns=[str(i) for i in range(n_genes)]),
+        "params": {"n_genes": n_genes, "layer": "X" if layer is None else layer, "method": "t-test (Welch)"},
+    }
+    return adata if copy else None

@@ -1,0 +1,258 @@
+"""The perturbation data contract: parse any common perturbation-label convention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._constants import CONTROL, DELIM, N_GENES_KEY, PERT_KEY, PERT_UNS_KEY
+from .._utils import get_adata, get_matrix, logger
+
+#: labels recognised as control when ``control_label`` is not given (case-insensitive)
+DEFAULT_CONTROL_LABELS = ("control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "unperturbed")
+
+
+def canonical_name(genes: Iterable[str]) -> str:
+    """Canonical name of a perturbation set: genes sorted and joined by ``+``; ``control`` if empty."""
+    genes = sorted(set(genes))
+    return DELIM.join(genes) if genes else CONTROL
+
+
+def split_label(label: str, *, delimiter: str | Sequence[str] = DELIM, control_labels: Iterable[str] = ()) -> tuple[str, ...]:
+    """Split one perturbation label into its sorted gene set, dropping control tokens.
+
+    ``"A+ctrl"`` -> ``("A",)``, ``"B+A"`` -> ``("A", "B")``, ``"ctrl"`` -> ``()``.
+    """
+    delims = [delimiter] if isinstance(delimiter, str) else list(delimiter)
+    parts = [label]
+    for d in delims:
+        parts = [p for part in parts for p in part.split(d)]
+    controls = {c.lower() for c in control_labels}
+    genes = {p.strip() for p in parts if p.strip() and p.strip().lower() not in controls}
+    return tuple(sorted(genes))
+
+
+def as_perturbation_sets(perturbations, *, delimiter: str = DELIM) -> list[tuple[str, ...]]:
+    """Normalize user input to a list of sorted gene tuples.
+
+    A string is one set (``"A"``, ``"A+B"``); a tuple of genes is one set (``("A", "B", "C")``);
+    a list holds several sets, each a string or a list/tuple of genes
+    (``["A", "A+B", ["A", "B", "C"]]``).
+    """
+    if isinstance(perturbations, (str, tuple)):
+        perturbations = [perturbations]
+    out = []
+    for p in perturbations:
+        if isinstance(p, str):
+            genes = split_label(p, delimiter=delimiter, control_labels=DEFAULT_CONTROL_LABELS)
+        else:
+            genes = tuple(sorted({str(g) for g in p}))
+        if not genes:
+            raise ValueError(f"Empty perturbation set {p!r}: give at least one gene per set.")
+        out.append(genes)
+    return out
+
+
+def _detect_delimiter(labels: Sequence[str]) -> str:
+    joined = "".join(labels)
+    if "+" in joined:
+        return "+"
+    if "_" in joined:
+        return "_"
+    return "+"
+
+
+def _check_labels(labels: pd.Series, key: str) -> None:
+    bad = labels.isna() | (labels.astype(str).str.strip() == "") | labels.astype(str).str.lower().isin(["nan", "none"])
+    if bad.any():
+        examples = list(labels.index[bad][:5])
+        raise ValueError(
+            f"{int(bad.sum())} cells have an empty or missing label in obs[{key!r}] (e.g. cells {examples}). "
+            "Label every cell (use the control label for unperturbed cells) or subset them away first: "
+            f"adata = adata[adata.obs[{key!r}].notna()].copy()."
+        )
+
+
+def validate_expression(adata: AnnData, *, layer: str | None = None, expect: str = "log-normalized") -> None:
+    """Check that the expression matrix is finite and log-normalized, not raw counts.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    layer
+        Layer to check; ``None`` checks ``adata.X``.
+    expect
+        What the data should be; only ``"log-normalized"`` is checked for now.
+
+    Raises
+    ------
+    ValueError
+        On non-finite values, or on data that looks like raw counts.
+    """
+    x = get_matrix(adata, layer)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    vals = x.data if sp.issparse(x) else np.asarray(x)
+    if vals.size == 0:
+        raise ValueError(f"{where} is empty.")
+    if not np.all(np.isfinite(vals)):
+        n = int((~np.isfinite(vals)).sum())
+        raise ValueError(f"{where} has {n} non-finite values (NaN or inf). Replace or remove them before modelling.")
+    sample = vals.ravel()[: 1_000_000]
+    if expect == "log-normalized" and sample.max() > 30 and np.all(np.mod(sample, 1) == 0):
+        raise ValueError(
+            f"{where} looks like raw counts (integer values up to {sample.max():.0f}), but log-normalized data "
+            "is expected. Normalize into a layer without touching X: "
+            "adata.layers['lognorm'] = sc.pp.log1p(sc.pp.normalize_total(adata, inplace=False)['X']), "
+            "then pass layer='lognorm'."
+        )
+    if sample.min() < 0:
+        logger.warning("%s has negative values: is it scaled? Log-normalized, unscaled data is expected.", where)
+
+
+def parse_perturbations(
+    data,
+    *,
+    perturbation_key: str = "condition",
+    control_label: str | Sequence[str] | None = None,
+    delimiter: str | Sequence[str] | None = None,
+    gene_universe: Iterable[str] | None = None,
+    drop_unknown: bool = False,
+    layer: str | None = None,
+    check_expression: bool = True,
+    modality: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Parse the perturbation column into canonical gene sets, validating the data first.
+
+    Reads every common convention: GEARS (``ctrl``, ``A+ctrl``, ``A+B``), pertpy / scPerturb
+    (``control``, ``A``, ``A+B``, ``A_B``), any control label and delimiter, sets of any size.
+    ``B+A`` and ``A+B`` are the same set. The user's columns are never changed.
+
+    Parameters
+    ----------
+    data
+        AnnData, or MuData together with ``modality``.
+    perturbation_key
+        Column of ``obs`` with the perturbation label of each cell.
+    control_label
+        Label(s) of unperturbed cells. By default any of ``control``, ``ctrl``, ``non-targeting``, ``NT``.
+    delimiter
+        Separator(s) of genes within a label. By default ``+`` (or ``_`` when no label has ``+``).
+    gene_universe
+        Genes that may be perturbed although they are not in ``var_names`` (e.g. every GO-annotated
+        gene). A perturbed gene in neither is an error.
+    drop_unknown
+        Instead of failing on perturbed genes in neither ``var_names`` nor ``gene_universe``, drop
+        their cells; a filtered copy is then returned and ``data`` is left as it was.
+    layer
+        Layer with log-normalized expression; ``None`` uses ``X``.
+    check_expression
+        Check the expression for non-finite values and raw counts.
+    modality
+        Modality of a MuData.
+    copy
+        Return a copy instead of writing into ``data``.
+
+    Returns
+    -------
+    ``None``, or an AnnData if ``copy=True`` or cells were dropped. Sets:
+
+    ``adata.obs['pg_perturbation']``
+        Canonical name of every cell's set (``control``, ``A``, ``A+B``), categorical.
+    ``adata.obs['pg_n_genes']``
+        Number of perturbed genes (0 for control).
+    ``adata.uns['pg_perturbation']``
+        How the column was parsed: key, control labels, delimiter, layer, perturbed genes.
+    """
+    adata = get_adata(data, modality)
+    if perturbation_key not in adata.obs:
+        raise KeyError(
+            f"obs[{perturbation_key!r}] not found; pass `perturbation_key=` naming the column with "
+            f"perturbation labels (obs has {list(adata.obs.columns)})."
+        )
+    if adata.var_names.has_duplicates:
+        dups = adata.var_names[adata.var_names.duplicated()].unique()[:10].tolist()
+        raise ValueError(f"var_names has duplicates {dups}. Make them unique first: adata.var_names_make_unique().")
+    if check_expression:
+        validate_expression(adata, layer=layer)
+
+    labels = adata.obs[perturbation_key]
+    _check_labels(labels, perturbation_key)
+    labels = labels.astype(str)
+    categories = pd.unique(labels)
+    controls = (
+        list(DEFAULT_CONTROL_LABELS)
+        if control_label is None
+        else [control_label] if isinstance(control_label, str) else list(control_label)
+    )
+    delim = _detect_delimiter(categories) if delimiter is None else delimiter
+
+    sets = {c: split_label(c, delimiter=delim, control_labels=controls) for c in categories}
+    control_cats = [c for c, s in sets.items() if not s]
+    n_control = int(labels.isin(control_cats).sum())
+    if n_control == 0:
+        raise ValueError(
+            f"No control cells: no label of obs[{perturbation_key!r}] matches the control label(s) {controls}. "
+            f"Labels seen include {list(categories[:8])}; pass `control_label=` with your control label."
+        )
+
+    known = set(adata.var_names) | (set(gene_universe) if gene_universe is not None else set())
+    perturbed = sorted({g for s in sets.values() for g in s})
+    unknown = [g for g in perturbed if g not in known]
+    out = adata
+    if unknown:
+        where = "var_names" + (" or gene_universe" if gene_universe is not None else "")
+        if not drop_unknown:
+            raise ValueError(
+                f"{len(unknown)} perturbed genes are not in {where}: {unknown[:20]}"
+                f"{' ...' if len(unknown) > 20 else ''}. Pass `drop_unknown=True` to drop their cells, or "
+                "`gene_universe=` with the genes that may be perturbed (e.g. the GO-annotated genes)."
+            )
+        bad_cats = [c for c, s in sets.items() if any(g in unknown for g in s)]
+        keep = ~labels.isin(bad_cats).to_numpy()
+        logger.warning("Dropping %d cells of %d perturbations with unknown genes %s.", (~keep).sum(), len(bad_cats), unknown[:10])
+        out = adata[keep].copy()
+        labels = labels[keep]
+        perturbed = sorted({g for c, s in sets.items() if c not in bad_cats for g in s})
+    elif copy:
+        out = adata.copy()
+
+    canon = {c: canonical_name(s) for c, s in sets.items()}
+    names = labels.map(canon)
+    order = [CONTROL] + sorted(set(names) - {CONTROL}, key=lambda n: (n.count(DELIM), n))
+    out.obs[PERT_KEY] = pd.Categorical(names.to_numpy(), categories=order)
+    out.obs[N_GENES_KEY] = labels.map({c: len(s) for c, s in sets.items()}).to_numpy().astype(np.int64)
+    out.uns[PERT_UNS_KEY] = {
+        "perturbation_key": perturbation_key,
+        "control_label": list(controls),
+        "delimiter": delim if isinstance(delim, str) else list(delim),
+        "layer": "X" if layer is None else layer,
+        "genes": np.array(perturbed, dtype=object),
+    }
+    logger.info(
+        "Parsed %d perturbations (%d genes) and %d control cells.", len(order) - 1, len(perturbed), int((names == CONTROL).sum())
+    )
+    return out if (copy or out is not adata) else None
+
+
+def get_parsed(adata: AnnData) -> tuple[pd.Series, list[tuple[str, ...]]]:
+    """The canonical perturbation column and the gene set of each of its categories.
+
+    Raises a clear error if :func:`parse_perturbations` has not been run.
+    """
+    if PERT_KEY not in adata.obs or PERT_UNS_KEY not in adata.uns:
+        raise KeyError("Perturbations are not parsed yet: run pg.pp.parse_perturbations(adata, perturbation_key=...) first.")
+    col = adata.obs[PERT_KEY]
+    sets = [() if c == CONTROL else tuple(c.split(DELIM)) for c in col.cat.categories]
+    return col, sets
+
+
+def layer_of(adata: AnnData) -> str | None:
+    """The expression layer recorded by :func:`parse_perturbations` (``None`` for ``X``)."""
+    layer = adata.uns.get(PERT_UNS_KEY, {}).get("layer", "X")
+    return None if layer == "X" else layer

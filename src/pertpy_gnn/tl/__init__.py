@@ -1,0 +1,3 @@
+"""Tools: train models, predict, score and evaluate."""
+
+__all__: list[str] = []
