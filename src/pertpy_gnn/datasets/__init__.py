@@ -1,3 +1,27 @@
 """Datasets: the simulated screen, remote loaders and readers."""
 
-__all__: list[str] = []
+from ._go import EVIDENCE_GROUPS, go_annotations, read_gaf
+from ._read import read_perturbation_h5ad
+from ._remote import (
+    ChecksumError,
+    DownloadError,
+    adamson_2016,
+    dixit_2016,
+    get_cache_dir,
+    norman_2019,
+    replogle_2022_k562_essential,
+)
+
+__all__: list[str] = [
+    "norman_2019",
+    "adamson_2016",
+    "dixit_2016",
+    "replogle_2022_k562_essential",
+    "read_perturbation_h5ad",
+    "go_annotations",
+    "read_gaf",
+    "EVIDENCE_GROUPS",
+    "get_cache_dir",
+    "DownloadError",
+    "ChecksumError",
+]

@@ -1,0 +1,321 @@
+"""Download public perturbation screens with pooch: caching, retries, checksums and clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from anndata import AnnData
+
+#: environment variable that sets the download cache folder
+CACHE_ENV = "PERTPY_GNN_CACHE"
+
+#: the public screens, as hosted for pertpy (``pt.dt.*``): figshare for the scverse-processed files,
+#: Zenodo record 7278143 for the scPerturb-harmonized files. ``known_hash`` is None where no checksum
+#: was published; pass ``known_hash=`` to verify a copy you trust.
+DATASETS: dict[str, dict[str, str | None]] = {
+    "norman_2019": {
+        "fname": "norman_2019.h5ad",
+        "url": "https://figshare.com/ndownloader/files/34027562",
+        "known_hash": None,
+    },
+    "adamson_2016": {
+        "fname": "adamson_2016_upr_perturb_seq.h5ad",
+        "url": "https://zenodo.org/record/7278143/files/AdamsonWeissman2016_GSM2406681_10X010.h5ad?download=1",
+        "known_hash": None,
+    },
+    "dixit_2016": {
+        "fname": "dixit_2016.h5ad",
+        "url": "https://figshare.com/ndownloader/files/34014608",
+        "known_hash": None,
+    },
+    "replogle_2022_k562_essential": {
+        "fname": "replogle_2022_k562_essential.h5ad",
+        "url": "https://zenodo.org/record/7278143/files/ReplogleWeissman2022_K562_essential.h5ad?download=1",
+        "known_hash": None,
+    },
+}
+
+
+class DownloadError(ConnectionError):
+    """A remote file could not be downloaded (host unreachable, HTTP error, timeout).
+
+    A subclass of :class:`ConnectionError` (and so of :class:`OSError`); the message says which URL to
+    download by hand and what to pass instead.
+    """
+
+
+class ChecksumError(ValueError):
+    """A downloaded file does not match its known checksum (``known_hash``)."""
+
+
+def get_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder where downloads are cached.
+
+    The first that is set of: ``cache_dir``, the environment variable ``PERTPY_GNN_CACHE``, and
+    ``pooch.os_cache('pertpy-gnn')`` (e.g. ``~/.cache/pertpy-gnn`` on Linux).
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("pertpy-gnn"))
+
+
+def fetch(
+    fname: str,
+    url: str,
+    *,
+    known_hash: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    retries: int = 2,
+    timeout: float = 60.0,
+    progress_bar: bool = True,
+    manual_hint: str | None = None,
+) -> Path:
+    """Return the local path of ``fname``, downloading it from ``url`` into the cache when absent.
+
+    Parameters
+    ----------
+    fname
+        File name inside the cache folder.
+    url
+        Where to download it from (http or https).
+    known_hash
+        Checksum of the file (``"sha256:..."``, ``"md5:..."``, or a bare sha256); ``None`` skips the
+        check. A cached copy that does not match is downloaded again.
+    cache_dir
+        Cache folder; see :func:`get_cache_dir`.
+    retries
+        Further attempts after a failed download (with a growing pause, as ``pooch``'s
+        ``retry_if_failed``).
+    timeout
+        Seconds to wait for the server to answer.
+    progress_bar
+        Show a tqdm download progress bar.
+    manual_hint
+        Sentence appended to the error raised when the download fails, saying how to use a file
+        downloaded by hand.
+
+    Returns
+    -------
+    Path of the cached file. Nothing is downloaded when a (matching) copy is already there.
+
+    Raises
+    ------
+    DownloadError
+        When the host cannot be reached or answers with an error.
+    ChecksumError
+        When the downloaded file does not match ``known_hash``.
+    """
+    import pooch
+    import requests
+
+    folder = get_cache_dir(cache_dir)
+    target = folder / fname
+    store = pooch.create(
+        path=folder, base_url="", registry={fname: known_hash}, urls={fname: url}, retry_if_failed=retries
+    )
+    try:
+        path = store.fetch(fname, downloader=pooch.HTTPDownloader(progressbar=progress_bar, timeout=timeout))
+    except requests.exceptions.RequestException as err:
+        hint = manual_hint or "then pass the downloaded file's path instead of calling the loader"
+        raise DownloadError(
+            f"Could not download {fname} from {url} ({type(err).__name__}: {err}). If this machine has no "
+            f"internet access, download {url} by hand (e.g. `curl -L -o {fname} '{url}'`) and {hint}; or put "
+            f"the file at {target} (choose another folder with `cache_dir=` or the {CACHE_ENV} environment "
+            "variable) and call the loader again."
+        ) from err
+    except ValueError as err:
+        if "hash" not in str(err).lower():
+            raise
+        raise ChecksumError(
+            f"The file downloaded from {url} does not match its known checksum {known_hash!r} ({err}). "
+            "The download was deleted. The host may serve a corrupted or updated file: try again, or pass "
+            "`known_hash=None` (or the new checksum) if you trust the new file."
+        ) from err
+    return Path(path)
+
+
+def _load(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None,
+    backed: str | None,
+    url: str,
+    known_hash: str | None,
+    retries: int,
+    progress_bar: bool,
+) -> AnnData:
+    from ._read import read_perturbation_h5ad
+
+    path = fetch(
+        str(DATASETS[name]["fname"]),
+        url,
+        known_hash=known_hash,
+        cache_dir=cache_dir,
+        retries=retries,
+        progress_bar=progress_bar,
+        manual_hint="read it with `pg.datasets.read_perturbation_h5ad(path, perturbation_key=...)`",
+    )
+    return read_perturbation_h5ad(path, perturbation_key=None, backed=backed)
+
+
+_LOADER_PARAMS = """
+    Parameters
+    ----------
+    cache_dir
+        Download cache folder; default: the ``PERTPY_GNN_CACHE`` environment variable, else
+        ``pooch.os_cache('pertpy-gnn')``. A file already there is not downloaded again.
+    backed
+        ``'r'`` to read the matrix lazily from disk (see :func:`anndata.read_h5ad`).
+    url
+        Download from this address instead of the public one (a mirror, or a local server in tests).
+    known_hash
+        Checksum to verify (``"sha256:..."`` or ``"md5:..."``); ``None`` (the default: no checksum is
+        published for this file) skips the check.
+    retries
+        Further download attempts after a failure.
+    progress_bar
+        Show a download progress bar.
+
+    Returns
+    -------
+    The screen as an AnnData, unchanged from the file. Parse its perturbation column with
+    :func:`pertpy_gnn.pp.parse_perturbations` (look at ``adata.obs`` for its name).
+
+    Raises
+    ------
+    DownloadError
+        When the host cannot be reached; the message names the URL to download by hand and how to read
+        the file with :func:`pertpy_gnn.datasets.read_perturbation_h5ad`.
+    ChecksumError
+        When the download does not match ``known_hash``.
+"""
+
+
+def _loader_doc(func):
+    """Append the parameters shared by every remote loader to its docstring."""
+    func.__doc__ = (func.__doc__ or "").rstrip() + "\n" + _LOADER_PARAMS
+    return func
+
+
+@_loader_doc
+def norman_2019(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    backed: str | None = None,
+    url: str = DATASETS["norman_2019"]["url"],
+    known_hash: str | None = DATASETS["norman_2019"]["known_hash"],
+    retries: int = 2,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Norman et al. 2019 CRISPRa Perturb-seq in K562 cells: single and paired gene activations.
+
+    105 single genes and 131 gene pairs activated; the dataset GEARS evaluates combinatorial
+    prediction and genetic interactions on. File: the scverse-processed copy used by
+    ``pertpy.data.norman_2019`` (figshare 34027562).
+
+    Norman, T. M. et al. Exploring genetic interaction manifolds constructed from rich single-cell
+    phenotypes. Science 365, 786-793 (2019).
+    """
+    return _load(
+        "norman_2019",
+        cache_dir=cache_dir,
+        backed=backed,
+        url=url,
+        known_hash=known_hash,
+        retries=retries,
+        progress_bar=progress_bar,
+    )
+
+
+@_loader_doc
+def adamson_2016(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    backed: str | None = None,
+    url: str = DATASETS["adamson_2016"]["url"],
+    known_hash: str | None = DATASETS["adamson_2016"]["known_hash"],
+    retries: int = 2,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Adamson et al. 2016 UPR Perturb-seq: CRISPRi of 82 genes in K562 cells (~65,000 cells).
+
+    The single-gene knock-down screen GEARS uses for unseen single perturbations. File: the
+    scPerturb-harmonized copy (Zenodo 7278143, ``AdamsonWeissman2016_GSM2406681_10X010.h5ad``), as
+    ``pertpy.data.adamson_2016_upr_perturb_seq``.
+
+    Adamson, B. et al. A multiplexed single-cell CRISPR screening platform enables systematic dissection
+    of the unfolded protein response. Cell 167, 1867-1882 (2016).
+    """
+    return _load(
+        "adamson_2016",
+        cache_dir=cache_dir,
+        backed=backed,
+        url=url,
+        known_hash=known_hash,
+        retries=retries,
+        progress_bar=progress_bar,
+    )
+
+
+@_loader_doc
+def dixit_2016(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    backed: str | None = None,
+    url: str = DATASETS["dixit_2016"]["url"],
+    known_hash: str | None = DATASETS["dixit_2016"]["known_hash"],
+    retries: int = 2,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Dixit et al. 2016 Perturb-seq: pooled CRISPR knock-outs of transcription factors.
+
+    File: the scverse-processed copy used by ``pertpy.data.dixit_2016`` (figshare 34014608).
+
+    Dixit, A. et al. Perturb-Seq: dissecting molecular circuits with scalable single-cell RNA profiling
+    of pooled genetic screens. Cell 167, 1853-1866 (2016).
+    """
+    return _load(
+        "dixit_2016",
+        cache_dir=cache_dir,
+        backed=backed,
+        url=url,
+        known_hash=known_hash,
+        retries=retries,
+        progress_bar=progress_bar,
+    )
+
+
+@_loader_doc
+def replogle_2022_k562_essential(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    backed: str | None = None,
+    url: str = DATASETS["replogle_2022_k562_essential"]["url"],
+    known_hash: str | None = DATASETS["replogle_2022_k562_essential"]["known_hash"],
+    retries: int = 2,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Replogle et al. 2022 essential-scale CRISPRi Perturb-seq in K562 cells (day 7).
+
+    About 2,000 common essential genes knocked down, one per cell; a large download (consider
+    ``backed='r'``). File: the scPerturb-harmonized copy (Zenodo 7278143,
+    ``ReplogleWeissman2022_K562_essential.h5ad``), as ``pertpy.data.replogle_2022_k562_essential``.
+
+    Replogle, J. M. et al. Mapping information-rich genotype-phenotype landscapes with genome-scale
+    Perturb-seq. Cell 185, 2559-2575 (2022).
+    """
+    return _load(
+        "replogle_2022_k562_essential",
+        cache_dir=cache_dir,
+        backed=backed,
+        url=url,
+        known_hash=known_hash,
+        retries=retries,
+        progress_bar=progress_bar,
+    )
