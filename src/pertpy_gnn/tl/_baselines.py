@@ -1,0 +1,458 @@
+"""Baselines that every model is reported beside, fitted on the training cells of a split.
+
+Every baseline is a predictor in the project's contract: ``.name``, ``.seen_genes`` and
+``.predict(perturbations, *, n_control=300, seed=0)`` returning the AnnData of
+:func:`~pertpy_gnn.tl._prediction.make_prediction_adata`. A baseline predicts a change ``delta``
+over the mean of the *training* control cells; ``predict`` adds it to the mean of ``n_control``
+control cells drawn at random (seeded), or of all control cells when ``n_control`` is ``None`` or
+at least their number, so that with all control cells ``no_change`` is exactly the control mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from pertpy_gnn._constants import COEXPR_GRAPH_KEY, CONTROL, GO_GRAPH_KEY, SPLIT_KEY
+from pertpy_gnn._utils import get_adata, get_matrix, logger, to_dense
+from pertpy_gnn.pp._de import group_moments
+from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_parsed, layer_of
+
+from ._prediction import make_prediction_adata
+
+#: the kinds understood by :func:`fit_baseline`
+BASELINE_KINDS = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
+
+
+@dataclass
+class _Training:
+    """Per-perturbation summaries of the training cells (computed once per fit)."""
+
+    var_names: pd.Index
+    control_x: object  # training control cells x genes (sparse or dense)
+    control_mean: np.ndarray  # (genes,)
+    sets: list[tuple[str, ...]]  # training perturbations (control excluded)
+    means: np.ndarray  # (len(sets), genes) mean expression
+    n_cells: np.ndarray  # (len(sets),)
+
+    @property
+    def deltas(self) -> np.ndarray:
+        return self.means - self.control_mean[None, :]
+
+    @property
+    def seen_genes(self) -> set[str]:
+        return {g for s in self.sets for g in s}
+
+
+def _training_data(adata: AnnData, split_key: str, layer: str | None) -> _Training:
+    col, sets = get_parsed(adata)
+    if split_key not in adata.obs:
+        raise KeyError(
+            f"obs[{split_key!r}] not found: split the perturbations first, e.g. "
+            "pg.pp.split_perturbations(adata, kind='simulation'), or pass `split_key=` naming your split column."
+        )
+    train = (adata.obs[split_key].astype(str) == "train").to_numpy()
+    codes = col.cat.codes.to_numpy().astype(np.int64)
+    codes = np.where(train, codes, -1)
+    ci = list(col.cat.categories).index(CONTROL)
+    ctrl_rows = np.flatnonzero(codes == ci)
+    if ctrl_rows.size == 0:
+        raise ValueError(
+            f"No control cells have obs[{split_key!r}] == 'train'; control cells must be in the training split "
+            "(pg.pp.split_perturbations always puts them there)."
+        )
+    x = get_matrix(adata, layer_of(adata) if layer is None else layer)
+    # the same float64 sums as pg.tl.evaluate, so that no_change is exactly the evaluated control mean
+    n_cells, means, _ = group_moments(x, codes, len(sets))
+    n_cells = n_cells.astype(np.int64)
+    keep = [i for i in range(len(sets)) if i != ci and n_cells[i] > 0]
+    if not keep:
+        raise ValueError(
+            f"No perturbed cells have obs[{split_key!r}] == 'train': nothing to fit a baseline on."
+        )
+    control_x = x[ctrl_rows] if sp.issparse(x) else np.asarray(x[ctrl_rows])
+    return _Training(
+        var_names=pd.Index(adata.var_names.astype(str)),
+        control_x=control_x,
+        control_mean=means[ci].astype(np.float64),
+        sets=[sets[i] for i in keep],
+        means=means[keep].astype(np.float64),
+        n_cells=n_cells[keep],
+    )
+
+
+def _indicator(sets: Sequence[tuple[str, ...]], genes: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Sets x genes 0/1 matrix, and whether every gene of each set is in ``genes``."""
+    pos = dict(zip(genes, range(len(genes)), strict=True))
+    rows, cols, complete = [], [], np.ones(len(sets), dtype=bool)
+    for i, s in enumerate(sets):
+        idx = [pos[g] for g in s if g in pos]
+        complete[i] = len(idx) == len(s)
+        rows += [i] * len(idx)
+        cols += idx
+    ind = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(sets), len(genes)))
+    return ind, complete
+
+
+class Baseline:
+    """A fitted baseline predictor; build one with :func:`fit_baseline`.
+
+    Attributes
+    ----------
+    name
+        Name of the predictor (the kind unless given).
+    seen_genes
+        Genes seen perturbed (alone or in a combination) in the training cells.
+    var_names
+        Genes of the predictions.
+    control_mean
+        Mean expression of the training control cells; every ``delta`` is relative to it.
+    """
+
+    kind = ""
+
+    def __init__(self, train: _Training, *, name: str | None = None):
+        self.name = self.kind if name is None else name
+        self.var_names = train.var_names
+        self.seen_genes = train.seen_genes
+        self.control_mean = train.control_mean
+        self._control_x = train.control_x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_vars={len(self.var_names)}, n_seen_genes={len(self.seen_genes)})"
+
+    def _delta(self, sets: list[tuple[str, ...]]) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+    def _control_base(self, n_control: int | None, seed: int) -> tuple[np.ndarray, int]:
+        n_avail = self._control_x.shape[0]
+        if n_control is None or n_control >= n_avail:
+            return self.control_mean, n_avail
+        if n_control < 1:
+            raise ValueError(
+                f"`n_control` must be a positive number of control cells or None (all), got {n_control}."
+            )
+        idx = np.random.default_rng(seed).choice(n_avail, size=int(n_control), replace=False)
+        return to_dense(self._control_x[np.sort(idx)]).astype(np.float64).mean(axis=0), int(n_control)
+
+    def predict(self, perturbations, *, n_control: int | None = 300, seed: int = 0) -> AnnData:
+        """Predict the mean expression of perturbation sets.
+
+        Parameters
+        ----------
+        perturbations
+            ``"A"``, ``"A+B"``, a tuple of genes, or a list of those.
+        n_control
+            Number of control cells, drawn at random, whose mean the predicted change is added to;
+            ``None`` (or at least the number of training control cells) uses all of them.
+        seed
+            Seed of the draw of control cells.
+
+        Returns
+        -------
+        The prediction AnnData of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`, one row per set
+        (``X`` mean, ``layers['delta']`` change over the control mean, ``obs`` ``perturbation``,
+        ``n_genes``, ``n_unseen``, ``seen`` and baseline-specific columns).
+        """
+        sets = as_perturbation_sets(perturbations)
+        base, n_used = self._control_base(n_control, seed)
+        delta, extra = self._delta(sets)
+        return make_prediction_adata(
+            sets,
+            base[None, :] + delta,
+            base,
+            self.var_names,
+            seen_genes=self.seen_genes,
+            obs_extra=extra or None,
+            model_name=self.name,
+            n_control=n_used,
+        )
+
+
+class NoChangeBaseline(Baseline):
+    """Predicts the control mean for every perturbation (GEARS's "no perturbation" model)."""
+
+    kind = "no_change"
+
+    def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
+        super().__init__(train, name=name)
+
+    def _delta(self, sets):
+        return np.zeros((len(sets), len(self.var_names))), {}
+
+
+class TrainMeanBaseline(Baseline):
+    """Predicts the mean of all perturbed training cells (each cell weighs the same) for every set."""
+
+    kind = "train_mean"
+
+    def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
+        super().__init__(train, name=name)
+        w = train.n_cells / train.n_cells.sum()
+        self.train_delta = w @ train.deltas
+
+    def _delta(self, sets):
+        return np.broadcast_to(self.train_delta, (len(sets), len(self.var_names))).copy(), {}
+
+
+class AdditiveBaseline(Baseline):
+    """Control mean plus the sum of the single-gene changes seen in training.
+
+    Defined for sets whose genes were *all* perturbed alone in the training cells; other rows are
+    NaN and ``obs['available']`` is ``False`` (evaluation then reports NaN metrics for them).
+    """
+
+    kind = "additive"
+
+    def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
+        super().__init__(train, name=name)
+        singles = [i for i, s in enumerate(train.sets) if len(s) == 1]
+        self.single_genes = pd.Index([train.sets[i][0] for i in singles])
+        self.single_deltas = train.deltas[singles]
+
+    def _delta(self, sets):
+        ind, available = _indicator(sets, self.single_genes)
+        delta = np.asarray(ind @ self.single_deltas)
+        delta[~available] = np.nan
+        if not available.all():
+            logger.info(
+                "additive: %d of %d sets have a gene not seen as a training single (NaN rows).",
+                (~available).sum(),
+                len(sets),
+            )
+        return delta, {"available": available}
+
+
+class LinearCoexpressionBaseline(Baseline):
+    r"""GEARS's linear model (paper eq. 1): ``x_theta = E^hops theta``, scaled by one fitted scalar.
+
+    ``E`` is the weighted co-expression graph (``E[target, source] = weight``), ``theta`` is +1 at the
+    perturbed genes and 0 elsewhere. The sign (CRISPRa raises, CRISPRi lowers the target) and the
+    scale of the effect are a single scalar ``s`` fitted by least squares on the training
+    perturbations whose genes are all measured, :math:`s = \sum \langle x_\theta, \delta\rangle /
+    \sum \langle x_\theta, x_\theta\rangle`, unless ``scale`` is given (``s = 1`` with a warning when
+    no training perturbation has measured genes). A set with a gene outside ``var_names`` cannot be
+    placed on the graph: its row is the control mean and ``obs['available']`` is ``False``.
+    """
+
+    kind = "linear_coexpression"
+
+    def __init__(
+        self,
+        train: _Training,
+        adata: AnnData,
+        *,
+        graph: dict | str = COEXPR_GRAPH_KEY,
+        hops: int = 3,
+        scale: float | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(train, name=name)
+        if isinstance(graph, str):
+            if graph not in adata.uns:
+                raise KeyError(
+                    f"adata.uns[{graph!r}] not found: build the co-expression graph first with "
+                    "pg.pp.coexpression_graph(adata), or pass `graph=` (a key of uns or the graph dict)."
+                )
+            graph = adata.uns[graph]
+        if hops < 1:
+            raise ValueError(f"`hops` must be at least 1, got {hops}.")
+        nodes = self.var_names.get_indexer(np.asarray(graph["genes"]).astype(str))
+        src, tgt = np.asarray(graph["edge_index"], dtype=np.int64)
+        w = np.asarray(graph["edge_weight"], dtype=np.float64)
+        ok = (nodes[src] >= 0) & (nodes[tgt] >= 0)
+        n = len(self.var_names)
+        self.adjacency = sp.csr_matrix((w[ok], (nodes[tgt[ok]], nodes[src[ok]])), shape=(n, n))
+        self.hops = int(hops)
+        if scale is None:
+            ind, complete = _indicator(train.sets, self.var_names)
+            if complete.any():
+                x = self._propagate(ind[complete])
+                y = train.deltas[complete]
+                denom = float((x * x).sum())
+                scale = float((x * y).sum()) / denom if denom > 0 else 0.0
+            else:
+                logger.warning(
+                    "linear_coexpression: no training perturbation has all genes in var_names; using scale 1."
+                )
+                scale = 1.0
+        self.scale = float(scale)
+
+    def _propagate(self, theta: sp.csr_matrix) -> np.ndarray:
+        x = theta.T.toarray()  # genes x sets
+        for _ in range(self.hops):
+            x = self.adjacency @ x
+        return x.T
+
+    def _delta(self, sets):
+        ind, available = _indicator(sets, self.var_names)
+        delta = np.zeros((len(sets), len(self.var_names)))
+        if available.any():
+            delta[available] = self.scale * self._propagate(ind[available])
+        return delta, {"available": available}
+
+
+class LinearEmbeddingBaseline(Baseline):
+    r"""Linear model on gene embeddings (Ahlmann-Eltze, Huber & Anders 2025): ``Y ~ G W P^T + b``.
+
+    ``Y`` (genes x conditions) holds the change over control of every training perturbation and of
+    control itself (a zero column); ``G`` (genes x k) is the PCA of the training pseudobulk
+    (genes as observations, conditions as features, each condition centred), ``b`` the mean of ``Y``
+    over conditions and ``W`` the closed-form ridge solution
+    :math:`W = (G^T G + \lambda I)^{-1} G^T (Y - b) P (P^T P + \lambda I)^{-1}` (their published
+    defaults ``k = 10``, ``lambda = 0.1``). A perturbation's embedding ``P`` is the sum over its genes
+    of: the gene's row of ``G`` when it is measured (as in the paper, where every perturbed gene is
+    a read-out gene); otherwise the edge-weighted mean of the ``G`` rows of its measured neighbours in
+    the GO graph (our extension, for perturbed genes outside ``var_names``); otherwise zero, so that
+    the prediction falls back to ``b``, the average training change. Control has ``P = 0``.
+    ``obs['embedding_source']`` lists per gene ``measured``, ``go`` or ``none``; ``obs['available']``
+    is ``False`` when a gene has no embedding.
+    """
+
+    kind = "linear_embedding"
+
+    def __init__(
+        self,
+        train: _Training,
+        adata: AnnData,
+        *,
+        pca_dim: int = 10,
+        ridge: float = 0.1,
+        go_graph: dict | str | None = GO_GRAPH_KEY,
+        name: str | None = None,
+    ):
+        super().__init__(train, name=name)
+        if isinstance(go_graph, str):
+            if go_graph not in adata.uns:
+                logger.info(
+                    "linear_embedding: adata.uns[%r] not found; unmeasured genes get a zero embedding.",
+                    go_graph,
+                )
+            go_graph = adata.uns.get(go_graph)
+        if pca_dim < 1 or ridge < 0:
+            raise ValueError(f"Need pca_dim >= 1 and ridge >= 0, got pca_dim={pca_dim}, ridge={ridge}.")
+        self._go_nodes, self._go_adj = None, None
+        if go_graph is not None:  # GO neighbour -> measured gene weights, nodes x var_names
+            self._go_nodes = pd.Index(np.asarray(go_graph["genes"]).astype(str))
+            src, tgt = np.asarray(go_graph["edge_index"], dtype=np.int64)
+            src_var = self.var_names.get_indexer(self._go_nodes[src])
+            ok = src_var >= 0
+            w = np.asarray(go_graph["edge_weight"], dtype=np.float64)[ok]
+            self._go_adj = sp.csr_matrix(
+                (w, (tgt[ok], src_var[ok])), shape=(len(self._go_nodes), len(self.var_names))
+            )
+        pseudobulk = np.vstack([train.control_mean[None, :], train.means])  # conditions x genes
+        m = pseudobulk.T - pseudobulk.T.mean(axis=0, keepdims=True)
+        k = int(min(pca_dim, *m.shape))
+        # PCA scores U S = m V from the small conditions x conditions Gram matrix (no genes x genes work)
+        _, v = np.linalg.eigh(m.T @ m)
+        self.gene_embedding = m @ v[:, ::-1][:, :k]  # genes x k
+        p, _ = self._embed([()] + list(train.sets))  # conditions x k
+        y = np.vstack([np.zeros((1, len(self.var_names))), train.deltas]).T  # genes x conditions
+        self.b = y.mean(axis=1)
+        g = self.gene_embedding
+        eye = np.eye(k)
+        left = np.linalg.solve(g.T @ g + ridge * eye, g.T @ (y - self.b[:, None]) @ p)
+        self.W = np.linalg.solve((p.T @ p + ridge * eye).T, left.T).T
+
+    def _embed(self, sets: Sequence[tuple[str, ...]]) -> tuple[np.ndarray, list[str]]:
+        genes = pd.Index(sorted({g for s in sets for g in s}))
+        emb = np.zeros((len(genes), self.gene_embedding.shape[1]))
+        source = np.full(len(genes), "none", dtype=object)
+        measured = self.var_names.get_indexer(genes)
+        emb[measured >= 0] = self.gene_embedding[measured[measured >= 0]]
+        source[measured >= 0] = "measured"
+        todo = np.flatnonzero(measured < 0)
+        if self._go_adj is not None and todo.size:
+            rows = self._go_nodes.get_indexer(genes[todo])
+            sub = self._go_adj[np.where(rows >= 0, rows, 0)]
+            wsum = np.asarray(sub.sum(axis=1)).ravel() * (rows >= 0)
+            has = wsum > 0
+            emb[todo[has]] = np.asarray(sub[has] @ self.gene_embedding) / wsum[has, None]
+            source[todo[has]] = "go"
+        ind, _ = _indicator(sets, genes)
+        by_gene = dict(zip(genes, source, strict=True))
+        names = [",".join(by_gene[g] for g in s) for s in sets]
+        return np.asarray(ind @ emb), names
+
+    def _delta(self, sets):
+        p, source = self._embed(sets)
+        delta = (self.gene_embedding @ self.W @ p.T).T + self.b[None, :]
+        available = np.array(["none" not in s.split(",") for s in source])
+        return delta, {"embedding_source": source, "available": available}
+
+
+_KINDS = {
+    cls.kind: cls
+    for cls in (
+        NoChangeBaseline,
+        TrainMeanBaseline,
+        AdditiveBaseline,
+        LinearCoexpressionBaseline,
+        LinearEmbeddingBaseline,
+    )
+}
+
+
+def fit_baseline(
+    data,
+    kind: str,
+    *,
+    split_key: str = SPLIT_KEY,
+    layer: str | None = None,
+    name: str | None = None,
+    modality: str | None = None,
+    **kwargs,
+) -> Baseline:
+    """Fit a baseline predictor on the training cells (``obs[split_key] == 'train'``).
+
+    Parameters
+    ----------
+    data
+        AnnData parsed by :func:`pertpy_gnn.pp.parse_perturbations` and split by
+        :func:`pertpy_gnn.pp.split_perturbations`, or a MuData with ``modality``.
+    kind
+        ``'no_change'``
+            the control mean (GEARS's "no perturbation" model);
+        ``'train_mean'``
+            the mean of all perturbed training cells, whatever the set;
+        ``'additive'``
+            control mean + sum of each gene's single-perturbation change; only for sets whose genes
+            were all perturbed alone in training, other rows are NaN (``obs['available']``);
+        ``'linear_coexpression'``
+            GEARS's linear model, eq. 1: a +1 vector on the perturbed genes propagated ``hops=3``
+            times through the co-expression graph (``graph=``, default
+            ``uns['pg_coexpression_graph']``), scaled by one least-squares scalar (``scale=`` fixes it);
+            genes must be in ``var_names``, else the row is the control mean (``obs['available']``);
+        ``'linear_embedding'``
+            Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` with PCA gene embeddings (``pca_dim=10``)
+            and a closed-form ridge fit (``ridge=0.1``); unmeasured genes are embedded from their GO
+            neighbours (``go_graph=``, default ``uns['pg_go_graph']``) or as zero (see
+            ``LinearEmbeddingBaseline``).
+    split_key
+        Column of ``obs`` with the train / val / test assignment.
+    layer
+        Expression layer; by default the one recorded by ``parse_perturbations``.
+    name
+        Name of the predictor (default: ``kind``).
+    modality
+        Modality of a MuData.
+    **kwargs
+        Options of the kind (above).
+
+    Returns
+    -------
+    A fitted ``Baseline`` with ``.name``, ``.seen_genes`` and ``.predict``; nothing is written into ``data``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"Unknown baseline kind {kind!r}; choose one of {list(BASELINE_KINDS)}.")
+    adata = get_adata(data, modality)
+    train = _training_data(adata, split_key, layer)
+    model = _KINDS[kind](train, adata, name=name, **kwargs)
+    logger.info("Fitted %s on %d training perturbations.", model, len(train.sets))
+    return model

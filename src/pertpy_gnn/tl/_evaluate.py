@@ -1,0 +1,385 @@
+"""Score predictions of held-out perturbations with GEARS's metrics, vectorized over perturbations."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy.stats import rankdata
+
+from pertpy_gnn._constants import CONTROL, DE_KEY, DELIM, EVAL_KEY, SPLIT_KEY, SUBGROUP_KEY
+from pertpy_gnn._utils import check_overwrite, get_adata, get_matrix, logger
+from pertpy_gnn.pp._de import group_moments
+from pertpy_gnn.pp._perturbations import canonical_name, get_parsed, layer_of
+
+#: metrics computed by :func:`evaluate`, with what they measure (per perturbation, on mean expression)
+METRICS = {
+    "mse_top20_normalized": "MSE on the top-20 DE genes / MSE of the control mean (no-change model) there",
+    "mse_top20": "MSE on the top-20 DE genes",
+    "mse_top100": "MSE on the top-100 DE genes (Welch t ranking as pp.rank_de_genes)",
+    "mse_top200": "MSE on the top-200 DE genes",
+    "mse_all": "MSE on all genes",
+    "pearson_delta": "Pearson r of predicted vs true change over control, all genes",
+    "pearson_delta_top20": "Pearson r of predicted vs true change over control, top-20 DE genes",
+    "spearman_delta": "Spearman rho of predicted vs true change over control, all genes",
+    "spearman_delta_top20": "Spearman rho of predicted vs true change over control, top-20 DE genes",
+    "frac_opposite_direction_top20": "fraction of top-20 DE genes whose predicted change has the opposite sign",
+    "frac_correct_direction_top20": "fraction of top-20 DE genes whose predicted change has the same sign",
+    "frac_in_40_60_top20": "fraction of top-20 DE genes predicted within the 40-60th percentile of the true cells",
+    "frac_in_25_75_top20": "fraction of top-20 DE genes predicted within the 25-75th percentile of the true cells",
+    "mean_abs_zscore_top20": "mean over top-20 DE genes of |prediction - true mean| / true cells' SD",
+}
+_N_TOP = 20
+
+
+def _welch_t(n: np.ndarray, mean: np.ndarray, var: np.ndarray, c: int) -> np.ndarray:
+    """Welch t of every group against group ``c`` (as :func:`pertpy_gnn.pp.rank_de_genes`)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(np.nan_to_num(var / n[:, None]) + np.nan_to_num(var[c] / n[c]))
+        t = (mean - mean[c]) / se
+    return np.where(np.isfinite(t), t, 0.0)
+
+
+def _group_quantiles(v: np.ndarray, codes: np.ndarray, n_groups: int, qs: Sequence[float]) -> np.ndarray:
+    """Quantiles (numpy's linear rule) of each column of ``v`` within each group, with one sort.
+
+    ``codes`` (one group per row, all valid, every group non-empty); returns ``len(qs) x n_groups x v.shape[1]``.
+    """
+    o1 = np.argsort(v, axis=0, kind="stable")
+    o2 = np.argsort(codes[o1], axis=0, kind="stable")
+    sv = np.take_along_axis(v, np.take_along_axis(o1, o2, axis=0), axis=0)
+    counts = np.bincount(codes, minlength=n_groups)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = []
+    for q in qs:
+        pos = start + q * (counts - 1)
+        lo, hi = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
+        frac = (pos - lo)[:, None]
+        out.append(sv[lo] + (sv[hi] - sv[lo]) * frac)
+    return np.stack(out)
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of matching rows; 0 where a row is constant (GEARS's convention), NaN where NaN."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+        r = (a * b).sum(axis=1) / denom
+    r[denom == 0] = 0.0
+    return r
+
+
+def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    bad = np.isnan(a).any(axis=1) | np.isnan(b).any(axis=1)
+    r = np.full(a.shape[0], np.nan)
+    if (~bad).any():
+        r[~bad] = _rowwise_pearson(rankdata(a[~bad], axis=1), rankdata(b[~bad], axis=1))
+    return r
+
+
+def _is_predictor(obj) -> bool:
+    return hasattr(obj, "predict") and not isinstance(obj, AnnData)
+
+
+def prediction_matrix(
+    pred: AnnData, names: Sequence[str], var_names: pd.Index, *, model: str = "prediction"
+) -> np.ndarray:
+    """Rows of a prediction AnnData for perturbations ``names``, columns in the order of ``var_names``.
+
+    Rows are matched by ``obs['perturbation']`` (else ``obs_names``) after canonicalizing
+    (``B+A`` = ``A+B``). Raises a clear error when perturbations or genes are missing.
+    """
+    labels = pred.obs["perturbation"] if "perturbation" in pred.obs else pd.Series(pred.obs_names)
+    canon = [canonical_name(str(lab).split(DELIM)) for lab in labels]
+    first = {nm: i for i, nm in reversed(list(enumerate(canon)))}
+    rows = np.array([first.get(nm, -1) for nm in names], dtype=np.int64)
+    if (rows < 0).any():
+        missing = [n for n, r in zip(names, rows, strict=True) if r < 0]
+        raise ValueError(
+            f"The prediction of {model!r} lacks {len(missing)} perturbations to evaluate, e.g. {missing[:5]}; "
+            "predict every perturbation of the evaluated subset (or pass the predictor itself)."
+        )
+    cols = pd.Index(pred.var_names.astype(str)).get_indexer(var_names)
+    if (cols < 0).any():
+        missing = list(var_names[cols < 0][:5])
+        raise ValueError(
+            f"The prediction of {model!r} lacks {int((cols < 0).sum())} genes of adata.var_names, e.g. {missing}; "
+            "predict on the same genes as the evaluated data."
+        )
+    x = pred.X[rows][:, cols]
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def _gather(x, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``x[rows[i], cols[i, j]]`` for a sparse or dense matrix, as dense float64."""
+    r = np.broadcast_to(rows[:, None], cols.shape)
+    v = x[r, cols]
+    return np.asarray(v.toarray() if sp.issparse(v) else v, dtype=np.float64)
+
+
+def _subgroups(adata: AnnData, names: list[str], split_key: str, col: pd.Series) -> np.ndarray:
+    """Test subgroup of each perturbation: from ``uns[split_key]['table']``, else the subgroup column."""
+    record = adata.uns.get(split_key)
+    record = record if isinstance(record, Mapping) else {}
+    table = record.get("table")
+    if isinstance(table, pd.DataFrame) and "subgroup" in table:
+        sub = table["subgroup"].astype(str).reindex(names)
+        if sub.notna().all():
+            return sub.to_numpy(dtype=object)
+    key = record.get("params", {}).get("subgroup_key", SUBGROUP_KEY)
+    if key in adata.obs:
+        first = adata.obs[key].astype(str).groupby(col.astype(str).to_numpy()).first()
+        return first.reindex(names).fillna("all").to_numpy(dtype=object)
+    return np.full(len(names), "all", dtype=object)
+
+
+def evaluate(
+    data,
+    predictions,
+    *,
+    split_key: str = SPLIT_KEY,
+    subset: str | None = "test",
+    de_key: str = DE_KEY,
+    layer: str | None = None,
+    predict_kwargs: dict | None = None,
+    key_added: str = EVAL_KEY,
+    overwrite: bool = False,
+    modality: str | None = None,
+) -> pd.DataFrame:
+    """Score predicted mean expression of held-out perturbations against the measured cells.
+
+    Per perturbation and model, on mean expression (GEARS Fig. 2, Extended Data Fig. 1; see
+    ``METRICS``): MSE on the top-20 DE genes, raw and divided by the MSE of the control mean (the
+    no-change model; so ``no_change`` scores 1), MSE on the top-100 / top-200 DE genes and on all
+    genes, Pearson and Spearman correlation of the predicted and true change over control (all genes
+    and top-20 DE), the fraction of top-20 DE genes whose change has the opposite / the same sign
+    (a predicted change of exactly 0 counts as neither, as in GEARS), the fraction of top-20 DE genes
+    predicted within the 40-60th and 25-75th percentile of the true cells (genes whose true cells
+    are all zero are left out, as in GEARS), and the mean absolute z-score of the prediction against
+    the true cells (population SD; genes with SD 0 left out). Correlations of a constant vector are
+    0 (GEARS's convention); a NaN prediction row (e.g. ``additive`` without both singles) gives NaN.
+
+    The top-20 DE genes are those of ``uns[de_key]`` (:func:`pertpy_gnn.pp.rank_de_genes`); the top
+    100 / 200 are ranked here by the same Welch t. The control mean is the mean of all control cells;
+    a predictor averaging a random subset of them (``n_control=300``) carries that sampling noise.
+    Percentiles are computed for all perturbations at once with one sort per gene rank.
+
+    Parameters
+    ----------
+    data
+        AnnData parsed by :func:`pertpy_gnn.pp.parse_perturbations`, split by
+        :func:`pertpy_gnn.pp.split_perturbations` and with DE genes from :func:`pertpy_gnn.pp.rank_de_genes`;
+        or a MuData with ``modality``.
+    predictions
+        Dict ``name -> predictor or prediction AnnData`` (a list of predictors is named by their
+        ``.name``). Predictors are asked to predict the subset's perturbations; a prediction AnnData
+        (the form of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`) must contain them.
+    split_key
+        Column of ``obs`` with the train / val / test assignment.
+    subset
+        Which split to evaluate (``'test'``, ``'val'``, ...); ``None`` evaluates every perturbation.
+    de_key
+        Key of the DE genes in ``uns``.
+    layer
+        Expression layer; by default the one recorded by ``parse_perturbations``.
+    predict_kwargs
+        Passed to every predictor's ``predict`` (e.g. ``{'n_control': None, 'seed': 0}``).
+    key_added
+        Key in ``adata.uns``.
+    overwrite
+        Replace an existing result under ``key_added``.
+    modality
+        Modality of a MuData.
+
+    Returns
+    -------
+    Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``
+    (one row per model x perturbation x metric). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
+    that frame, ``'summary':`` :func:`summarize_evaluation` of it, ``'params': {...}}``.
+    """
+    adata = get_adata(data, modality)
+    check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
+    col, _ = get_parsed(adata)
+    if subset is not None and split_key not in adata.obs:
+        raise KeyError(
+            f"obs[{split_key!r}] not found: split the perturbations first with "
+            "pg.pp.split_perturbations(adata, kind='simulation'), or pass `split_key=`, or `subset=None`."
+        )
+    if de_key not in adata.uns:
+        raise KeyError(
+            f"adata.uns[{de_key!r}] not found: rank the DE genes first with pg.pp.rank_de_genes(adata)."
+        )
+    if isinstance(predictions, Mapping):
+        models = dict(predictions)
+    elif isinstance(predictions, Sequence) and all(_is_predictor(p) for p in predictions):
+        models = {p.name: p for p in predictions}
+    else:
+        raise TypeError(
+            "`predictions` must be a dict name -> predictor or prediction AnnData (or a list of predictors)."
+        )
+    if not models:
+        raise ValueError("`predictions` is empty: give at least one predictor or prediction AnnData.")
+    for name, m in models.items():
+        if not (_is_predictor(m) or isinstance(m, AnnData)):
+            raise TypeError(
+                f"predictions[{name!r}] is a {type(m).__name__}; expected a predictor or a prediction AnnData."
+            )
+
+    in_subset = np.ones(adata.n_obs, dtype=bool)
+    if subset is not None:
+        split = adata.obs[split_key].astype(str).to_numpy()
+        if subset not in set(split):
+            raise ValueError(
+                f"No cells with obs[{split_key!r}] == {subset!r}; the split has {sorted(set(split))}."
+            )
+        in_subset = split == subset
+    labels = col.astype(str).to_numpy()
+    is_ctrl = labels == CONTROL
+    in_split = np.bincount(
+        col.cat.codes.to_numpy()[in_subset & (col.cat.codes.to_numpy() >= 0)],
+        minlength=len(col.cat.categories),
+    )
+    names = [cat for cat, k in zip(col.cat.categories, in_split, strict=True) if cat != CONTROL and k > 0]
+    if not names:
+        raise ValueError(f"No perturbed cells in subset {subset!r} to evaluate.")
+    de_names = adata.uns[de_key]["indices"]
+    missing = [n for n in names if n not in de_names.index]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} evaluated perturbations have no DE genes in uns[{de_key!r}] (e.g. {missing[:5]}): "
+            "recompute them with pg.pp.rank_de_genes(adata, overwrite=True)."
+        )
+    n_top = min(_N_TOP, de_names.shape[1])
+    top20 = de_names.loc[names].to_numpy()[:, :n_top].astype(np.int64)
+    if n_top < _N_TOP and adata.n_vars >= _N_TOP:
+        logger.warning(
+            "uns[%r] holds only %d DE genes per perturbation; top-20 metrics use %d.", de_key, n_top, n_top
+        )
+
+    # truth: moments of every evaluated perturbation (subset cells) and of all control cells
+    layer = layer_of(adata) if layer is None else layer
+    x = get_matrix(adata, layer)
+    pos = pd.Index(names).get_indexer(labels)
+    codes = np.where(in_subset & (pos >= 0), pos, -1)
+    codes[is_ctrl] = len(names)
+    n, mean, var = group_moments(x, codes, len(names) + 1)
+    # predictions are float32 (make_prediction_adata): compare at that precision, so that a prediction
+    # equal to the control mean (or to the true mean) scores exactly as such
+    mean = mean.astype(np.float32).astype(np.float64)
+    c = len(names)
+    true, ctrl = mean[:c], mean[c]
+    t = _welch_t(n, mean, var, c)[:c]
+    order = np.argsort(-np.abs(t), axis=1, kind="stable")
+    tops = {k: order[:, : min(k, adata.n_vars)] for k in (100, 200)}
+
+    # per-cell values of each perturbation's top-20 genes -> percentiles, all perturbations at once
+    cells = np.flatnonzero((codes >= 0) & (codes < c))
+    cell_codes = codes[cells]
+    vals = _gather(x, cells, top20[cell_codes])
+    q25, q40, q60, q75 = _group_quantiles(vals, cell_codes, c, (0.25, 0.4, 0.6, 0.75))
+    q0, q1 = _group_quantiles(vals, cell_codes, c, (0.0, 1.0))
+    expressed = ~((q0 == 0) & (q1 == 0))
+    true20 = np.take_along_axis(true, top20, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd20 = np.sqrt(np.take_along_axis(var[:c], top20, axis=1) * ((n[:c] - 1) / n[:c])[:, None])
+    ctrl20 = ctrl[top20]
+    d_true = true - ctrl[None, :]
+    nochange_mse = ((ctrl20 - true20) ** 2).mean(axis=1)
+
+    subgroups = _subgroups(adata, names, split_key, col)
+    sets = [tuple(nm.split(DELIM)) for nm in names]
+    kwargs = {} if predict_kwargs is None else dict(predict_kwargs)
+    frames = []
+    for model, m in models.items():
+        pred_ad = m.predict(sets, **kwargs) if _is_predictor(m) else m
+        pred = prediction_matrix(pred_ad, names, pd.Index(adata.var_names.astype(str)), model=model)
+        d_pred = pred - ctrl[None, :]
+        pred20 = np.take_along_axis(pred, top20, axis=1)
+        dp20, dt20 = pred20 - ctrl20, true20 - ctrl20
+        sign_p, sign_t = np.sign(dp20), np.sign(dt20)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mse20 = ((pred20 - true20) ** 2).mean(axis=1)
+            z = np.where(sd20 > 0, np.abs(pred20 - true20) / sd20, np.nan)
+            values = {
+                "mse_top20_normalized": mse20 / np.where(nochange_mse > 0, nochange_mse, np.nan),
+                "mse_top20": mse20,
+                "mse_top100": ((np.take_along_axis(pred - true, tops[100], axis=1)) ** 2).mean(axis=1),
+                "mse_top200": ((np.take_along_axis(pred - true, tops[200], axis=1)) ** 2).mean(axis=1),
+                "mse_all": ((pred - true) ** 2).mean(axis=1),
+                "pearson_delta": _rowwise_pearson(d_pred, d_true),
+                "pearson_delta_top20": _rowwise_pearson(dp20, dt20),
+                "spearman_delta": _rowwise_spearman(d_pred, d_true),
+                "spearman_delta_top20": _rowwise_spearman(dp20, dt20),
+                "frac_opposite_direction_top20": (sign_p * sign_t < 0).mean(axis=1),
+                "frac_correct_direction_top20": (sign_p == sign_t).mean(axis=1),
+                "frac_in_40_60_top20": (((pred20 >= q40) & (pred20 <= q60)) & expressed).sum(axis=1)
+                / expressed.sum(axis=1),
+                "frac_in_25_75_top20": (((pred20 >= q25) & (pred20 <= q75)) & expressed).sum(axis=1)
+                / expressed.sum(axis=1),
+                "mean_abs_zscore_top20": np.nansum(z, axis=1) / (~np.isnan(z)).sum(axis=1),
+            }
+        nan_rows = np.isnan(pred).any(axis=1)
+        for k in values:
+            values[k] = np.where(nan_rows, np.nan, values[k]).astype(np.float64)
+        wide = pd.DataFrame(values)
+        wide.insert(0, "subgroup", subgroups)
+        wide.insert(0, "perturbation", names)
+        wide.insert(0, "model", model)
+        frames.append(
+            wide.melt(id_vars=["model", "perturbation", "subgroup"], var_name="metric", value_name="value")
+        )
+    df = pd.concat(frames, ignore_index=True)
+    for k in ("model", "perturbation", "subgroup", "metric"):
+        df[k] = df[k].astype(str)
+    adata.uns[key_added] = {
+        "results": df,
+        "summary": summarize_evaluation(df),
+        "params": {
+            "split_key": split_key,
+            "subset": "all" if subset is None else subset,
+            "de_key": de_key,
+            "layer": "X" if layer is None else layer,
+            "n_top": int(n_top),
+            "models": list(models),
+        },
+    }
+    logger.info("Evaluated %d models on %d perturbations of subset %r.", len(models), len(names), subset)
+    return df
+
+
+def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFrame:
+    """Mean of each metric per model and subgroup (and over all subgroups, as subgroup ``all``).
+
+    Parameters
+    ----------
+    df
+        Tidy frame returned by :func:`evaluate` (or ``adata.uns['pg_evaluation']['results']``).
+    wide
+        Return one row per ``subgroup`` x ``metric`` and one column per model (means only), ready for
+        ``DataFrame.to_markdown()``.
+
+    Returns
+    -------
+    Long DataFrame with columns ``model``, ``subgroup``, ``metric``, ``mean``, ``sem``, ``n`` (number of
+    perturbations with a finite value; NaN values are left out of the mean), or the wide table.
+    """
+    need = {"model", "perturbation", "subgroup", "metric", "value"}
+    if not need <= set(df.columns):
+        raise ValueError(
+            f"Expected the tidy frame of pg.tl.evaluate with columns {sorted(need)}, got {list(df.columns)}."
+        )
+    both = (
+        pd.concat([df, df.assign(subgroup="all")], ignore_index=True) if df["subgroup"].nunique() > 1 else df
+    )
+    g = both.groupby(["model", "subgroup", "metric"], sort=False)["value"]
+    out = pd.DataFrame({"mean": g.mean(), "sem": g.sem(), "n": g.count()}).reset_index()
+    out["n"] = out["n"].astype(np.int64)
+    if wide:
+        return out.pivot(index=["subgroup", "metric"], columns="model", values="mean")[
+            list(pd.unique(df["model"]))
+        ]
+    return out

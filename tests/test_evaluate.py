@@ -1,0 +1,264 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy.stats import pearsonr, spearmanr, ttest_ind
+
+import pertpy_gnn as pg
+from pertpy_gnn.tl._baselines import BASELINE_KINDS
+from pertpy_gnn.tl._evaluate import METRICS, _group_quantiles
+from pertpy_gnn.tl._prediction import make_prediction_adata
+
+TEST = ["G4", "G0+G1", "G2+G3", "G4+G5"]
+
+
+def _synthetic(seed: int = 0, n_genes: int = 250, n_cells: int = 25) -> AnnData:
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    effect = {g: rng.normal(0, 0.8, n_genes) * (rng.random(n_genes) < 0.3) for g in genes[:6]}
+    conds = ["control"] * 2 + genes[:6] + ["G0+G1", "G2+G3", "G0+G4", "G1+G5", "G4+G5"]
+    mu = rng.uniform(0.5, 2.0, n_genes)
+    mu[-1] = -5.0  # a gene that is zero in every cell
+    rows, labels = [], []
+    for c in conds:
+        shift = sum((effect[g] for g in c.split("+") if g != "control"), np.zeros(n_genes))
+        rows.append(np.maximum(0, mu + shift + rng.normal(0, 0.3, (n_cells, n_genes))))
+        labels += [c] * n_cells
+    adata = AnnData(
+        X=sp.csr_matrix(np.vstack(rows).astype(np.float32)),
+        obs=pd.DataFrame({"condition": labels}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=genes),
+    )
+    pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    pg.pp.rank_de_genes(adata)
+    pert = adata.obs["pg_perturbation"].astype(str)
+    adata.obs["pg_split"] = pd.Categorical(np.where(pert.isin(TEST), "test", "train"))
+    sub = {"G4": "unseen_single", "G0+G1": "combo_seen2", "G2+G3": "combo_seen2", "G4+G5": "combo_seen1"}
+    adata.obs["pg_subgroup"] = pd.Categorical(pert.map(sub).fillna("train"))
+    return adata
+
+
+@pytest.fixture
+def synth() -> AnnData:
+    return _synthetic()
+
+
+def _means(adata: AnnData, names: list[str]) -> np.ndarray:
+    pert = adata.obs["pg_perturbation"].astype(str).to_numpy()
+    return np.vstack([np.asarray(adata.X[pert == n].astype(np.float64).mean(axis=0)).ravel() for n in names])
+
+
+def _as_prediction(names: list[str], mean: np.ndarray, adata: AnnData) -> AnnData:
+    ctrl = _means(adata, ["control"])[0]
+    return make_prediction_adata([tuple(n.split("+")) for n in names], mean, ctrl, adata.var_names)
+
+
+def _value(df: pd.DataFrame, model: str, pert: str, metric: str) -> float:
+    row = df[(df["model"] == model) & (df["perturbation"] == pert) & (df["metric"] == metric)]
+    assert len(row) == 1
+    return float(row["value"].iloc[0])
+
+
+def test_no_change_scores_one_and_truth_scores_perfectly(synth):
+    names = ["G4", "G0+G1", "G2+G3", "G4+G5"]
+    truth = _as_prediction(names, _means(synth, names), synth)
+    models = {"no_change": pg.tl.fit_baseline(synth, "no_change"), "truth": truth}
+    df = pg.tl.evaluate(synth, models)
+    nc = df[df["model"] == "no_change"].set_index(["perturbation", "metric"])["value"]
+    for n in names:
+        assert nc[(n, "mse_top20_normalized")] == pytest.approx(1.0, abs=1e-12)
+        assert nc[(n, "pearson_delta")] == 0.0
+        assert nc[(n, "frac_opposite_direction_top20")] == 0.0
+    tr = df[df["model"] == "truth"].set_index(["perturbation", "metric"])["value"]
+    for n in names:
+        for m in (
+            "mse_top20",
+            "mse_top20_normalized",
+            "mse_top100",
+            "mse_top200",
+            "mse_all",
+            "mean_abs_zscore_top20",
+        ):
+            assert tr[(n, m)] == pytest.approx(0.0, abs=1e-10), m
+        for m in ("pearson_delta", "pearson_delta_top20", "spearman_delta", "spearman_delta_top20"):
+            assert tr[(n, m)] == pytest.approx(1.0, abs=1e-6), m
+        assert tr[(n, "frac_correct_direction_top20")] == 1.0
+
+
+def test_metrics_match_a_per_perturbation_reference(synth):
+    rng = np.random.default_rng(1)
+    names = ["G4", "G0+G1", "G2+G3", "G4+G5"]
+    pred = _means(synth, names) + rng.normal(0, 0.2, (4, synth.n_vars))
+    df = pg.tl.evaluate(synth, {"noisy": _as_prediction(names, pred, synth)})
+    x = synth.X.toarray().astype(np.float64)
+    pert = synth.obs["pg_perturbation"].astype(str).to_numpy()
+    ctrl_cells = x[pert == "control"]
+    ctrl = ctrl_cells.mean(axis=0)
+    p32 = pred.astype(np.float32).astype(np.float64)
+    for i, n in enumerate(names):
+        cells = x[pert == n]
+        true = cells.mean(axis=0)
+        de = synth.uns["pg_de_genes"]["indices"].loc[n].to_numpy()[:20]
+        t = ttest_ind(cells, ctrl_cells, equal_var=False).statistic
+        t = np.where(np.isfinite(t), t, 0)
+        top100 = np.argsort(-np.abs(t), kind="stable")[:100]
+        p, tr, c = p32[i], true, ctrl
+        expressed = ~(cells[:, de] == 0).all(axis=0)
+        q = {k: np.quantile(cells[:, de], k / 100, axis=0) for k in (25, 40, 60, 75)}
+        sd = cells[:, de].std(axis=0)
+        ref = {
+            "mse_top20": np.mean((p[de] - tr[de]) ** 2),
+            "mse_top20_normalized": np.mean((p[de] - tr[de]) ** 2) / np.mean((c[de] - tr[de]) ** 2),
+            "mse_top100": np.mean((p[top100] - tr[top100]) ** 2),
+            "mse_top200": np.mean((p - tr)[np.argsort(-np.abs(t), kind="stable")[:200]] ** 2),
+            "mse_all": np.mean((p - tr) ** 2),
+            "pearson_delta": pearsonr(p - c, tr - c)[0],
+            "pearson_delta_top20": pearsonr(p[de] - c[de], tr[de] - c[de])[0],
+            "spearman_delta": spearmanr(p - c, tr - c)[0],
+            "spearman_delta_top20": spearmanr(p[de] - c[de], tr[de] - c[de])[0],
+            "frac_opposite_direction_top20": np.mean(np.sign(p[de] - c[de]) * np.sign(tr[de] - c[de]) < 0),
+            "frac_correct_direction_top20": np.mean(np.sign(p[de] - c[de]) == np.sign(tr[de] - c[de])),
+            "frac_in_40_60_top20": np.mean(((p[de] >= q[40]) & (p[de] <= q[60]))[expressed]),
+            "frac_in_25_75_top20": np.mean(((p[de] >= q[25]) & (p[de] <= q[75]))[expressed]),
+            "mean_abs_zscore_top20": np.mean(np.abs(p[de] - tr[de])[sd > 0] / sd[sd > 0]),
+        }
+        assert set(ref) == set(METRICS)
+        for m, v in ref.items():
+            assert _value(df, "noisy", n, m) == pytest.approx(v, rel=1e-4, abs=1e-6), (n, m)
+
+
+def test_group_quantiles_match_numpy():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 5, 200)
+    codes[:5] = np.arange(5)
+    v = rng.normal(size=(200, 7))
+    v[:, 3] = np.round(v[:, 3])  # ties
+    out = _group_quantiles(v, codes, 5, (0.0, 0.25, 0.4, 1.0))
+    for g in range(5):
+        np.testing.assert_allclose(out[:, g], np.quantile(v[codes == g], [0.0, 0.25, 0.4, 1.0], axis=0))
+
+
+def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
+    models = {k: pg.tl.fit_baseline(synth, k) for k in ("no_change", "train_mean", "additive")}
+    df = pg.tl.evaluate(synth, models)
+    assert list(df.columns) == ["model", "perturbation", "subgroup", "metric", "value"]
+    assert len(df) == 3 * 4 * len(METRICS)
+    sub = df.drop_duplicates("perturbation").set_index("perturbation")["subgroup"]
+    assert sub.to_dict() == {
+        "G4": "unseen_single",
+        "G0+G1": "combo_seen2",
+        "G2+G3": "combo_seen2",
+        "G4+G5": "combo_seen1",
+    }
+    # additive: NaN for sets without both singles in train (G4 alone, G4+G5), values otherwise
+    add = df[(df["model"] == "additive") & (df["metric"] == "mse_top20")].set_index("perturbation")["value"]
+    assert np.isnan(add["G4"]) and np.isnan(add["G4+G5"]) and np.isfinite(add["G0+G1"])
+    # on additive synthetic data the additive baseline beats no change
+    assert add["G0+G1"] < _value(df, "no_change", "G0+G1", "mse_top20")
+
+    stored = synth.uns["pg_evaluation"]
+    pd.testing.assert_frame_equal(stored["results"], df)
+    summary = stored["summary"]
+    assert list(summary.columns) == ["model", "subgroup", "metric", "mean", "sem", "n"]
+    assert set(summary["subgroup"]) == {"unseen_single", "combo_seen2", "combo_seen1", "all"}
+    row = summary[
+        (summary.model == "additive") & (summary.subgroup == "all") & (summary.metric == "mse_top20")
+    ]
+    assert row["n"].item() == 2 and row["mean"].item() == pytest.approx(add[["G0+G1", "G2+G3"]].mean())
+    wide = pg.tl.summarize_evaluation(df, wide=True)
+    assert list(wide.columns) == ["no_change", "train_mean", "additive"]
+    assert wide.loc[("all", "mse_top20_normalized"), "no_change"] == pytest.approx(1.0)
+
+    synth.write_h5ad(tmp_path / "e.h5ad")
+    back = ad.read_h5ad(tmp_path / "e.h5ad").uns["pg_evaluation"]
+    np.testing.assert_allclose(back["results"]["value"].to_numpy(), df["value"].to_numpy(), equal_nan=True)
+
+    with pytest.raises(ValueError, match="overwrite=True"):
+        pg.tl.evaluate(synth, models)
+    df2 = pg.tl.evaluate(
+        synth, list(models.values()), subset="train", overwrite=True, key_added="pg_evaluation"
+    )
+    assert set(df2["perturbation"]) == {"G0", "G1", "G2", "G3", "G5", "G0+G4", "G1+G5"}
+    assert set(df2["subgroup"]) == {"train"}
+
+
+def test_predictor_and_prediction_adata_agree(synth):
+    model = pg.tl.fit_baseline(synth, "train_mean")
+    pred = model.predict(["G4+G5", "G4", "G2+G3", "G0+G1", "G0"])  # other order, one extra set
+    a = pg.tl.evaluate(synth, {"m": model}, key_added="a")
+    b = pg.tl.evaluate(synth, {"m": pred}, key_added="b")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_errors(synth):
+    model = pg.tl.fit_baseline(synth, "no_change")
+    nosplit = synth.copy()
+    del nosplit.obs["pg_split"]
+    with pytest.raises(KeyError, match=r"pg\.pp\.split_perturbations"):
+        pg.tl.evaluate(nosplit, {"m": model})
+    node = synth.copy()
+    del node.uns["pg_de_genes"]
+    with pytest.raises(KeyError, match=r"pg\.pp\.rank_de_genes"):
+        pg.tl.evaluate(node, {"m": model})
+    with pytest.raises(ValueError, match="lacks 3 perturbations"):
+        pg.tl.evaluate(synth, {"m": model.predict("G4")})
+    with pytest.raises(ValueError, match="lacks 1 genes"):
+        pg.tl.evaluate(synth, {"m": model.predict(TEST)[:, 1:]})
+    with pytest.raises(ValueError, match="No cells with obs\\['pg_split'\\] == 'tset'"):
+        pg.tl.evaluate(synth, {"m": model}, subset="tset")
+    with pytest.raises(TypeError, match="expected a predictor or a prediction AnnData"):
+        pg.tl.evaluate(synth, {"m": np.zeros(3)})
+
+
+def test_norman_baselines(norman):
+    genes = {g for c in norman.obs["condition"].unique() for g in c.split("+") if g != "control"}
+    pg.pp.parse_perturbations(norman, perturbation_key="condition", gene_universe=genes)
+    pg.pp.rank_de_genes(norman)
+    test = ["KLF1+MAP2K6", "MAPK1+TGFBR2", "KLF1+TGFBR2", "FOXO4", "CBL+CNN1"]
+    pert = norman.obs["pg_perturbation"].astype(str)
+    norman.obs["pg_split"] = pd.Categorical(np.where(pert.isin(test), "test", "train"))
+    models = {
+        k: pg.tl.fit_baseline(norman, k) for k in ("no_change", "train_mean", "additive", "linear_embedding")
+    }
+    df = pg.tl.evaluate(norman, models)
+    assert len(df) == 4 * 5 * len(METRICS)
+    nmse = df[df["metric"] == "mse_top20_normalized"].pivot(
+        index="perturbation", columns="model", values="value"
+    )
+    np.testing.assert_allclose(nmse["no_change"], 1.0, rtol=1e-9)
+    # the additive baseline on doubles whose singles were both measured (the benchmark finding)
+    seen2 = ["KLF1+MAP2K6", "MAPK1+TGFBR2", "KLF1+TGFBR2"]
+    assert (nmse.loc[seen2, "additive"] < 0.5).all()
+    assert nmse.loc[["FOXO4", "CBL+CNN1"], "additive"].isna().all()
+
+
+def test_simulated_screen_with_real_split_and_graphs():
+    adata = pg.datasets.simulate_perturbseq(
+        n_genes=200, n_singles=20, n_doubles=30, n_cells_per_perturbation=30, n_control=200, seed=0
+    )
+    pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    pg.pp.rank_de_genes(adata)
+    pg.pp.split_perturbations(adata, kind="simulation", seed=1)
+    pg.pp.coexpression_graph(adata, threshold=0.1)
+    pg.pp.go_graph(adata)
+    models = {k: pg.tl.fit_baseline(adata, k) for k in BASELINE_KINDS}
+    df = pg.tl.evaluate(adata, models, predict_kwargs={"n_control": None})
+    table = adata.uns["pg_split"]["table"]
+    test = table[table["split"] == "test"]
+    assert set(df["perturbation"]) == set(test.index)
+    sub = df.drop_duplicates("perturbation").set_index("perturbation")["subgroup"]
+    assert (sub == test["subgroup"].reindex(sub.index)).all()
+    summary = pg.tl.summarize_evaluation(df, wide=True)
+    nmse = summary.xs("mse_top20_normalized", level="metric")
+    assert nmse.loc["all", "no_change"] == pytest.approx(1.0)
+    # on combinations of seen singles the additive and linear models beat predicting no change
+    assert nmse.loc["combo_seen2", "additive"] < 0.8
+    assert nmse.loc["all", "linear_embedding"] < 1.0
+    assert models["linear_coexpression"].scale != 0
+    # additive is defined exactly for test sets whose genes all have a training single
+    singles = {p for p in table.index[table["split"] == "train"] if "+" not in p and p != "control"}
+    add = df[(df["model"] == "additive") & (df["metric"] == "mse_top20")].set_index("perturbation")["value"]
+    for p, v in add.items():
+        assert np.isfinite(v) == all(g in singles for g in p.split("+"))
