@@ -13,23 +13,43 @@ from ._perturbations import get_parsed, layer_of
 
 
 def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group cell counts, means and unbiased variances of the rows of ``x`` (one sparse product each).
+    """Per-group cell counts, means and unbiased variances of the rows of ``x``.
 
-    ``codes`` holds a group index per row; rows with ``-1`` are ignored.
+    ``codes`` holds a group index per row; rows with ``-1`` are ignored. Sums are accumulated in
+    float64 block by block: for a sparse ``x`` with one weighted ``bincount`` over the non-zeros of
+    each block of rows (no float64 copy of ``x``), for a dense ``x`` with one indicator-matrix product.
     """
-    keep = codes >= 0
-    ind = sp.csr_matrix(
-        (np.ones(int(keep.sum())), (codes[keep], np.flatnonzero(keep))), shape=(n_groups, x.shape[0])
-    )
-    n = np.asarray(ind.sum(axis=1)).ravel()
+    codes = np.asarray(codes, dtype=np.int64)
+    n_genes = x.shape[1]
+    n = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
+    s1 = np.zeros(n_groups * n_genes)
+    s2 = np.zeros(n_groups * n_genes)
     if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float64)
-        s1 = (ind @ x).toarray()
-        s2 = (ind @ x.multiply(x)).toarray()
+        x = x if x.format == "csr" else x.tocsr()
+        nnz_row = np.diff(x.indptr)
+        target = max(1 << 23, n_groups * n_genes)  # non-zeros per block: amortizes the dense bincount output
+        bounds = np.searchsorted(x.indptr, np.arange(0, x.indptr[-1] + target, target), side="right") - 1
+        bounds = np.unique(np.r_[0, np.clip(bounds, 0, x.shape[0]), x.shape[0]])
+        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):  # blocks of rows, vectorized inside
+            lo, hi = x.indptr[r0], x.indptr[r1]
+            key = np.repeat(codes[r0:r1] * n_genes, nnz_row[r0:r1]) + x.indices[lo:hi]
+            val = np.asarray(x.data[lo:hi], dtype=np.float64)
+            if (codes[r0:r1] < 0).any():  # rows of no group
+                keep = key >= 0
+                key, val = key[keep], val[keep]
+            s1 += np.bincount(key, weights=val, minlength=s1.size)
+            s2 += np.bincount(key, weights=val * val, minlength=s2.size)
     else:
-        x = np.asarray(x, dtype=np.float64)
-        s1 = ind @ x
-        s2 = ind @ (x * x)
+        x = np.asarray(x)
+        step = max(1, (1 << 22) // max(n_genes, 1))
+        for r0 in range(0, x.shape[0], step):  # blocks of rows: one float64 block at a time
+            c = codes[r0 : r0 + step]
+            k = np.flatnonzero(c >= 0)
+            ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, c.size))
+            xb = np.asarray(x[r0 : r0 + step], dtype=np.float64)
+            s1 += (ind @ xb).ravel()
+            s2 += (ind @ (xb * xb)).ravel()
+    s1, s2 = s1.reshape(n_groups, n_genes), s2.reshape(n_groups, n_genes)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / n[:, None]
         var = (s2 - n[:, None] * mean**2) / (n[:, None] - 1)
@@ -83,13 +103,20 @@ def rank_de_genes(
         ``n_genes``, ``layer``, ``method``.
     """
     adata = get_adata(data, modality)
-    adata = adata.copy() if copy else adata
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
+    get_parsed(adata)  # clear error if not parsed, before any work
+    adata = adata.copy() if copy else adata
     col, _ = get_parsed(adata)
     layer = layer_of(adata) if layer is None else layer
     x = get_matrix(adata, layer)
     n_genes = int(min(n_genes, adata.n_vars))
     cats = list(col.cat.categories)
+    n_control = int((col == CONTROL).sum())
+    if n_control < 2:
+        raise ValueError(
+            f"{n_control} control cells: at least 2 are needed to rank DE genes against control. "
+            "Keep the control cells when subsetting (they define the reference)."
+        )
     n, mean, var = group_moments(x, col.cat.codes.to_numpy(), len(cats))
     c = cats.index(CONTROL)
     perts = [i for i, name in enumerate(cats) if name != CONTROL and n[i] > 0]
@@ -106,8 +133,12 @@ def rank_de_genes(
     names = np.asarray(adata.var_names)[order]
     adata.uns[key_added] = {
         "names": pd.DataFrame(names, index=index, columns=[str(i) for i in range(n_genes)]),
-        "indices": pd.DataFrame(order.astype(np.int64), index=index, columns=[str(i) for i in range(n_genes)]),
-        "scores": pd.DataFrame(scores.astype(np.float32), index=index, columns=[str(i) for i in range(n_genes)]),
+        "indices": pd.DataFrame(
+            order.astype(np.int64), index=index, columns=[str(i) for i in range(n_genes)]
+        ),
+        "scores": pd.DataFrame(
+            scores.astype(np.float32), index=index, columns=[str(i) for i in range(n_genes)]
+        ),
         "params": {"n_genes": n_genes, "layer": "X" if layer is None else layer, "method": "t-test (Welch)"},
     }
     return adata if copy else None

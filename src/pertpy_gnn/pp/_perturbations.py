@@ -13,7 +13,15 @@ from .._constants import CONTROL, DELIM, N_GENES_KEY, PERT_KEY, PERT_UNS_KEY
 from .._utils import get_adata, get_matrix, logger
 
 #: labels recognised as control when ``control_label`` is not given (case-insensitive)
-DEFAULT_CONTROL_LABELS = ("control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "unperturbed")
+DEFAULT_CONTROL_LABELS = (
+    "control",
+    "ctrl",
+    "non-targeting",
+    "nontargeting",
+    "non_targeting",
+    "nt",
+    "unperturbed",
+)
 
 
 def canonical_name(genes: Iterable[str]) -> str:
@@ -22,16 +30,21 @@ def canonical_name(genes: Iterable[str]) -> str:
     return DELIM.join(genes) if genes else CONTROL
 
 
-def split_label(label: str, *, delimiter: str | Sequence[str] = DELIM, control_labels: Iterable[str] = ()) -> tuple[str, ...]:
+def split_label(
+    label: str, *, delimiter: str | Sequence[str] = DELIM, control_labels: Iterable[str] = ()
+) -> tuple[str, ...]:
     """Split one perturbation label into its sorted gene set, dropping control tokens.
 
-    ``"A+ctrl"`` -> ``("A",)``, ``"B+A"`` -> ``("A", "B")``, ``"ctrl"`` -> ``()``.
+    ``"A+ctrl"`` -> ``("A",)``, ``"B+A"`` -> ``("A", "B")``, ``"ctrl"`` -> ``()``. A whole label
+    equal to a control label is control even if it contains the delimiter (``"non_targeting"``).
     """
+    controls = {c.lower() for c in control_labels}
+    if label.strip().lower() in controls:
+        return ()
     delims = [delimiter] if isinstance(delimiter, str) else list(delimiter)
     parts = [label]
     for d in delims:
         parts = [p for part in parts for p in part.split(d)]
-    controls = {c.lower() for c in control_labels}
     genes = {p.strip() for p in parts if p.strip() and p.strip().lower() not in controls}
     return tuple(sorted(genes))
 
@@ -57,8 +70,9 @@ def as_perturbation_sets(perturbations, *, delimiter: str = DELIM) -> list[tuple
     return out
 
 
-def _detect_delimiter(labels: Sequence[str]) -> str:
-    joined = "".join(labels)
+def _detect_delimiter(labels: Sequence[str], controls: Iterable[str] = ()) -> str:
+    lower = {c.lower() for c in controls}
+    joined = "".join(lab for lab in labels if lab.strip().lower() not in lower)
     if "+" in joined:
         return "+"
     if "_" in joined:
@@ -67,7 +81,11 @@ def _detect_delimiter(labels: Sequence[str]) -> str:
 
 
 def _check_labels(labels: pd.Series, key: str) -> None:
-    bad = labels.isna() | (labels.astype(str).str.strip() == "") | labels.astype(str).str.lower().isin(["nan", "none"])
+    bad = (
+        labels.isna()
+        | (labels.astype(str).str.strip() == "")
+        | labels.astype(str).str.lower().isin(["nan", "none"])
+    )
     if bad.any():
         examples = list(labels.index[bad][:5])
         raise ValueError(
@@ -101,17 +119,29 @@ def validate_expression(adata: AnnData, *, layer: str | None = None, expect: str
         raise ValueError(f"{where} is empty.")
     if not np.all(np.isfinite(vals)):
         n = int((~np.isfinite(vals)).sum())
-        raise ValueError(f"{where} has {n} non-finite values (NaN or inf). Replace or remove them before modelling.")
-    sample = vals.ravel()[: 1_000_000]
-    if expect == "log-normalized" and sample.max() > 30 and np.all(np.mod(sample, 1) == 0):
+        raise ValueError(
+            f"{where} has {n} non-finite values (NaN or inf). Replace or remove them before modelling."
+        )
+    sample = vals.ravel()[:1_000_000]
+    fix = (
+        "Normalize into a layer without touching X: "
+        "adata.layers['lognorm'] = sc.pp.log1p(sc.pp.normalize_total(adata, target_sum=1e4, inplace=False)['X']), "
+        "then pass layer='lognorm'."
+    )
+    if expect == "log-normalized" and sample.max() > 1 and np.all(np.mod(sample, 1) == 0):
         raise ValueError(
             f"{where} looks like raw counts (integer values up to {sample.max():.0f}), but log-normalized data "
-            "is expected. Normalize into a layer without touching X: "
-            "adata.layers['lognorm'] = sc.pp.log1p(sc.pp.normalize_total(adata, inplace=False)['X']), "
-            "then pass layer='lognorm'."
+            f"is expected. {fix}"
+        )
+    if expect == "log-normalized" and sample.max() > 50:
+        raise ValueError(
+            f"{where} has values up to {sample.max():.3g}, too large for log-normalized data (log1p of counts "
+            f"per 10,000 stays below ~10): is it normalized but not log-transformed? {fix}"
         )
     if sample.min() < 0:
-        logger.warning("%s has negative values: is it scaled? Log-normalized, unscaled data is expected.", where)
+        logger.warning(
+            "%s has negative values: is it scaled? Log-normalized, unscaled data is expected.", where
+        )
 
 
 def parse_perturbations(
@@ -177,7 +207,9 @@ def parse_perturbations(
         )
     if adata.var_names.has_duplicates:
         dups = adata.var_names[adata.var_names.duplicated()].unique()[:10].tolist()
-        raise ValueError(f"var_names has duplicates {dups}. Make them unique first: adata.var_names_make_unique().")
+        raise ValueError(
+            f"var_names has duplicates {dups}. Make them unique first: adata.var_names_make_unique()."
+        )
     if check_expression:
         validate_expression(adata, layer=layer)
 
@@ -188,9 +220,11 @@ def parse_perturbations(
     controls = (
         list(DEFAULT_CONTROL_LABELS)
         if control_label is None
-        else [control_label] if isinstance(control_label, str) else list(control_label)
+        else [control_label]
+        if isinstance(control_label, str)
+        else list(control_label)
     )
-    delim = _detect_delimiter(categories) if delimiter is None else delimiter
+    delim = _detect_delimiter(categories, controls) if delimiter is None else delimiter
 
     sets = {c: split_label(c, delimiter=delim, control_labels=controls) for c in categories}
     control_cats = [c for c, s in sets.items() if not s]
@@ -215,7 +249,12 @@ def parse_perturbations(
             )
         bad_cats = [c for c, s in sets.items() if any(g in unknown for g in s)]
         keep = ~labels.isin(bad_cats).to_numpy()
-        logger.warning("Dropping %d cells of %d perturbations with unknown genes %s.", (~keep).sum(), len(bad_cats), unknown[:10])
+        logger.warning(
+            "Dropping %d cells of %d perturbations with unknown genes %s.",
+            (~keep).sum(),
+            len(bad_cats),
+            unknown[:10],
+        )
         out = adata[keep].copy()
         labels = labels[keep]
         perturbed = sorted({g for c, s in sets.items() if c not in bad_cats for g in s})
@@ -235,7 +274,10 @@ def parse_perturbations(
         "genes": np.array(perturbed, dtype=object),
     }
     logger.info(
-        "Parsed %d perturbations (%d genes) and %d control cells.", len(order) - 1, len(perturbed), int((names == CONTROL).sum())
+        "Parsed %d perturbations (%d genes) and %d control cells.",
+        len(order) - 1,
+        len(perturbed),
+        int((names == CONTROL).sum()),
     )
     return out if (copy or out is not adata) else None
 
@@ -246,7 +288,9 @@ def get_parsed(adata: AnnData) -> tuple[pd.Series, list[tuple[str, ...]]]:
     Raises a clear error if :func:`parse_perturbations` has not been run.
     """
     if PERT_KEY not in adata.obs or PERT_UNS_KEY not in adata.uns:
-        raise KeyError("Perturbations are not parsed yet: run pg.pp.parse_perturbations(adata, perturbation_key=...) first.")
+        raise KeyError(
+            "Perturbations are not parsed yet: run pg.pp.parse_perturbations(adata, perturbation_key=...) first."
+        )
     col = adata.obs[PERT_KEY]
     sets = [() if c == CONTROL else tuple(c.split(DELIM)) for c in col.cat.categories]
     return col, sets
