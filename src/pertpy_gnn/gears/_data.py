@@ -1,0 +1,140 @@
+"""Fast GEARS data loading: index batches over one expression matrix, no per-cell objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ._constants import TENSOR_KEYS as K
+
+
+class ExpressionRows:
+    """Dense ``float32`` rows of an expression matrix: a CSR matrix sliced per batch, or a dense array.
+
+    The matrix is used in place when it already is CSR / C-contiguous ``float32`` (no copy).
+    """
+
+    def __init__(self, x):
+        if sp.issparse(x):
+            self.x = (
+                x
+                if (sp.isspmatrix_csr(x) or isinstance(x, sp.csr_array)) and x.dtype == np.float32
+                else sp.csr_matrix(x, dtype=np.float32)
+            )
+            self.sparse = True
+        else:
+            self.x = torch.from_numpy(np.ascontiguousarray(np.asarray(x), dtype=np.float32))
+            self.sparse = False
+
+    @property
+    def n_vars(self) -> int:
+        return self.x.shape[1]
+
+    def __call__(self, idx) -> torch.Tensor:
+        """Rows ``idx`` as a dense ``len(idx) x n_vars`` tensor."""
+        if self.sparse:
+            return torch.from_numpy(self.x[np.asarray(idx)].toarray())
+        return self.x[torch.as_tensor(idx)]
+
+
+def _identity(batch):
+    return batch
+
+
+class TrainCells(Dataset):
+    """Training cells of GEARS, fetched a whole minibatch at a time (``__getitems__``).
+
+    Every perturbed cell is paired with a random control cell, drawn anew each time the cell is
+    fetched (so once per epoch) from a seeded :class:`torch.Generator`; control cells are paired
+    with themselves (as in GEARS: their target change is zero).
+
+    Parameters
+    ----------
+    rows
+        Expression rows of the whole AnnData.
+    cells
+        Row indices of the training cells.
+    codes
+        Perturbation category of each training cell.
+    control_cells
+        Row indices of the control cells partners are drawn from.
+    pert_table
+        ``n_categories x max_set`` GO-node indices of each category's set (``-1`` padding).
+    expressed
+        ``n_categories x K`` genes entering the loss for each category.
+    control_code
+        Category code of control cells.
+    seed
+        Seed of the partner generator.
+    """
+
+    def __init__(
+        self,
+        rows: ExpressionRows,
+        cells,
+        codes,
+        control_cells,
+        pert_table,
+        expressed,
+        control_code: int,
+        seed: int,
+    ):
+        self.rows = rows
+        self.cells = torch.as_tensor(np.asarray(cells), dtype=torch.long)
+        self.codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+        self.control_cells = torch.as_tensor(np.asarray(control_cells), dtype=torch.long)
+        self.pert_table, self.expressed, self.control_code = pert_table, expressed, control_code
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitems__(self, positions) -> dict[str, torch.Tensor]:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        cells, codes = self.cells[pos], self.codes[pos]
+        draw = self.control_cells[
+            torch.randint(len(self.control_cells), (len(pos),), generator=self.generator)
+        ]
+        partners = torch.where(codes == self.control_code, cells, draw)
+        return {
+            K.X: self.rows(cells.numpy()),
+            K.X_CTRL: self.rows(partners.numpy()),
+            K.PERT_IDX: self.pert_table[codes],
+            K.GROUP: codes,
+            K.MASK: self.expressed[codes],
+        }
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([position])
+
+
+class TensorDict(Dataset):
+    """Rows of a dict of equally long tensors, fetched a batch at a time."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitems__(self, positions) -> dict[str, torch.Tensor]:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return {k: v[pos] for k, v in self.tensors.items()}
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([position])
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Single-process loader of whole batches (deterministic order from a seeded generator)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_identity,
+        num_workers=0,
+    )

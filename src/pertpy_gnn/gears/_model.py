@@ -1,0 +1,697 @@
+"""GEARS as an scvi-tools model: AnnData registration, training, prediction, save / load."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField, NumericalObsField
+from scvi.model.base import BaseModelClass
+
+from .._constants import (
+    COEXPR_GRAPH_KEY,
+    CONTROL,
+    DE_KEY,
+    DELIM,
+    GEARS_PRED_LAYER,
+    GO_GRAPH_KEY,
+    PERT_KEY,
+    SPLIT_KEY,
+)
+from .._utils import check_overwrite, get_matrix, group_means, logger
+from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
+from ..tl._prediction import make_prediction_adata
+from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
+from ._data import ExpressionRows, TensorDict, TrainCells, make_loader
+from ._module import GEARSModule
+from ._training_plan import GEARSTrainingPlan
+
+#: number of top DE genes scored by the validation MSE
+N_VAL_DE = 20
+
+
+class _ObsColumnField(NumericalObsField):
+    """An existing categorical ``obs`` column, registered in place: no ``_scvi_*`` copy is written to ``obs``."""
+
+    def register_field(self, adata: AnnData) -> dict:
+        super().register_field(adata)
+        col = adata.obs[self.attr_key]
+        return {"categories": np.asarray(pd.Categorical(col).categories.astype(str))}
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return {f"n_{self.registry_key}": len(state_registry["categories"])}
+
+
+def _resolve_graph(adata: AnnData, graph, what: str, fix: str) -> dict:
+    """A graph dict (``genes``, ``edge_index``, ``edge_weight``) from ``adata.uns[key]`` or given, validated."""
+    if isinstance(graph, str):
+        if graph not in adata.uns:
+            raise KeyError(
+                f"No {what} graph in adata.uns[{graph!r}]: run {fix} first (or pass the graph dict itself)."
+            )
+        graph = adata.uns[graph]
+    if not isinstance(graph, dict) or not {"genes", "edge_index", "edge_weight"} <= set(graph):
+        raise ValueError(
+            f"The {what} graph must be a dict with 'genes', 'edge_index' and 'edge_weight', as written by {fix}."
+        )
+    genes = np.asarray(graph["genes"]).astype(str)
+    edge_index = np.asarray(graph["edge_index"], dtype=np.int64)
+    edge_weight = np.asarray(graph["edge_weight"], dtype=np.float32)
+    if edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_weight.shape != (edge_index.shape[1],):
+        raise ValueError(
+            f"The {what} graph has edge_index of shape {edge_index.shape} and edge_weight of shape "
+            f"{edge_weight.shape}; expected (2, E) and (E,). Recompute it with {fix}."
+        )
+    if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= len(genes)):
+        raise ValueError(
+            f"The {what} graph has edge indices outside its {len(genes)} nodes. Recompute it with {fix}."
+        )
+    return {"genes": genes, "edge_index": edge_index, "edge_weight": edge_weight}
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence Lightning's banner (and its worker-count hint: loading is single-process on purpose)."""
+    loggers = [
+        logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")
+    ]
+    levels = [lg.level for lg in loggers]
+    if not verbose:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class GEARS(BaseModelClass):
+    """GEARS (Roohani, Huang & Leskovec 2023): predict the expression outcome of gene perturbation sets.
+
+    A GNN over the gene co-expression graph embeds the ``K`` measured genes, a GNN over the GO
+    similarity graph embeds every perturbable gene (all nodes of the GO graph, so genes never
+    perturbed in training, and genes outside ``var_names``, can be perturbed). A perturbation set
+    of any size is the sum of its gene embeddings through an MLP; it shifts every gene embedding,
+    and a gene-specific decoder with a cross-gene state predicts the change ``zhat`` over a control
+    cell. See :class:`~pertpy_gnn.gears.GEARSModule` for the network and its loss, and the Notes
+    for where this implementation departs from the published code.
+
+    Run :meth:`setup_anndata` first (or use :func:`pertpy_gnn.tl.train_gears`). The model writes
+    nothing into ``adata`` apart from the bookkeeping keys every scvi-tools model adds
+    (``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``). :meth:`save` / :meth:`load` keep the
+    graphs (init parameters), the learned state, ``seen_genes_``, ``history_`` and the training
+    uncertainty statistics, so a loaded model predicts exactly what the saved one did.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`, holding the graphs.
+    hidden_dim
+        Embedding size ``d`` (paper: 64).
+    gnn
+        ``'sgc'`` (paper's choice), ``'gcn'`` or ``'gat'``.
+    n_gene_gnn_layers, n_go_gnn_layers
+        GNN layers over the co-expression and GO graphs (paper: 1 each).
+    uncertainty
+        Learn the per-gene log-variance ``s_u`` and report its mean per set at prediction.
+    gamma
+        Autofocus exponent (loss ``|g - g_hat|^(2 + gamma)``, paper: 2).
+    direction_lambda
+        Weight of the direction term (paper: 0.1).
+    direction
+        ``'tanh'`` (differentiable surrogate, default) or ``'sign'`` (published; zero gradient).
+    direction_tau
+        Temperature of the ``tanh`` surrogate.
+    uncertainty_reg
+        Weight of the uncertainty term (published default 1).
+    go_graph
+        Key in ``adata.uns`` of the GO graph (:func:`pertpy_gnn.pp.go_graph`), or the graph dict.
+    coexpression_graph
+        Key in ``adata.uns`` of the co-expression graph over ``var_names``
+        (:func:`pertpy_gnn.pp.coexpression_graph`), or the graph dict.
+    seed
+        Seed of the weight initialization and (by default) of training; the global RNG is not touched.
+
+    Notes
+    -----
+    Where this implementation departs from the published GEARS code (``snap-stanford/GEARS``):
+
+    - The co-expression GNN runs once per step on the ``K`` gene nodes and is shared by every cell
+      (the published code runs it on a ``batch x K`` node set whose edges cover the first ``K``
+      nodes only, so only the first cell of a batch got the graph convolution).
+    - ``h_gene = MLP(GNN(x_gene))`` as in the paper (the published code adds
+      ``0.2 * GNN(x_pos)`` of a second embedding to ``ReLU(BN(x_gene))``); the uncertainty head is
+      the paper's gene-specific linear layer on ``h_post`` (published: an MLP shared by all genes).
+    - Loss: the direction term uses a differentiable surrogate ``tanh((g_hat - c) / tau)`` by
+      default (``direction='sign'`` gives the published term, whose gradient is zero); ``c`` is the
+      mean control expression, as published. The uncertainty term is
+      ``exp(-s) |g - g_hat|^(2 + gamma) + s`` (Kendall & Gal), added with weight
+      ``uncertainty_reg`` to the autofocus and direction terms; the published term lacks ``+ s``, so
+      nothing stops ``s`` from growing without bound. With ``+ s`` its minimum is at
+      ``s = log |g - g_hat|^(2 + gamma)``.
+    - A training step evaluates the network once per distinct perturbation set of its batch
+      (``zhat`` depends on the set only), so batch-norm statistics weight each set of the batch
+      once rather than once per cell.
+    - Validation scores each validation perturbation with ``zhat`` + the mean of the training
+      control cells (exactly the published average over random control partners, in expectation)
+      over its top 20 DE genes from ``adata.uns['pg_de_genes']``; the epoch with the lowest mean
+      MSE is kept (in memory) and restored after training.
+    - Training and validation perturbations with a gene absent from the GO graph are left out
+      with a warning (as published); they are listed in ``train_summary_``.
+
+    Examples
+    --------
+    >>> pg.gears.GEARS.setup_anndata(adata)
+    >>> model = pg.gears.GEARS(adata)
+    >>> model.train(max_epochs=20)
+    >>> pred = model.predict(["CBL+CNN1", "FOXA1+HOXB9"])
+    """
+
+    _module_cls = GEARSModule
+    #: name of the predictor
+    name = "GEARS"
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        hidden_dim: int = 64,
+        gnn: Literal["sgc", "gcn", "gat"] = "sgc",
+        n_gene_gnn_layers: int = 1,
+        n_go_gnn_layers: int = 1,
+        uncertainty: bool = False,
+        gamma: float = 2.0,
+        direction_lambda: float = 0.1,
+        direction: Literal["tanh", "sign"] = "tanh",
+        direction_tau: float = 0.1,
+        uncertainty_reg: float = 1.0,
+        go_graph: str | dict = GO_GRAPH_KEY,
+        coexpression_graph: str | dict = COEXPR_GRAPH_KEY,
+        seed: int = 0,
+    ):
+        super().__init__(adata)
+        go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
+        co = _resolve_graph(adata, coexpression_graph, "co-expression", "pg.pp.coexpression_graph(adata)")
+        if len(co["genes"]) != adata.n_vars or not np.array_equal(
+            co["genes"], np.asarray(adata.var_names).astype(str)
+        ):
+            raise ValueError(
+                "The co-expression graph's genes are not adata.var_names (in order). Recompute it on this AnnData: "
+                "pg.pp.coexpression_graph(adata, overwrite=True)."
+            )
+        self.init_params_ = self._get_init_params(locals())
+        # the graphs are saved with the model (init params), so loading does not depend on adata.uns
+        self.init_params_["non_kwargs"].update(go_graph=go, coexpression_graph=co)
+        self.go_genes = go["genes"]
+        self._go_index = pd.Index(self.go_genes)
+        if self._go_index.has_duplicates:
+            raise ValueError("The GO graph has duplicated gene names. Recompute it with pg.pp.go_graph.")
+        self._seed = seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(
+                adata.n_vars,
+                len(self.go_genes),
+                torch.from_numpy(co["edge_index"]),
+                torch.from_numpy(co["edge_weight"]),
+                torch.from_numpy(go["edge_index"]),
+                torch.from_numpy(go["edge_weight"]),
+                hidden_dim=hidden_dim,
+                gnn=gnn,
+                n_gene_gnn_layers=n_gene_gnn_layers,
+                n_go_gnn_layers=n_go_gnn_layers,
+                uncertainty=uncertainty,
+                gamma=gamma,
+                direction_lambda=direction_lambda,
+                direction=direction,
+                direction_tau=direction_tau,
+                uncertainty_reg=uncertainty_reg,
+            )
+        self.seen_genes_: list[str] = []
+        self.train_summary_: dict = {}
+        self.best_epoch_ = -1
+        self._model_summary_string = (
+            f"GEARS: {adata.n_vars} genes, {len(self.go_genes)} perturbable genes (GO graph), hidden_dim={hidden_dim}, "
+            f"gnn={gnn}, uncertainty={uncertainty}"
+        )
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(cls, adata: AnnData, *, layer: str | None = None, **kwargs) -> None:
+        """Register the expression, the canonical perturbation column and the split of ``adata``.
+
+        Parameters
+        ----------
+        adata
+            AnnData parsed by :func:`pertpy_gnn.pp.parse_perturbations` and split by
+            :func:`pertpy_gnn.pp.split_perturbations`.
+        layer
+            Layer with log-normalized expression; by default the one recorded by
+            ``parse_perturbations`` (``X`` unless it was given a layer).
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields` (used by :meth:`load`).
+
+        Returns
+        -------
+        ``None``. Registers ``X`` / ``layers[layer]``, ``obs['pg_perturbation']`` and ``obs['pg_split']``
+        with an :class:`~scvi.data.AnnDataManager`; no column or layer is written into ``adata``.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        get_parsed(adata)
+        if SPLIT_KEY not in adata.obs:
+            raise KeyError(
+                f"No split: obs[{SPLIT_KEY!r}] is missing. Run pg.pp.split_perturbations(adata) first "
+                "(kind='simulation' reproduces the GEARS paper's split)."
+            )
+        bad = sorted(set(adata.obs[SPLIT_KEY].astype(str).unique()) - {TRAIN, VAL, TEST})
+        if bad:
+            raise ValueError(
+                f"obs[{SPLIT_KEY!r}] has values {bad}; only 'train', 'val' and 'test' are allowed."
+            )
+        layer = layer_of(adata) if layer is None else layer
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            _ObsColumnField(REGISTRY_KEYS.PERT_KEY, PERT_KEY),
+            _ObsColumnField(REGISTRY_KEYS.SPLIT_KEY, SPLIT_KEY),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def seen_genes(self) -> set[str]:
+        """Genes seen perturbed in training."""
+        return set(self.seen_genes_)
+
+    @property
+    def perturbable_genes(self) -> np.ndarray:
+        """Genes that can be perturbed: the nodes of the GO graph."""
+        return self.go_genes
+
+    def _matrix(self, adata: AnnData | None = None):
+        adata = self.adata if adata is None else adata
+        return get_matrix(adata, self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY].attr_key)
+
+    def _pert_index(self, sets: Sequence[tuple[str, ...]]) -> torch.Tensor:
+        """``len(sets) x max_set`` GO-node indices (``-1`` for padding and for genes not in the graph)."""
+        width = max([len(s) for s in sets] + [1])
+        out = np.full((len(sets), width), -1, dtype=np.int64)
+        for i, s in enumerate(sets):
+            if s:
+                out[i, : len(s)] = self._go_index.get_indexer(list(s))
+        return torch.from_numpy(out)
+
+    # ------------------------------------------------------------------ training
+    def _training_data(self, seed: int):
+        """Training cells, validation perturbations and the loss tables, from the registered AnnData."""
+        adata = self.adata
+        col, sets = get_parsed(adata)
+        cats = list(col.cat.categories)
+        codes = col.cat.codes.to_numpy().astype(np.int64)
+        split = adata.obs[SPLIT_KEY].astype(str).to_numpy()
+        x = self._matrix()
+        ctrl_code = cats.index(CONTROL)
+        pert_table = self._pert_index(sets)
+        known = np.array([bool((self._go_index.get_indexer(list(s)) >= 0).all()) for s in sets])
+        used = np.isin(split, [TRAIN, VAL])
+        excluded = sorted({cats[c] for c in np.unique(codes[used & ~known[codes]])})
+        if excluded:
+            logger.warning(
+                "Excluding the cells of %d train/val perturbations with genes absent from the GO graph (GEARS cannot "
+                "embed them): %s",
+                len(excluded),
+                excluded[:20],
+            )
+        is_ctrl = codes == ctrl_code
+        control_cells = np.flatnonzero(is_ctrl & (split == TRAIN))
+        if control_cells.size == 0:
+            raise ValueError(
+                "No control cells in the training split; pg.pp.split_perturbations puts them in 'train'."
+            )
+        train_cells = np.flatnonzero((split == TRAIN) & known[codes])
+        if train_cells.size == control_cells.size:
+            raise ValueError(
+                "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
+            )
+        train_codes = np.where((split == TRAIN) & known[codes], codes, -1)
+        means = group_means(x, train_codes, len(cats))
+        expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
+        expressed[ctrl_code] = True
+        control_mean = means[ctrl_code]
+
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        val_codes = np.unique(codes[val_mask])
+        val = None
+        if val_codes.size:
+            if DE_KEY not in adata.uns:
+                raise KeyError(
+                    f"Validation needs the top DE genes in adata.uns[{DE_KEY!r}]: run pg.pp.rank_de_genes(adata) first."
+                )
+            de = adata.uns[DE_KEY]["indices"]
+            names = [cats[c] for c in val_codes]
+            missing = [n for n in names if n not in de.index]
+            if missing:
+                raise KeyError(
+                    f"adata.uns[{DE_KEY!r}] has no DE genes for validation perturbations {missing[:10]}: "
+                    "rerun pg.pp.rank_de_genes(adata, overwrite=True)."
+                )
+            de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
+            val_means = torch.from_numpy(group_means(x, np.where(val_mask, codes, -1), len(cats))[val_codes])
+            val = {
+                TENSOR_KEYS.PERT_IDX: pert_table[val_codes],
+                TENSOR_KEYS.DE_IDX: de_idx,
+                TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx),
+            }
+        else:
+            logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
+        train = TrainCells(
+            ExpressionRows(x),
+            train_cells,
+            codes[train_cells],
+            control_cells,
+            pert_table,
+            expressed,
+            ctrl_code,
+            seed,
+        )
+        seen = sorted({g for c in np.unique(codes[train_cells]) for g in sets[c]})
+        summary = {
+            "n_train_cells": int(train_cells.size),
+            "n_train_control_cells": int(control_cells.size),
+            "n_train_perturbations": int(np.unique(codes[train_cells]).size - 1),
+            "n_val_cells": int(val_mask.sum()),
+            "n_val_perturbations": int(val_codes.size),
+            "excluded_perturbations": np.asarray(excluded, dtype=str),
+        }
+        return train, val, control_mean, seen, summary
+
+    def train(
+        self,
+        max_epochs: int = 20,
+        batch_size: int = 32,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        lr_decay: float = 0.5,
+        gradient_clip_val: float = 1.0,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        strategy: str = "auto",
+        progress_bar: bool = True,
+        val_batch_size: int = 64,
+        **trainer_kwargs,
+    ) -> None:
+        """Train on the ``train`` cells, select the epoch with the lowest validation top-20-DE MSE.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs (paper: 15-20).
+        batch_size
+            Cells per minibatch (paper: 32).
+        lr, weight_decay
+            Adam settings (paper: 1e-3, 5e-4).
+        lr_decay
+            Learning-rate factor after each epoch (paper: 0.5).
+        gradient_clip_val
+            Gradients are clipped by value to this bound (paper: 1.0).
+        seed
+            Seed of the data order and of the control partners; default the model's ``seed``.
+        accelerator, devices, strategy
+            Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
+        progress_bar
+            Show Lightning's progress bar and banner.
+        val_batch_size
+            Validation perturbations per forward pass.
+        **trainer_kwargs
+            Further :class:`lightning.pytorch.Trainer` arguments.
+
+        Returns
+        -------
+        ``None``. Sets ``history_`` (per-epoch ``train_loss``, ``val_top20_de_mse``, ``lr``),
+        ``best_epoch_``, ``seen_genes_``, ``train_summary_`` and, with uncertainty, the training
+        uncertainty statistics used for z-scores.
+        """
+        seed = self._seed if seed is None else seed
+        train, val, control_mean, seen, summary = self._training_data(seed)
+        self.module.control_mean.copy_(torch.from_numpy(control_mean))
+        self.module.train()
+        plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
+        val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
+        with _quiet(progress_bar):
+            trainer = pl.Trainer(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                gradient_clip_val=gradient_clip_val,
+                gradient_clip_algorithm="value",
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                enable_progress_bar=progress_bar,
+                **trainer_kwargs,
+            )
+            trainer.fit(plan, make_loader(train, batch_size, shuffle=True, seed=seed), val_loader)
+        if plan.best_state is not None:
+            self.module.load_state_dict(plan.best_state)
+        self.module.to(trainer.strategy.root_device)
+        self.module.eval()
+        self.history_ = pd.DataFrame(plan.history)
+        self.best_epoch_ = int(plan.best_epoch if plan.best_state is not None else len(self.history_) - 1)
+        self.seen_genes_ = seen
+        self.train_summary_ = summary
+        if self.module.uncertainty:
+            self._set_uncertainty_stats(train)
+        self.is_trained_ = True
+
+    def _set_uncertainty_stats(self, train: TrainCells) -> None:
+        """Mean and std over training cells of the per-cell uncertainty (mean log-variance over genes)."""
+        codes, counts = torch.unique(train.codes, return_counts=True)
+        _, logvar = self._delta_from_index(train.pert_table[codes])
+        s = logvar.mean(1).double()
+        w = counts.double() / counts.sum()
+        mean = (w * s).sum()
+        std = ((w * (s - mean) ** 2).sum()).sqrt().clamp(min=1e-8)
+        self.module.uncertainty_stats.copy_(torch.stack([mean, std]).float())
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def _delta_from_index(
+        self, pert_idx: torch.Tensor, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.module.eval()
+        device = self.module.device
+        zs, ss = [], []
+        for start in range(0, pert_idx.shape[0], batch_size):
+            z, s = self.module.predict_delta(pert_idx[start : start + batch_size].to(device))
+            zs.append(z.cpu())
+            ss.append(s.cpu() if s is not None else None)
+        logvar = torch.cat(ss) if self.module.uncertainty else None
+        return torch.cat(zs), logvar
+
+    def _check_sets(self, perturbations, skip_unknown: bool) -> list[tuple[str, ...]]:
+        sets = as_perturbation_sets(perturbations)
+        genes = sorted({g for s in sets for g in s})
+        unknown = [g for g, i in zip(genes, self._go_index.get_indexer(genes), strict=True) if i < 0]
+        if unknown and not skip_unknown:
+            raise ValueError(
+                f"{len(unknown)} genes are not in the GO graph, so GEARS cannot embed them: {unknown[:20]}"
+                f"{' ...' if len(unknown) > 20 else ''}. Pass `skip_unknown=True` to drop the sets containing them."
+            )
+        if unknown:
+            bad = set(unknown)
+            dropped = [s for s in sets if bad & set(s)]
+            sets = [s for s in sets if not bad & set(s)]
+            logger.warning(
+                "Dropping %d perturbation sets with genes not in the GO graph: %s",
+                len(dropped),
+                [DELIM.join(s) for s in dropped[:10]],
+            )
+            if not sets:
+                raise ValueError(
+                    "No perturbation set left after dropping those with genes not in the GO graph."
+                )
+        return sets
+
+    def _control_cells(self, adata: AnnData, train_only: bool = False) -> np.ndarray:
+        col, _ = get_parsed(adata)
+        is_ctrl = col.to_numpy() == CONTROL
+        if train_only:
+            is_ctrl &= adata.obs[SPLIT_KEY].astype(str).to_numpy() == TRAIN
+        cells = np.flatnonzero(is_ctrl)
+        if cells.size == 0:
+            raise ValueError("No control cells in adata: GEARS adds its predicted change to control cells.")
+        return cells
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError("The model is not trained yet: call model.train() (or use pg.tl.train_gears).")
+
+    def predict(
+        self,
+        perturbations,
+        *,
+        n_control: int | None = 300,
+        seed: int = 0,
+        batch_size: int = 64,
+        skip_unknown: bool = False,
+    ) -> AnnData:
+        """Predicted mean expression of perturbation sets of any size.
+
+        The paper's prediction is the mean over ``n_control`` random control cells of
+        ``zhat + g_ctrl``. ``zhat`` does not depend on the control cell (batch norm uses running
+        statistics at inference), so this is ``zhat`` + the mean of those cells, computed with one
+        forward pass per set (batched).
+
+        Parameters
+        ----------
+        perturbations
+            A set (``"A"``, ``"A+B"``, ``("A", "B", "C")``) or a list of sets; order within a set
+            does not matter.
+        n_control
+            Training control cells averaged, drawn at random without replacement (as the
+            baselines do); ``None``, or at least their number, uses all of them.
+        seed
+            Seed of the control-cell draw.
+        batch_size
+            Sets per forward pass.
+        skip_unknown
+            Drop (with a warning) the sets with genes not in the GO graph instead of failing.
+
+        Returns
+        -------
+        AnnData in the form of :func:`pertpy_gnn.tl._prediction.make_prediction_adata`: one row per
+        set, ``X`` the predicted mean, ``layers['delta']`` the predicted change ``zhat`` over the mean
+        of the drawn control cells (``uns['pg_prediction']['control_mean']``), ``obs`` ``perturbation``, ``n_genes``, ``n_unseen``, ``seen`` and, with uncertainty,
+        ``uncertainty`` (mean predicted log-variance over genes) and ``uncertainty_z`` (z-scored
+        against the training cells).
+        """
+        self._check_trained()
+        sets = self._check_sets(perturbations, skip_unknown)
+        x = self._matrix()
+        ctrl = self._control_cells(self.adata, train_only=True)
+        if n_control is not None and n_control < 1:
+            raise ValueError(
+                f"`n_control` must be a positive number of control cells or None (all), got {n_control}."
+            )
+        if n_control is not None and n_control < ctrl.size:
+            ctrl = ctrl[
+                np.sort(np.random.default_rng(seed).choice(ctrl.size, size=int(n_control), replace=False))
+            ]
+        base = np.asarray(x[ctrl].mean(axis=0), dtype=np.float64).ravel()
+        zhat, logvar = self._delta_from_index(self._pert_index(sets), batch_size)
+        extra = None
+        if logvar is not None:
+            u = logvar.mean(1).numpy()
+            mu, sd = self.module.uncertainty_stats.cpu().numpy()
+            extra = {"uncertainty": u.astype(np.float32), "uncertainty_z": ((u - mu) / sd).astype(np.float32)}
+        return make_prediction_adata(
+            sets,
+            zhat.numpy() + base[None, :],
+            base,
+            self.adata.var_names,
+            seen_genes=self.seen_genes,
+            obs_extra=extra,
+            model_name=self.name,
+            n_control=ctrl.size,
+        )
+
+    def predict_cells(
+        self,
+        perturbations,
+        *,
+        adata: AnnData | None = None,
+        cells=None,
+        layer_added: str = GEARS_PRED_LAYER,
+        overwrite: bool = False,
+        batch_size: int = 64,
+    ) -> None:
+        """Predicted expression of given cells after perturbation, written into ``adata.layers``.
+
+        Each selected cell ``i`` gets ``x_i + zhat(P_i)``: its own expression as the control state plus
+        the predicted change of its set (what GEARS predicts for that cell as a control partner).
+
+        Parameters
+        ----------
+        perturbations
+            One set applied to every selected cell, or a list with one set per selected cell.
+        adata
+            AnnData with the model's ``var_names`` (default: the training AnnData).
+        cells
+            Boolean mask, integer positions or ``obs_names`` of the cells; default the control cells
+            (``obs['pg_perturbation'] == 'control'``) if parsed, else all cells.
+        layer_added
+            Layer to write.
+        overwrite
+            Replace an existing layer.
+        batch_size
+            Sets per forward pass.
+
+        Returns
+        -------
+        ``None``. Sets ``adata.layers[layer_added]`` (dense ``float32``): the prediction for the
+        selected cells and ``NaN`` for the others.
+        """
+        self._check_trained()
+        adata = self.adata if adata is None else adata
+        if not np.array_equal(np.asarray(adata.var_names), np.asarray(self.adata.var_names)):
+            raise ValueError(
+                "adata.var_names differ from the model's genes; subset / reorder adata to model.adata.var_names."
+            )
+        check_overwrite(adata.layers, layer_added, overwrite, "adata.layers")
+        if cells is None:
+            rows = self._control_cells(adata) if PERT_KEY in adata.obs else np.arange(adata.n_obs)
+        else:
+            cells = np.asarray(cells)
+            if cells.dtype == bool:
+                rows = np.flatnonzero(cells)
+            elif np.issubdtype(cells.dtype, np.integer):
+                rows = cells
+            else:
+                rows = adata.obs_names.get_indexer(cells)
+                if (rows < 0).any():
+                    raise KeyError(f"Cells not in adata.obs_names: {list(cells[rows < 0][:10])}.")
+        sets = as_perturbation_sets(perturbations)
+        if len(sets) not in (1, len(rows)):
+            raise ValueError(
+                f"Give one perturbation set, or one per selected cell ({len(rows)}); got {len(sets)}."
+            )
+        self._check_sets(sets, skip_unknown=False)
+        names = pd.Index([DELIM.join(s) for s in sets])
+        uniq, inverse = np.unique(names, return_inverse=True)
+        zhat, _ = self._delta_from_index(self._pert_index([tuple(u.split(DELIM)) for u in uniq]), batch_size)
+        x = self._matrix(adata)
+        base = x[rows].toarray() if sp.issparse(x) else np.asarray(x[rows])
+        out = np.full(adata.shape, np.nan, dtype=np.float32)
+        out[rows] = base + zhat.numpy()[np.broadcast_to(inverse, (len(rows),))]
+        adata.layers[layer_added] = out
+
+    @property
+    def best_val(self) -> float:
+        """Validation top-20-DE MSE of the selected epoch (NaN without validation)."""
+        h = getattr(self, "history_", None)
+        if not isinstance(h, pd.DataFrame) or h.empty:
+            return math.nan
+        return float(h["val_top20_de_mse"].iloc[self.best_epoch_])

@@ -1,0 +1,393 @@
+"""The GEARS network (Roohani et al.): graph encoders, compositional module, cross-gene decoder, loss."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput
+from torch import nn
+from torch.nn import functional as F
+
+from ._constants import TENSOR_KEYS as K
+
+GNN_KINDS = ("sgc", "gcn", "gat")
+DIRECTION_KINDS = ("tanh", "sign")
+
+
+class MLP(nn.Sequential):
+    """``Linear -> BatchNorm -> ReLU`` blocks; the last block keeps its batch norm and drops the ReLU.
+
+    This is the layer placement of the published GEARS code. A training batch of one row (where
+    batch statistics are undefined) is run as two copies of itself, as the published code does.
+    """
+
+    def __init__(self, sizes: list[int]):
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(inplace=True)]
+        super().__init__(*layers[:-1])
+
+    def forward(self, x: torch.Tensor, *, last_norm: bool = True) -> torch.Tensor:
+        """Apply the MLP; ``last_norm=False`` stops before the final batch norm."""
+        if self.training and x.shape[0] == 1:
+            return self.forward(x.expand(2, -1), last_norm=last_norm)[:1]
+        layers = list(self) if last_norm else list(self)[:-1]
+        for layer in layers:
+            x = layer(x)
+        return x
+
+
+def _bn_moments(
+    bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics a batch norm uses, given the batch moments (population ``var``) of ``n`` rows.
+
+    In training mode the batch moments, with the running statistics updated as
+    :class:`torch.nn.BatchNorm1d` does (unbiased variance); in eval mode the running statistics.
+    """
+    if not bn.training:
+        return bn.running_mean, bn.running_var
+    with torch.no_grad():
+        bn.running_mean.lerp_(mean.detach(), bn.momentum)
+        bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), bn.momentum)
+        bn.num_batches_tracked += 1
+    return mean, var
+
+
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Rows of ``w`` rescaled to norm at most 1 (the published ``nn.Embedding(max_norm=1)``, without in-place edits)."""
+    return w / w.norm(dim=1, keepdim=True).clamp(min=1.0)
+
+
+class GraphEncoder(nn.Module):
+    """Learnable node embeddings refined by a GNN over a fixed graph; computed once per step, not per cell.
+
+    ``'sgc'`` (the paper's choice) is ``Linear(A^L x)`` with ``A`` the GCN-normalized adjacency with
+    self-loops (:func:`torch_geometric.nn.conv.gcn_conv.gcn_norm`): for ``L = 1`` exactly
+    :class:`torch_geometric.nn.SGConv` (``K=1``), the published layer. ``'gcn'`` stacks ``L``
+    layers ``Linear(A h)`` with ReLU in between (:class:`~torch_geometric.nn.GCNConv`; also what the
+    published code computes when it stacks several ``SGConv`` layers). ``'gat'`` stacks
+    :class:`~torch_geometric.nn.GATConv` layers, which learn their own edge weights.
+
+    The normalized adjacency is computed once, and the last propagation can be restricted to the
+    nodes a batch needs (``rows``): a GEARS step needs the GO embeddings of the few perturbed genes of
+    its batch only, not of all ~20,000 GO nodes (``SGConv`` would build one message per edge, about
+    400,000 x d values, every step).
+
+    Parameters
+    ----------
+    n_nodes
+        Number of graph nodes.
+    dim
+        Embedding size.
+    n_layers
+        Number of propagation steps / layers.
+    gnn
+        ``'sgc'``, ``'gcn'`` or ``'gat'``.
+    edge_index, edge_weight
+        The graph: ``2 x E`` (row 0 source, row 1 target) and ``E`` weights.
+    """
+
+    def __init__(
+        self,
+        n_nodes: int,
+        dim: int,
+        n_layers: int,
+        gnn: str,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+    ):
+        super().__init__()
+        from torch_geometric.nn import GATConv
+        from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+        if n_layers < 1:
+            raise ValueError(f"GNN layers must be at least 1, got {n_layers}.")
+        self.gnn, self.n_layers, self.n_nodes = gnn, n_layers, n_nodes
+        self.embedding = nn.Parameter(torch.randn(n_nodes, dim))
+        edge_index = torch.as_tensor(edge_index, dtype=torch.long)
+        edge_weight = torch.as_tensor(edge_weight, dtype=torch.float32)
+        if gnn == "gat":
+            self.convs = nn.ModuleList(GATConv(dim, dim) for _ in range(n_layers))
+            self.register_buffer("edge_index", edge_index, persistent=False)
+            return
+        ei, w = gcn_norm(edge_index, edge_weight, n_nodes, add_self_loops=True)
+        order = torch.argsort(ei[1] * n_nodes + ei[0])
+        src, dst, w = ei[0][order], ei[1][order], w[order]
+        crow = torch.zeros(n_nodes + 1, dtype=torch.long)
+        crow[1:] = torch.cumsum(torch.bincount(dst, minlength=n_nodes), 0)
+        # out[t] = sum over edges (s -> t) of w * x[s]; edges sorted by target (CSR rows)
+        self.register_buffer("src", src, persistent=False)
+        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer("crow", crow, persistent=False)
+        self.register_buffer(
+            "adj",
+            torch.sparse_coo_tensor(
+                torch.stack([dst, src]), w, (n_nodes, n_nodes), check_invariants=True
+            ).coalesce(),
+            persistent=False,
+        )
+        self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
+
+    def propagate(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``A x`` for all nodes, or for the nodes ``rows`` only."""
+        if rows is None:
+            return torch.sparse.mm(self.adj, x)
+        start = self.crow[rows]
+        counts = self.crow[rows + 1] - start
+        seg = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), counts)
+        offset = torch.arange(int(counts.sum()), device=x.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        edges = start[seg] + offset
+        messages = x[self.src[edges]] * self.weight[edges].unsqueeze(1)
+        return x.new_zeros(rows.numel(), x.shape[1]).index_add_(0, seg, messages)
+
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of all nodes, or of the nodes ``rows`` (same values, less work)."""
+        h = _unit_rows(self.embedding)
+        last = self.n_layers - 1
+        if self.gnn == "gat":
+            for i, conv in enumerate(self.convs):
+                h = conv(h, self.edge_index)
+                h = F.relu(h) if i < last else h
+            return h if rows is None else h[rows]
+        if self.gnn == "sgc":
+            for i in range(self.n_layers):
+                h = self.propagate(h, rows if i == last else None)
+            return self.lins[0](h)
+        for i, lin in enumerate(self.lins):
+            h = lin(self.propagate(h, rows if i == last else None))
+            h = F.relu(h) if i < last else h
+        return h
+
+
+class GEARSModule(BaseModuleClass):
+    """The GEARS network and its loss.
+
+    Every quantity that does not depend on the cell is computed once per step: the gene embeddings
+    ``h_gene`` (GNN over the co-expression graph on the ``K`` gene nodes) and the perturbation
+    embeddings ``h_pert`` (GNN over the GO graph, all its nodes). Per cell:
+
+    - ``h_P = MLP(sum_i h_pert[P_i])`` (no term for an empty set, i.e. a control cell);
+    - ``h_post_u = MLP(ReLU(BN(h_gene_u + h_P)))``;
+    - ``z_u = w_u . h_post_u + b_u``; ``h_cg = MLP(z)``; ``zhat_u = w_cg_u . [z_u || h_cg] + b_cg_u``;
+    - optional uncertainty ``s_u = log sigma_u^2 = w_unc_u . h_post_u + b_unc_u``.
+
+    The prediction of a cell is ``zhat + g_ctrl`` for a control cell ``g_ctrl``; ``zhat`` depends only
+    on the perturbation set.
+
+    Parameters
+    ----------
+    n_genes
+        Number of measured genes ``K``.
+    n_pert_nodes
+        Number of nodes of the GO graph (genes that can be perturbed).
+    gene_edge_index, gene_edge_weight
+        Co-expression graph over the ``K`` genes (``2 x E`` source/target rows, ``E`` weights).
+    pert_edge_index, pert_edge_weight
+        GO graph over the perturbable genes.
+    hidden_dim
+        Embedding size ``d``.
+    gnn
+        GNN kind, ``'sgc'``, ``'gcn'`` or ``'gat'``.
+    n_gene_gnn_layers, n_go_gnn_layers
+        GNN layers over the co-expression and the GO graph.
+    uncertainty
+        Add the uncertainty head.
+    gamma
+        Autofocus exponent: the error enters as ``|g - g_hat|^(2 + gamma)``.
+    direction_lambda
+        Weight of the direction term.
+    direction
+        ``'tanh'``: differentiable surrogate ``(sign(g - c) - tanh((g_hat - c) / tau))^2`` (default);
+        ``'sign'``: the published ``(sign(g - c) - sign(g_hat - c))^2``, whose gradient is zero.
+    direction_tau
+        Temperature of the ``tanh`` surrogate (expression units).
+    uncertainty_reg
+        Weight of the uncertainty term ``exp(-s) |g - g_hat|^(2 + gamma) + s``.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_pert_nodes: int,
+        gene_edge_index: torch.Tensor,
+        gene_edge_weight: torch.Tensor,
+        pert_edge_index: torch.Tensor,
+        pert_edge_weight: torch.Tensor,
+        *,
+        hidden_dim: int = 64,
+        gnn: Literal["sgc", "gcn", "gat"] = "sgc",
+        n_gene_gnn_layers: int = 1,
+        n_go_gnn_layers: int = 1,
+        uncertainty: bool = False,
+        gamma: float = 2.0,
+        direction_lambda: float = 0.1,
+        direction: Literal["tanh", "sign"] = "tanh",
+        direction_tau: float = 0.1,
+        uncertainty_reg: float = 1.0,
+    ):
+        super().__init__()
+        if gnn not in GNN_KINDS:
+            raise ValueError(f"`gnn` must be one of {GNN_KINDS}, got {gnn!r}.")
+        if direction not in DIRECTION_KINDS:
+            raise ValueError(f"`direction` must be one of {DIRECTION_KINDS}, got {direction!r}.")
+        d = hidden_dim
+        self.n_genes, self.n_pert_nodes, self.hidden_dim = n_genes, n_pert_nodes, d
+        self.uncertainty = uncertainty
+        self.gamma, self.direction_lambda, self.direction, self.direction_tau = (
+            gamma,
+            direction_lambda,
+            direction,
+            direction_tau,
+        )
+        self.uncertainty_reg = uncertainty_reg
+
+        # mean control expression (reference of the direction term) and training uncertainty statistics
+        self.register_buffer("control_mean", torch.zeros(n_genes))
+        self.register_buffer("uncertainty_stats", torch.tensor([0.0, 1.0]))
+
+        self.gene_encoder = GraphEncoder(
+            n_genes, d, n_gene_gnn_layers, gnn, gene_edge_index, gene_edge_weight
+        )
+        self.pert_encoder = GraphEncoder(
+            n_pert_nodes, d, n_go_gnn_layers, gnn, pert_edge_index, pert_edge_weight
+        )
+        self.gene_mlp = MLP([d, d, d])
+        self.pert_fuse = MLP([d, d, d])
+        self.bn_post = nn.BatchNorm1d(d)
+        self.post_mlp = MLP([d, 2 * d, d])
+        # gene-specific decoders; Xavier-normal scales of the published parameter shapes
+        self.w1 = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
+        self.b1 = nn.Parameter(torch.zeros(n_genes, 1, 1))
+        self.cross_gene = MLP([n_genes, d, d])
+        self.w2 = nn.Parameter(torch.randn(n_genes, d + 1) * (2.0 / ((n_genes + 1) * (d + 1))) ** 0.5)
+        self.b2 = nn.Parameter(torch.zeros(n_genes, 1))
+        if uncertainty:
+            self.w_unc = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
+            self.b_unc = nn.Parameter(torch.zeros(n_genes, 1, 1))
+
+    # --- scvi-tools module interface: inference = encoders, generative = decoders -----------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        """The distinct perturbation sets of the batch (``zhat`` depends on the set only)."""
+        pert_idx = tensors[K.PERT_IDX]
+        if K.GROUP in tensors:
+            _, inverse = torch.unique(tensors[K.GROUP], return_inverse=True)
+            first = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
+            first.scatter_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
+            pert_idx = pert_idx[first]
+        return {"pert_idx": pert_idx}
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+        return {"h_post": inference_outputs["h_post"]}
+
+    def inference(self, pert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Post-perturbation gene embeddings of a batch of perturbation sets.
+
+        Parameters
+        ----------
+        pert_idx
+            ``n x max_set`` GO-graph node indices, ``-1`` for padding (all ``-1``: control).
+
+        Returns
+        -------
+        ``h_gene`` (``K x d``, computed once and shared by every set) and ``h_post``
+        (``K x n x d``, gene-major so that the gene-specific decoders are batched matrix products).
+        """
+        h_gene = self.gene_mlp(self.gene_encoder())
+        n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
+        valid = pert_idx >= 0
+        h_p = h_gene.new_zeros(n, d)
+        if valid.any():
+            nodes, node_of = torch.unique(pert_idx[valid], return_inverse=True)
+            h_nodes = self.pert_encoder(rows=nodes)
+            summed = h_gene.new_zeros(n, d).index_add(0, torch.nonzero(valid)[:, 0], h_nodes[node_of])
+            perturbed = torch.nonzero(valid.any(1)).squeeze(1)
+            h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]))
+        # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
+        # normalization folds into the K + n embeddings before they are broadcast (same values as
+        # self.bn_post on the K * n rows, without a pass over them)
+        bn = self.bn_post
+        mean, var = _bn_moments(
+            bn,
+            h_gene.mean(0) + h_p.mean(0),
+            h_gene.var(0, unbiased=False) + h_p.var(0, unbiased=False),
+            k * n,
+        )
+        scale = bn.weight / torch.sqrt(var + bn.eps)
+        g = (h_gene - mean) * scale + bn.bias
+        h = (g.unsqueeze(1) + (h_p * scale).unsqueeze(0)).relu_()
+        h_post = self.post_mlp(h.reshape(k * n, d), last_norm=False).reshape(k, n, d)
+        return {"h_gene": h_gene, "h_post": h_post}
+
+    def _gene_linear(
+        self, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ):
+        """``w_u . BN(y)_u + b_u`` per gene, the batch norm folded into the weights (``K x n``)."""
+        w_eff = w * scale.unsqueeze(1)
+        b_eff = b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)
+        return torch.baddbmm(b_eff, y, w_eff).squeeze(-1)
+
+    def generative(self, h_post: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Gene-specific effects ``z`` and predicted change ``zhat`` (``n x K``), log-variance ``s`` (or ``None``).
+
+        ``h_post`` is the post-perturbation embedding before the last batch norm of ``post_mlp``,
+        which is applied here folded into the gene-specific linear maps (same values, one pass less).
+        """
+        k, n, d = h_post.shape
+        bn = self.post_mlp[-1]
+        flat = h_post.reshape(k * n, d)
+        mean = var = None
+        if bn.training:  # column sums are much faster than torch.var_mean over dim 0 on CPU
+            mean = flat.sum(0) / (k * n)
+            var = ((flat * flat).sum(0) / (k * n) - mean * mean).clamp(min=0.0)
+        mean, var = _bn_moments(bn, mean, var, k * n)
+        scale = bn.weight / torch.sqrt(var + bn.eps)
+        shift = bn.bias - mean * scale
+        z = self._gene_linear(h_post, self.w1, self.b1, shift, scale)  # K x n
+        h_cg = self.cross_gene(z.T)  # n x d
+        zhat = (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+        logvar = (
+            self._gene_linear(h_post, self.w_unc, self.b_unc, shift, scale).T if self.uncertainty else None
+        )
+        return {"z": z.T, "zhat": zhat, "logvar": logvar}
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """Autofocus + direction (+ uncertainty) loss, averaged as in the published code.
+
+        Per perturbation, mean over its cells and over the genes expressed in its cells; then mean over
+        the distinct perturbations of the batch.
+        """
+        x, mask = tensors[K.X], tensors[K.MASK].to(tensors[K.X].dtype)
+        _, inverse, counts = torch.unique(tensors[K.GROUP], return_inverse=True, return_counts=True)
+        pred = generative_outputs["zhat"][inverse] + tensors[K.X_CTRL]
+        c = self.control_mean
+        err = (pred - x).abs() ** (2.0 + self.gamma)
+        pred_dir = (
+            torch.sign(pred - c) if self.direction == "sign" else torch.tanh((pred - c) / self.direction_tau)
+        )
+        dirn = (torch.sign(x - c) - pred_dir) ** 2
+        weight = mask / (
+            mask.sum(1, keepdim=True).clamp(min=1.0) * counts[inverse].unsqueeze(1) * counts.numel()
+        )
+        autofocus = (err * weight).sum()
+        direction = (dirn * weight).sum()
+        total = autofocus + self.direction_lambda * direction
+        extra = {"autofocus": autofocus.detach(), "direction": direction.detach()}
+        if self.uncertainty:
+            s = generative_outputs["logvar"][inverse]
+            unc = ((torch.exp(-s) * err + s) * weight).sum()
+            total = total + self.uncertainty_reg * unc
+            extra["uncertainty"] = unc.detach()
+        return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)
+
+    def sample(self, *args, **kwargs):
+        """GEARS is not a generative model of cells; use :meth:`pertpy_gnn.gears.GEARS.predict`."""
+        raise NotImplementedError("GEARS does not sample cells; use GEARS.predict.")
+
+    def predict_delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``zhat`` and log-variance of a batch of perturbation sets (call in eval mode)."""
+        out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
+        return out["zhat"], out["logvar"]

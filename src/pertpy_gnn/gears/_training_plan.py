@@ -1,0 +1,100 @@
+"""GEARS optimization: Adam, step decay per epoch, validation by top-DE MSE, best-epoch selection."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import torch
+
+from ._constants import TENSOR_KEYS as K
+from ._module import GEARSModule
+
+
+class GEARSTrainingPlan(pl.LightningModule):
+    """Lightning training plan of :class:`~pertpy_gnn.gears.GEARSModule`.
+
+    Adam (``lr``, ``weight_decay``) with the learning rate multiplied by ``lr_decay`` after every
+    epoch (the paper's StepLR). Validation, once per epoch, predicts the mean expression of every
+    validation perturbation (``zhat`` + mean control expression; exactly the mean over control
+    partners, since ``zhat`` does not depend on the control cell) and scores the MSE over its top
+    differentially expressed genes; the mean over perturbations is ``val_top20_de_mse``. The state of
+    the best epoch is kept in memory (``best_state``) for the model to restore after training.
+    Gradient clipping is the Trainer's (``gradient_clip_val``).
+
+    Parameters
+    ----------
+    module
+        The GEARS network.
+    lr
+        Learning rate.
+    weight_decay
+        Adam weight decay.
+    lr_decay
+        Factor applied to the learning rate after each epoch.
+    """
+
+    def __init__(
+        self, module: GEARSModule, *, lr: float = 1e-3, weight_decay: float = 5e-4, lr_decay: float = 0.5
+    ):
+        super().__init__()
+        self.module = module
+        self.lr, self.weight_decay, self.lr_decay = lr, weight_decay, lr_decay
+        self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_top20_de_mse": [], "lr": []}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch = -1
+        self.best_val = math.inf
+        self._epoch_loss = [0.0, 0]
+        self._val_sums: list[torch.Tensor] = []
+        self._val = math.nan
+
+    def forward(self, batch):
+        return self.module(batch)
+
+    def training_step(self, batch, batch_idx):
+        _, _, out = self.module(batch)
+        n = batch[K.X].shape[0]
+        self.log("train_loss", out.loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self._epoch_loss[0] += float(out.loss.detach()) * n
+        self._epoch_loss[1] += n
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        zhat, _ = self.module.predict_delta(batch[K.PERT_IDX])
+        de = batch[K.DE_IDX]
+        pred = zhat.gather(1, de) + self.module.control_mean[de]
+        mse = ((pred - batch[K.DE_MEAN]) ** 2).mean(1)
+        self._val_sums.append(torch.stack([mse.sum(), torch.tensor(float(mse.numel()), device=mse.device)]))
+
+    def on_validation_epoch_end(self):
+        if not self._val_sums or self.trainer.sanity_checking:
+            self._val_sums = []
+            return
+        sums = self.all_gather(torch.stack(self._val_sums).sum(0)).reshape(-1, 2).sum(0)
+        self._val_sums = []
+        val = float(sums[0] / sums[1])
+        self.log("val_top20_de_mse", val, prog_bar=True, sync_dist=False)
+        self._val = val
+        if val < self.best_val:
+            self.best_val, self.best_epoch = val, self.current_epoch
+            self.best_state = copy.deepcopy(
+                {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            )
+
+    def on_train_epoch_start(self):
+        self._lr = self.optimizers().param_groups[0]["lr"]
+
+    def on_train_epoch_end(self):
+        total, n = self._epoch_loss
+        self._epoch_loss = [0.0, 0]
+        self.history["epoch"].append(self.current_epoch)
+        self.history["train_loss"].append(total / max(n, 1))
+        self.history["val_top20_de_mse"].append(self._val)
+        self.history["lr"].append(self._lr)
+        self._val = math.nan
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

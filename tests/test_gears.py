@@ -1,0 +1,418 @@
+"""GEARS: the network, its loss, training, prediction, save / load (small data, 1-3 epochs)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import pertpy_gnn as pg
+from pertpy_gnn.gears import GEARS, GEARSModule
+from pertpy_gnn.gears._constants import TENSOR_KEYS as K
+from pertpy_gnn.gears._module import GraphEncoder
+
+GO_FILE = "go/human_gene2go_orgHsEgDb_20220912.tsv.gz"
+
+
+# ----------------------------------------------------------------------------- data
+def _toy(
+    n_genes: int = 60,
+    n_modules: int = 2,
+    per_module: int = 4,
+    n_cells: int = 20,
+    n_ctrl: int = 100,
+    seed: int = 0,
+):
+    """Small screen whose GO terms are informative: genes of a module share terms and effects."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(n_genes)]
+    modules = {f"M{m}": genes[m * per_module : (m + 1) * per_module] for m in range(n_modules)}
+    module_effect = {m: rng.normal(0, 1.5, n_genes) * (rng.random(n_genes) < 0.3) for m in modules}
+    effect = {g: module_effect[m] + rng.normal(0, 0.1, n_genes) for m, gs in modules.items() for g in gs}
+    singles = [g for gs in modules.values() for g in gs]
+    doubles = [f"{a}+{b}" for i, a in enumerate(singles) for b in singles[i + 1 : i + 3]]
+    base = rng.gamma(3, 0.6, n_genes)
+    blocks, labels = [], []
+    for c in ["control", *singles, *doubles]:
+        n = n_ctrl if c == "control" else n_cells
+        mu = base + (sum(effect[g] for g in c.split("+")) if c != "control" else 0)
+        x = np.clip(mu + rng.normal(0, 0.3, (n, n_genes)), 0, None)
+        x[rng.random(x.shape) < 0.2] = 0
+        blocks.append(x)
+        labels += [c] * n
+    adata = ad.AnnData(
+        sp.csr_matrix(np.vstack(blocks).astype(np.float32)),
+        obs=pd.DataFrame({"condition": labels}, index=[f"cell{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=genes),
+    )
+    rows = [(g, f"GO:{m}{t}") for m, gs in modules.items() for g in gs for t in range(4)]
+    rows += [(g, f"GO:bg{rng.integers(0, 15)}") for g in [*genes, "X1", "X2", "X3"] for _ in range(2)]
+    adata.uns["pg_go_annotations"] = pd.DataFrame(rows, columns=["gene", "go_id"])
+    return adata
+
+
+def _prepare(adata, **split_kwargs):
+    pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    pg.pp.split_perturbations(adata, seed=0, **split_kwargs)
+    pg.pp.rank_de_genes(adata)
+    pg.pp.go_graph(adata)
+    pg.pp.coexpression_graph(adata)
+    return adata
+
+
+@pytest.fixture
+def toy():
+    return _prepare(_toy())
+
+
+@pytest.fixture(scope="module")
+def trained_toy():
+    adata = _prepare(_toy())
+    model = pg.tl.train_gears(adata, max_epochs=2, hidden_dim=16, progress_bar=False)
+    return adata, model
+
+
+@pytest.fixture
+def go_table(shared_data, norman):
+    """Human GO annotations, restricted to Norman's genes, its perturbed genes and 1,500 others (fast graph)."""
+    go = pd.read_csv(shared_data / GO_FILE, sep="\t", usecols=["symbol", "go_id"]).rename(
+        columns={"symbol": "gene"}
+    )
+    perturbed = {g for c in norman.obs["condition"].unique() for g in c.split("+")}
+    others = pd.Series(sorted(set(go["gene"]))).sample(1500, random_state=0)
+    keep = set(norman.var_names) | perturbed | set(others)
+    return go[go["gene"].isin(keep)]
+
+
+def _small_module(n_genes=12, n_nodes=10, d=8, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    gene_edges = torch.randint(0, n_genes, (2, 40), generator=g)
+    pert_edges = torch.randint(0, n_nodes, (2, 30), generator=g)
+    torch.manual_seed(0)
+    module = GEARSModule(
+        n_genes,
+        n_nodes,
+        gene_edges,
+        torch.rand(40, generator=g),
+        pert_edges,
+        torch.rand(30, generator=g),
+        hidden_dim=d,
+        **kwargs,
+    )
+    module.control_mean.copy_(torch.rand(n_genes, generator=g))
+    return module
+
+
+def _batch(module, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = module.n_genes
+    return {
+        K.X: torch.rand(n, k, generator=g) * 2,
+        K.X_CTRL: torch.rand(n, k, generator=g) * 2,
+        K.PERT_IDX: torch.tensor([[0, 1], [1, 0], [2, -1], [3, 4], [-1, -1], [2, -1]][:n]),
+        K.GROUP: torch.tensor([0, 0, 1, 2, 3, 1][:n]),
+        K.MASK: (torch.rand(4, k, generator=g) > 0.2)[
+            torch.tensor([0, 0, 1, 2, 3, 1][:n])
+        ],  # per perturbation
+    }
+
+
+# ----------------------------------------------------------------------------- network
+def test_sgc_matches_torch_geometric_and_row_subsets():
+    from torch_geometric.nn import SGConv
+
+    g = torch.Generator().manual_seed(1)
+    edges, weights = torch.randint(0, 30, (2, 120), generator=g), torch.rand(120, generator=g)
+    enc = GraphEncoder(30, 8, 1, "sgc", edges, weights)
+    conv = SGConv(8, 8, K=1)
+    conv.lin.load_state_dict(enc.lins[0].state_dict())
+    x = enc.embedding / enc.embedding.norm(dim=1, keepdim=True).clamp(min=1)
+    full = enc()
+    torch.testing.assert_close(full, conv(x, edges, weights))
+    rows = torch.tensor([3, 17, 29])
+    torch.testing.assert_close(enc(rows=rows), full[rows])
+    for gnn in ("gcn", "gat"):
+        enc2 = GraphEncoder(30, 8, 2, gnn, edges, weights)
+        torch.testing.assert_close(enc2(rows=rows), enc2()[rows])
+
+
+@pytest.mark.parametrize("gnn", ["sgc", "gcn", "gat"])
+def test_every_gnn_kind_trains(gnn):
+    module = _small_module(gnn=gnn, n_gene_gnn_layers=2, n_go_gnn_layers=2)
+    _, _, out = module(_batch(module))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert module.pert_encoder.embedding.grad.abs().sum() > 0  # the GO embeddings of the batch's genes train
+    assert module.gene_encoder.embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gene_graph_computed_once_and_shared_by_every_cell(training):
+    module = _small_module()
+    module.train(training)
+    calls = []
+    module.gene_encoder.register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    pert_idx = torch.tensor([[2, 5], [2, 5], [5, 2], [-1, -1], [-1, -1]])
+    ref = copy.deepcopy(module)
+    out = module.inference(pert_idx)
+    assert calls == [(module.n_genes, 8)]  # once per step, on the K gene nodes only
+    h_post = out["h_post"]  # K x n x d
+    torch.testing.assert_close(h_post[:, 0], h_post[:, 1])
+    torch.testing.assert_close(h_post[:, 0], h_post[:, 2])  # sum over the set: order does not matter
+    torch.testing.assert_close(h_post[:, 3], h_post[:, 4])
+    assert not torch.allclose(h_post[:, 0], h_post[:, 3])
+    # the batch norms folded into the broadcast / the decoders give what the plain layers give
+    h_gene = ref.gene_mlp(ref.gene_encoder())
+    h_p = torch.zeros(5, 8)
+    perturbed = torch.tensor([0, 1, 2])
+    h_p[perturbed] = ref.pert_fuse(ref.pert_encoder()[pert_idx[:3]].sum(1))
+    h = (h_gene[:, None] + h_p[None]).reshape(-1, 8)
+    plain = ref.post_mlp(torch.relu(ref.bn_post(h))).reshape(module.n_genes, 5, 8)
+    fused = module.generative(h_post)
+    z_plain = (torch.einsum("knd,kd->kn", plain, ref.w1[..., 0]) + ref.b1[:, 0]).T
+    torch.testing.assert_close(fused["z"], z_plain, rtol=1e-4, atol=1e-5)
+    z = fused["z"].detach()  # the cross-gene batch norm over 5 rows would amplify rounding differences
+    zhat_plain = ((z * ref.w2[:, 0]).T + ref.w2[:, 1:] @ ref.cross_gene(z).T + ref.b2).T
+    torch.testing.assert_close(fused["zhat"], zhat_plain, rtol=1e-4, atol=1e-5)
+    if training:  # running statistics updated as nn.BatchNorm1d does
+        torch.testing.assert_close(module.bn_post.running_mean, ref.bn_post.running_mean)
+        torch.testing.assert_close(module.bn_post.running_var, ref.bn_post.running_var)
+        torch.testing.assert_close(module.post_mlp[-1].running_var, ref.post_mlp[-1].running_var)
+
+
+def test_loss_averages_over_distinct_perturbations_on_expressed_genes():
+    module = _small_module(direction_lambda=0.0)
+    batch = _batch(module)
+    zhat = torch.randn(4, module.n_genes)  # one row per distinct group of the batch
+    loss = module.loss(batch, {}, {"zhat": zhat, "logvar": None}).loss
+    err = (zhat[batch[K.GROUP]] + batch[K.X_CTRL] - batch[K.X]).abs() ** 4
+    m = batch[K.MASK].float()
+    per_cell = (err * m).sum(1) / m.sum(1)
+    groups = batch[K.GROUP]
+    expected = torch.stack([per_cell[groups == g].mean() for g in groups.unique()]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize(("direction", "nonzero"), [("tanh", True), ("sign", False)])
+def test_direction_term_gradient(direction, nonzero):
+    module = _small_module(direction=direction)
+    batch = _batch(module)
+    grads = []
+    for lam in (0.0, 1.0):
+        module.direction_lambda = lam
+        zhat = torch.zeros(4, module.n_genes, requires_grad=True)
+        module.loss(batch, {}, {"zhat": zhat, "logvar": None}).loss.backward()
+        grads.append(zhat.grad)
+    direction_grad = grads[1] - grads[0]
+    assert (direction_grad.abs().sum() > 0) == nonzero
+    if not nonzero:
+        assert torch.equal(direction_grad, torch.zeros_like(direction_grad))
+
+
+def test_uncertainty_loss_is_minimized_at_log_error():
+    module = _small_module(uncertainty=True, direction_lambda=0.0)
+    batch = _batch(module)
+    zhat = torch.randn(4, module.n_genes)
+    err = (zhat[batch[K.GROUP]] + batch[K.X_CTRL] - batch[K.X]).abs() ** 4
+    # s varies per cell only through the group here: give each group log of its mean error
+    s_opt = torch.stack([torch.log(err[batch[K.GROUP] == g].mean(0)) for g in range(4)])
+    s = s_opt.clone().requires_grad_(True)
+    module.loss(batch, {}, {"zhat": zhat, "logvar": s}).loss.backward()
+    assert s.grad.abs().max() < 1e-5
+    far = module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt + 3}).loss
+    assert far > module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt}).loss
+
+
+# ----------------------------------------------------------------------------- model
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_train_records_run_and_predicts(trained_toy, tmp_path):
+    adata, model = trained_toy
+    rec = adata.uns["pg_gears"]
+    assert set(rec) == {"params", "split", "history", "best_epoch", "best_val_top20_de_mse", "seen_genes"}
+    assert list(rec["history"].columns) == ["epoch", "train_loss", "val_top20_de_mse", "lr"]
+    assert len(rec["history"]) == 2 and np.isfinite(rec["history"]["val_top20_de_mse"]).all()
+    assert rec["history"]["lr"].tolist() == [1e-3, 5e-4]
+    assert rec["params"]["hidden_dim"] == 16 and rec["params"]["gnn"] == "sgc"
+    assert rec["split"]["n_train_cells"] == int((adata.obs["pg_split"] == "train").sum())
+    assert set(rec["seen_genes"]) == model.seen_genes
+    assert model.seen_genes == {
+        g
+        for p in adata.obs.loc[adata.obs["pg_split"] == "train", "pg_perturbation"].unique()
+        for g in p.split("+")
+    } - {"control"}
+    adata.write_h5ad(tmp_path / "a.h5ad")  # the record is h5ad-writable
+    assert "pg_gears" in ad.read_h5ad(tmp_path / "a.h5ad").uns
+    assert not any(c.startswith("_scvi") for c in adata.obs.columns)
+    with pytest.raises(ValueError, match="already exists"):
+        pg.tl.train_gears(adata, max_epochs=1, progress_bar=False)
+
+    seen = sorted(model.seen_genes)
+    unseen = sorted(set(adata.uns["pg_perturbation"]["genes"]) - model.seen_genes)
+    pred = pg.tl.predict(
+        model,
+        [
+            f"{seen[0]}+{seen[1]}",
+            (seen[1], seen[0]),
+            f"{seen[0]}+{unseen[0]}",
+            f"{seen[0]}+X1",
+            (seen[0], seen[1], unseen[0]),
+        ],
+    )
+    assert pred.shape == (5, adata.n_vars) and pred.uns["pg_prediction"]["model"] == "GEARS"
+    assert list(pred.obs["perturbation"]) == [f"{seen[0]}+{seen[1]}"] * 2 + [
+        f"{seen[0]}+{unseen[0]}",
+        f"{seen[0]}+X1",
+        "+".join(sorted([seen[0], seen[1], unseen[0]])),
+    ]
+    np.testing.assert_array_equal(pred.X[0], pred.X[1])  # A+B == B+A
+    assert pred.obs["n_unseen"].tolist() == [0, 0, 1, 1, 1] and pred.obs["n_genes"].tolist() == [
+        2,
+        2,
+        2,
+        2,
+        3,
+    ]
+    assert np.isfinite(pred.X).all() and len({tuple(r) for r in pred.X[[0, 2, 3, 4]].round(5)}) == 4
+    ctrl = pred.uns["pg_prediction"]["control_mean"]
+    np.testing.assert_allclose(pred.layers["delta"], pred.X - ctrl, atol=1e-6)
+    # the mean of the drawn control cells, exactly (a different draw moves X, not delta)
+    other = model.predict(f"{seen[0]}+{seen[1]}", n_control=20, seed=1)
+    np.testing.assert_allclose(other.layers["delta"][0], pred.layers["delta"][0], atol=1e-6)
+    assert not np.allclose(other.X[0], pred.X[0])
+
+
+def test_training_lowers_validation_error(toy):
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=16)
+    _, val, control_mean, _, _ = model._training_data(0)
+    model.module.control_mean.copy_(torch.from_numpy(control_mean))
+
+    def val_mse():
+        zhat, _ = model._delta_from_index(val[K.PERT_IDX])
+        de = val[K.DE_IDX]
+        return float(((zhat.gather(1, de) + model.module.control_mean[de] - val[K.DE_MEAN]) ** 2).mean())
+
+    before = val_mse()
+    model.train(max_epochs=3, batch_size=8, progress_bar=False)
+    assert val_mse() < 0.9 * before
+    assert val_mse() == pytest.approx(model.best_val, rel=1e-5)
+    assert model.best_val == model.history_["val_top20_de_mse"].min()
+
+
+def test_norman_real_data(norman, go_table):
+    pg.pp.parse_perturbations(
+        norman, perturbation_key="condition", gene_universe=set(go_table["gene"]) | {"IER5L"}
+    )
+    pg.pp.split_perturbations(norman, seed=0)
+    pg.pp.rank_de_genes(norman)
+    pg.pp.go_graph(norman, annotations=go_table)
+    pg.pp.coexpression_graph(norman)
+    model = pg.tl.train_gears(norman, max_epochs=2, progress_bar=False)
+    rec = norman.uns["pg_gears"]
+    assert rec["split"]["excluded_perturbations"].tolist() == ["IER5L"]  # no GO annotation: left out, logged
+    assert "IER5L" not in model.seen_genes and "KLF1" in model.seen_genes
+    assert np.isfinite(rec["history"]["val_top20_de_mse"]).all()
+    test = norman.uns["pg_split"]["table"].query("split == 'test'").index.tolist()
+    pred = model.predict(test)
+    assert pred.shape == (len(test), 500) and list(pred.obs_names) == test
+    assert (pred.obs.loc[pred.obs["n_genes"] == 2, "n_unseen"] >= 0).all()
+    with pytest.raises(ValueError, match=r"not in the GO graph.*\['IER5L'\]"):
+        model.predict(["KLF1+IER5L", "KLF1"])
+
+
+def test_save_load_gives_identical_predictions(trained_toy, tmp_path):
+    adata, model = trained_toy
+    sets = ["G000+G001", "G002", "G004+X2"]
+    before = model.predict(sets, n_control=30, seed=3)
+    model.save(tmp_path / "m")
+    fresh = adata.copy()
+    del fresh.uns["pg_go_graph"], fresh.uns["pg_coexpression_graph"]  # graphs travel with the model
+    loaded = GEARS.load(tmp_path / "m", adata=fresh)
+    after = loaded.predict(sets, n_control=30, seed=3)
+    np.testing.assert_array_equal(before.X, after.X)
+    assert loaded.seen_genes == model.seen_genes and loaded.best_epoch_ == model.best_epoch_
+    assert loaded.history_.equals(model.history_)
+
+
+def test_fixed_seed_is_deterministic():
+    runs = []
+    for seed in (0, 0, 1):
+        adata = _prepare(_toy())
+        model = pg.tl.train_gears(adata, max_epochs=1, hidden_dim=16, seed=seed, progress_bar=False)
+        runs.append((adata.uns["pg_gears"]["history"], model.predict(["G000+G005", "G003"]).X))
+    pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert not np.array_equal(runs[0][1], runs[2][1])
+
+
+def test_uncertainty_and_per_cell_predictions(toy):
+    model = pg.tl.train_gears(toy, max_epochs=1, hidden_dim=16, uncertainty=True, progress_bar=False)
+    train_sets = [
+        tuple(p.split("+"))
+        for p in toy.obs.loc[toy.obs["pg_split"] == "train", "pg_perturbation"].unique()
+        if p != "control"
+    ]
+    pred = model.predict(train_sets)
+    assert {"uncertainty", "uncertainty_z"} <= set(pred.obs.columns)
+    mu, sd = model.module.uncertainty_stats.tolist()
+    np.testing.assert_allclose(pred.obs["uncertainty_z"], (pred.obs["uncertainty"] - mu) / sd, rtol=1e-5)
+    assert sd > 0 and np.isfinite(pred.obs["uncertainty"]).all()
+
+    ctrl = np.flatnonzero(toy.obs["pg_perturbation"] == "control")[:5]
+    pg.tl.predict(model, "G000+G001", adata=toy, cells=toy.obs_names[ctrl], layer_added="gears_cells")
+    layer = toy.layers["gears_cells"]
+    zhat = model.predict("G000+G001", n_control=None).layers["delta"][0]
+    np.testing.assert_allclose(layer[ctrl], toy.X[ctrl].toarray() + zhat, rtol=1e-5, atol=1e-5)
+    assert np.isnan(np.delete(layer, ctrl, axis=0)).all()
+    with pytest.raises(ValueError, match="already exists"):
+        pg.tl.predict(model, "G000", adata=toy, cells=ctrl, layer_added="gears_cells")
+    with pytest.raises(ValueError, match="one per selected cell"):
+        model.predict_cells(["G000", "G001"], cells=ctrl, layer_added="other")
+
+
+def test_bad_inputs_fail_with_clear_messages(trained_toy, caplog):
+    adata, model = trained_toy
+    raw = _toy()
+    with pytest.raises(KeyError, match="parse_perturbations"):
+        GEARS.setup_anndata(raw)
+    pg.pp.parse_perturbations(raw, perturbation_key="condition")
+    with pytest.raises(KeyError, match="split_perturbations"):
+        GEARS.setup_anndata(raw)
+    pg.pp.split_perturbations(raw, seed=0)
+    GEARS.setup_anndata(raw)
+    with pytest.raises(KeyError, match=r"pg.pp.go_graph\(adata\)"):
+        GEARS(raw)
+    pg.pp.go_graph(raw)
+    with pytest.raises(KeyError, match=r"pg.pp.coexpression_graph\(adata\)"):
+        GEARS(raw)
+    pg.pp.coexpression_graph(raw)
+    untrained = GEARS(raw, hidden_dim=8)
+    with pytest.raises(RuntimeError, match="not trained"):
+        untrained.predict("G000")
+    with pytest.raises(KeyError, match="rank_de_genes"):
+        untrained.train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="var_names"):
+        GEARS(
+            raw,
+            coexpression_graph={**raw.uns["pg_coexpression_graph"], "genes": raw.var_names[::-1].to_numpy()},
+        )
+    with pytest.raises(ValueError, match="`gnn` must be one of"):
+        GEARS(raw, gnn="gin")
+
+    with pytest.raises(
+        ValueError, match=r"2 genes are not in the GO graph.*\['NOPE', 'ZZZ'\].*skip_unknown=True"
+    ):
+        model.predict(["G000+NOPE", "ZZZ", "G001"])
+    with caplog.at_level(logging.WARNING, logger="pertpy_gnn"):
+        pred = model.predict(["G000+NOPE", "ZZZ", "G001"], skip_unknown=True)
+    assert list(pred.obs_names) == ["G001"] and "Dropping 2 perturbation sets" in caplog.text
+    with pytest.raises(ValueError, match="Empty perturbation set"):
+        model.predict(["control"])
+    with pytest.raises(ValueError, match="n_control"):
+        model.predict("G001", n_control=0)
