@@ -12,11 +12,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pertpy-gnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train GEARS, evaluate it against baselines, score GIs, write a report")
-    run.add_argument("--data", default=None, help="perturbation h5ad (default: the embedded simulated screen)")
+    run.add_argument(
+        "--data", default=None, help="perturbation h5ad (default: the embedded simulated screen)"
+    )
     run.add_argument("--out", default="results/demo", help="output folder for the report")
     run.add_argument("--perturbation-key", default="condition", help="obs column with perturbation labels")
     run.add_argument("--control-label", default=None, help="label of control cells (default: auto-detect)")
-    run.add_argument("--epochs", type=int, default=None, help="GEARS epochs (default: 20, or fewer on large data)")
+    run.add_argument(
+        "--epochs", type=int, default=None, help="GEARS epochs (default: 20, or fewer on large data)"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
