@@ -11,8 +11,10 @@ from ._remote import (
     norman_2019,
     replogle_2022_k562_essential,
 )
+from ._simulate import simulate_perturbseq
 
 __all__: list[str] = [
+    "simulate_perturbseq",
     "norman_2019",
     "adamson_2016",
     "dixit_2016",
@@ -20,7 +22,6 @@ __all__: list[str] = [
     "read_perturbation_h5ad",
     "go_annotations",
     "read_gaf",
-    "EVIDENCE_GROUPS",
     "get_cache_dir",
     "DownloadError",
     "ChecksumError",
