@@ -67,7 +67,10 @@ def _write_api_pages() -> None:
     import importlib
     from pathlib import Path
 
+    import shutil
+
     here = Path(__file__).parent / "api"
+    shutil.rmtree(Path(__file__).parent / "generated", ignore_errors=True)  # no stale stubs
     for page, (title, module) in _API_PAGES.items():
         if module is None:
             entries = []
