@@ -236,7 +236,7 @@ def test_norman_baselines(norman):
 
 def test_simulated_screen_with_real_split_and_graphs():
     adata = pg.datasets.simulate_perturbseq(
-        n_genes=200, n_singles=20, n_doubles=30, n_cells_per_perturbation=30, n_control=200, seed=0
+        n_genes=200, n_singles=20, n_doubles=30, n_cells_per_perturbation=60, n_control=200, seed=0
     )
     pg.pp.parse_perturbations(adata, perturbation_key="condition")
     pg.pp.rank_de_genes(adata)
