@@ -2,11 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pl, pp, tl
+from . import compass, datasets, gears, pl, pp, tl
 
 try:
     __version__ = version("pertpy-gnn")
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "pl", "pp", "tl", "__version__"]
+__all__ = ["compass", "datasets", "gears", "pl", "pp", "tl", "__version__"]

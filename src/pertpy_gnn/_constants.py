@@ -24,9 +24,29 @@ SUBGROUP_KEY = "pg_subgroup"
 GO_GRAPH_KEY = "pg_go_graph"
 #: ``adata.uns`` entry: the gene co-expression graph
 COEXPR_GRAPH_KEY = "pg_coexpression_graph"
+#: ``adata.uns`` entry: GO annotations (DataFrame ``gene``, ``go_id``) read by ``pp.go_graph``; the simulator writes it
+GO_ANNOTATIONS_KEY = "pg_go_annotations"
+#: ``adata.uns`` entry of a simulated screen: its ground truth (``datasets.simulate_perturbseq``)
+SIMULATION_KEY = "simulation"
 #: ``adata.uns`` entry: GEARS training run record
 GEARS_UNS_KEY = "pg_gears"
+#: ``adata.layers`` entry: GEARS per-cell predictions (``GEARS.predict_cells`` / ``pg.tl.predict(..., adata=)``)
+GEARS_PRED_LAYER = "pg_gears_prediction"
 #: ``adata.uns`` entry: evaluation table
 EVAL_KEY = "pg_evaluation"
 #: ``adata.uns`` entry: genetic-interaction scores
 GI_KEY = "pg_gi_scores"
+#: ``adata.var`` column and ``adata.uns`` entry: GeneCompass token of each gene / mapping report
+COMPASS_TOKEN_KEY = "pg_compass_token"
+#: ``adata.obsm`` entry: GeneCompass cell embeddings (species token's last-layer state)
+COMPASS_CELL_KEY = "X_compass"
+#: ``adata.varm`` and ``adata.uns`` entry: GeneCompass static gene embeddings (token states averaged over cells)
+COMPASS_GENE_KEY = "pg_compass_gene"
+#: ``adata.obs`` column prefix and ``adata.uns`` entry: GeneCompass in-silico perturbation
+COMPASS_INSILICO_KEY = "pg_compass_insilico"
+#: ``adata.uns`` entry: GeneCompass in-silico screen of candidate drivers
+COMPASS_SCREEN_KEY = "pg_compass_screen"
+#: ``adata.obs`` column prefix and ``adata.uns`` entry: GeneCompass cell-type annotation
+COMPASS_ANNOT_KEY = "pg_compass_annotation"
+#: ``adata.varp`` and ``adata.uns`` entry: GRN from GeneCompass gene-embedding similarity
+COMPASS_GRN_KEY = "pg_compass_grn"
