@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets, pl, pp, tl
-from ._constants import CONTROL
+from ._constants import CONTROL, GO_ANNOTATIONS_KEY
 from ._utils import logger
 
 KEY_METRICS = (
@@ -96,11 +96,14 @@ def run_main_job(
     steps.set_postfix_str("data")
     if data is None:
         adata = datasets.simulate_perturbseq(seed=seed)
-        annotations = adata.uns["pg_go_annotations"]
+        annotations = adata.uns[GO_ANNOTATIONS_KEY]
         summary["data"] = "embedded simulated screen (pg.datasets.simulate_perturbseq)"
     else:
         adata = datasets.read_perturbation_h5ad(data, perturbation_key=perturbation_key)
-        annotations = datasets.go_annotations()
+        # a file may carry its own annotations (e.g. a saved simulated screen); else human GO
+        annotations = adata.uns.get(GO_ANNOTATIONS_KEY)
+        if annotations is None:
+            annotations = datasets.go_annotations()
         summary["data"] = str(data)
     steps.update()
 
@@ -158,7 +161,7 @@ def run_main_job(
     steps.set_postfix_str("train GEARS")
     model = tl.train_gears(
         adata,
-        max_epochs=epochs if epochs is not None else 20,
+        max_epochs=epochs if epochs is not None else 10,
         seed=seed,
         uncertainty=True,
         accelerator=accelerator,
@@ -182,7 +185,7 @@ def run_main_job(
     wide = tl.summarize_evaluation(evaluation, wide=True)
     wide = wide[wide.index.get_level_values("metric").isin(KEY_METRICS)].copy()
     lower_is_better = wide.index.get_level_values("metric").isin(LOWER_IS_BETTER)
-    scores = wide.where(~np.asarray(lower_is_better)[:, None], -wide)
+    scores = wide.mul(np.where(lower_is_better, -1.0, 1.0), axis=0)
     wide["best"] = scores.idxmax(axis=1, skipna=True)
     n_per_subgroup = evaluation.groupby("subgroup")["perturbation"].nunique()
     n_per_subgroup["all"] = evaluation["perturbation"].nunique()
