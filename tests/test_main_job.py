@@ -28,6 +28,8 @@ def _check_report(out, *, simulated: bool):
     assert len(gimap) == n * (n - 1) // 2
     if simulated:
         assert "Designed interaction type" in report
+        assert "noiseless ground truth" in report
+        assert (out / "gi_evaluation_vs_simulator_truth.csv").exists()
     return summary
 
 
