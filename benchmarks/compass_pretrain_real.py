@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--held-out", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--accelerator", default="cpu", help="Lightning accelerator for pre-training ('cpu', 'gpu', 'auto')")
+    ap.add_argument("--precision", default=None, help="Lightning precision; default: bf16-mixed on a CUDA GPU, else 32")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compass_pretrain_real.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +148,8 @@ def main():
         warmup=0.05,
         train_indices=train,
         validation_indices=held,
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        precision=args.precision,
         seed=args.seed,
         progress_bar=False,
         ckpt_dir=work / "ckpt",
@@ -204,6 +207,9 @@ def main():
             "lr": args.lr,
             "warmup": 0.05,
             "steps": int(model.trainer.global_step),
+            "accelerator": args.accelerator,
+            "precision": str(model.trainer.precision),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu",
         },
         "held_out": {
             "trained": trained,
@@ -225,6 +231,7 @@ def main():
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "threads": args.threads,
+        "versions": {"torch": torch.__version__},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
