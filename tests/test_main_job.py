@@ -40,7 +40,9 @@ def test_main_job_on_small_simulated_screen(tmp_path):
     path = tmp_path / "screen.h5ad"
     adata.write_h5ad(path)
     out = tmp_path / "report"
-    assert main(["run", "--data", str(path), "--out", str(out), "--epochs", "1", "--quiet", "--seed", "1"]) == 0
+    assert (
+        main(["run", "--data", str(path), "--out", str(out), "--epochs", "1", "--quiet", "--seed", "1"]) == 0
+    )
     summary = _check_report(out, simulated=True)
     assert summary["dataset"]["single_perturbations"] == 12
     assert summary["dataset"]["double_perturbations"] == 16

@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--perturbation-key", default="condition", help="obs column with perturbation labels")
     run.add_argument("--control-label", default=None, help="label of control cells (default: auto-detect)")
     run.add_argument(
-        "--epochs", type=int, default=None, help="GEARS epochs (default: 10; the step decay halves the learning rate every epoch)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="GEARS epochs (default: 10; the step decay halves the learning rate every epoch)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")

@@ -1,6 +1,7 @@
 """Datasets: the simulated screen, remote loaders and readers."""
 
-from ._go import EVIDENCE_GROUPS, go_annotations, read_gaf
+from ._go import EVIDENCE_GROUPS as EVIDENCE_GROUPS  # re-exported, not in the API pages
+from ._go import go_annotations, read_gaf
 from ._read import read_perturbation_h5ad
 from ._remote import (
     ChecksumError,

@@ -1,3 +1,16 @@
-"""Plotting."""
+"""Plotting: DE genes, metrics against baselines, GI maps and scores, GeneCompass in-silico shifts."""
 
-__all__: list[str] = []
+from ._compass import in_silico_screen, in_silico_shift
+from ._de import de_genes
+from ._gi import gi_map, gi_scatter, nonadditive_bars
+from ._metrics import metrics
+
+__all__ = [
+    "de_genes",
+    "metrics",
+    "gi_map",
+    "nonadditive_bars",
+    "gi_scatter",
+    "in_silico_shift",
+    "in_silico_screen",
+]

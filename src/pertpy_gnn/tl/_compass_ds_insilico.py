@@ -1,0 +1,480 @@
+"""In-silico perturbation with GeneCompass: deletion, quantitative knockdown, overexpression, screens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import COMPASS_INSILICO_KEY, COMPASS_SCREEN_KEY
+from .._utils import check_overwrite, get_adata, logger
+from ._compass_ds_core import (
+    EDIT_MODES,
+    MEDIAN_VALUE,
+    batches,
+    check_model,
+    cosine,
+    data_species,
+    edit_tokens,
+    encode,
+    gene_tokens,
+    mean_cos_to,
+    mean_direction,
+    select_cells,
+    target_ranks,
+    tokenize_kwargs,
+    tokenized,
+)
+from ._compass_ds_embed import _embed
+
+
+def _check_edit(mode: str, factor, level, min_rank_fraction) -> None:
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}.")
+    if mode == "knockdown" and (factor is None or not 0 <= float(factor) < 1):
+        raise ValueError(f"Knockdown needs `factor` in [0, 1) (e.g. 0.5, 0.25 or 0), got {factor!r}.")
+    if mode == "overexpress" and not (level in ("median", "max") or isinstance(level, (int, float))):
+        raise ValueError(f"Overexpression needs `level` 'median' (corpus median), 'max' (the cell's maximum) or a value, got {level!r}.")
+    if min_rank_fraction is not None and not 0 < float(min_rank_fraction) <= 1:
+        raise ValueError(f"min_rank_fraction must be in (0, 1] or None, got {min_rank_fraction!r}.")
+
+
+def _levels(level, orig_values, n_targets: int):
+    """Overexpression value per (row, target): corpus median, the cell's maximum, or a given value."""
+    import torch
+
+    if level == "median":
+        v = torch.full((orig_values.shape[0],), MEDIAN_VALUE)
+    elif level == "max":
+        v = orig_values[:, 1].float()  # the top gene token's value
+    else:
+        v = torch.full((orig_values.shape[0],), float(level))
+    return v.unsqueeze(1).expand(-1, n_targets)
+
+
+def _variants(ids, values, targets, *, mode, factor, level, max_len: int, min_rank_fraction):
+    """Original (re-ranked, truncated) and perturbed sequences of a batch, and which rows qualify.
+
+    A row qualifies for deletion / knockdown when every target is among its tokens and ranks in the
+    top ``min_rank_fraction`` of them (``None``: present anywhere); overexpression always qualifies.
+    """
+    import torch
+
+    none = torch.full_like(targets, -1)
+    o_ids, o_vals, _ = edit_tokens(ids, values, none, mode="delete", max_len=max_len)
+    lv = _levels(level, o_vals, targets.shape[1]) if mode == "overexpress" else None
+    p_ids, p_vals, _ = edit_tokens(ids, values, targets, mode=mode, factor=factor, level=lv, max_len=max_len)
+    if mode == "overexpress":
+        ok = torch.ones(ids.shape[0], dtype=torch.bool)
+    else:
+        pos, n_tok = target_ranks(o_ids, targets)
+        frac = 1.0 if min_rank_fraction is None else float(min_rank_fraction)
+        ok = ((pos >= 0) & (pos < frac * n_tok.unsqueeze(1)) | (targets < 0)).all(1)
+    return o_ids, o_vals, p_ids, p_vals, ok
+
+
+def _gene_shift_sums(o_ids, p_ids, h_o, h_p, targets, n_special: int, sums, counts) -> None:
+    """Add ``1 - cos(state before, state after)`` of every gene token kept by the edit, per token id."""
+    import torch
+
+    so, si = torch.sort(o_ids, dim=1)
+    j = torch.searchsorted(so.contiguous(), p_ids.contiguous()).clamp(max=so.shape[1] - 1)
+    found = (so.gather(1, j) == p_ids) & (p_ids >= n_special)
+    found &= ~(p_ids.unsqueeze(2) == targets.unsqueeze(1)).any(2)
+    opos = si.gather(1, j)
+    before = h_o.gather(1, opos.unsqueeze(2).expand(-1, -1, h_o.shape[2]))
+    shift = 1.0 - cosine(h_p, before)
+    tok = p_ids[found].cpu()
+    sums.index_add_(0, tok, shift[found].double().cpu())
+    counts.index_add_(0, tok, torch.ones(tok.numel(), dtype=torch.float64))
+
+
+def in_silico(
+    adata: AnnData,
+    model,
+    genes: str | Sequence[str],
+    *,
+    mode: str = "delete",
+    factor: float = 0.5,
+    level: str | float = "median",
+    cells=None,
+    target=None,
+    min_rank_fraction: float | None = 0.5,
+    gene_shift: bool = True,
+    species: str | None = None,
+    input_kind: str = "counts",
+    layer: str | None = None,
+    gene_symbols: str | None = None,
+    gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
+    gene_medians=None,
+    batch_size: int = 32,
+    key_added: str = COMPASS_INSILICO_KEY,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+    modality: str | None = None,
+) -> None:
+    """In-silico perturbation of one or several genes at once with a pre-trained GeneCompass.
+
+    Every selected cell is tokenized as in pre-training; the genes are edited in its token list, the
+    list is re-ranked by value (ties keep their order, an overexpressed gene goes before genes of
+    equal value; the rank position embedding changes accordingly) and both the original and the
+    perturbed cell are encoded (Yang et al. 2024, "In silico quantitative perturbation"). All
+    selected cells are edited at once per batch (vectorized token edits):
+
+    - ``'delete'``: the gene tokens are removed (the next-ranked genes move up; a gene beyond the
+      model's length can enter);
+    - ``'knockdown'``: the normalized expression of each gene is multiplied by ``factor`` (1/2, 1/4,
+      0): value ``log1p(factor * expm1(v))``; with ``factor=0`` the token stays, with value 0, ranked
+      last, so it equals deletion up to that last token;
+    - ``'overexpress'``: the value is set to ``level``: ``'median'`` (the gene's corpus median, value
+      ``log1p(1)``), ``'max'`` (the cell's top value) or a number; the gene is added if absent.
+
+    For deletion and knockdown only cells where every gene is among the tokens and ranks in the top
+    ``min_rank_fraction`` of them are kept (paper: top 50%).
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData with ``modality``).
+    model
+        Pre-trained :class:`~pertpy_gnn.compass.GeneCompass`.
+    genes
+        Gene(s) perturbed together in every cell (symbols of the model's vocabulary).
+    mode
+        ``'delete'``, ``'knockdown'`` or ``'overexpress'``.
+    factor
+        Knockdown factor in ``[0, 1)``.
+    level
+        Overexpression level: ``'median'``, ``'max'`` or a token value.
+    cells
+        Cells to perturb (mask, positions, names, ``(column, values)`` or ``{column: values}``);
+        default all cells (minus the ``target`` cells).
+    target
+        Cells of the target state (same forms). With it, the shift toward the target of cell ``i`` is
+        ``mean_j cos(S'_i, T_j) - mean_j cos(S_i, T_j)`` over all target cells ``j`` (original ``S``,
+        perturbed ``S'``); its mean over cells is the paper's effect.
+    min_rank_fraction
+        Rank filter of deletion / knockdown (``None``: the genes only need to be present).
+    gene_shift
+        Also compute the gene-level shift: ``1 - cos`` of each other gene's token state before and
+        after, averaged over the kept cells where the gene is a token.
+    species, input_kind, layer, gene_symbols, gene_ids, gene_medians
+        Tokenization (see :func:`pertpy_gnn.tl.embed_compass`).
+    batch_size
+        Cells per forward pass.
+    key_added
+        Prefix of the ``obs`` columns and key in ``uns``.
+    overwrite
+        Replace existing results.
+    progress_bar
+        Show tqdm progress bars.
+    modality
+        MuData modality.
+
+    Returns
+    -------
+    ``None``. Sets
+
+    - ``adata.obs[f'{key_added}_kept']``: bool, the cell was perturbed and passed the rank filter;
+    - ``adata.obs[f'{key_added}_cos']``: cosine of the perturbed to the original cell embedding
+      (``NaN`` where not kept; 1 = no shift);
+    - ``adata.obs[f'{key_added}_target_shift']`` (with ``target``): the shift toward the target;
+    - ``adata.uns[key_added]``: ``params``; ``n_cells`` (selected), ``n_kept``; ``mean_cos``;
+      with ``target``: ``effect`` (mean target shift) and ``target_cos`` (DataFrame over kept cells,
+      columns ``original`` and ``perturbed``: mean cosine to the target cells); with
+      ``gene_shift``: ``gene_shift`` (DataFrame indexed by gene token, columns ``shift``,
+      ``n_cells``, sorted by decreasing shift).
+    """
+    import torch
+
+    adata = get_adata(adata, modality)
+    _check_edit(mode, factor, level, min_rank_fraction)
+    cols = [f"{key_added}_kept", f"{key_added}_cos"] + ([f"{key_added}_target_shift"] if target is not None else [])
+    for c in cols:
+        check_overwrite(adata.obs, c, overwrite, "adata.obs")
+    check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
+    module, vocab = check_model(model)
+    sp_ = data_species(adata, species, gene_symbols)
+    tgt_tok = torch.from_numpy(gene_tokens(vocab, genes, sp_))
+    tok = tokenize_kwargs(species=sp_, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    t_rows = None if target is None else select_cells(adata, target, "target")
+    if cells is None:
+        rows = np.setdiff1d(np.arange(adata.n_obs), t_rows) if t_rows is not None else np.arange(adata.n_obs)
+    else:
+        rows = select_cells(adata, cells, "cells")
+    if rows.size == 0:
+        raise ValueError("No cell to perturb: every cell is a target cell; pass `cells=`.")
+
+    L = module.seq_len - 1
+    e = int(tgt_tok.numel())
+    n_special = vocab.n_special
+    sums = torch.zeros(len(vocab), dtype=torch.float64)
+    counts = torch.zeros(len(vocab), dtype=torch.float64)
+    kept = np.zeros(rows.size, dtype=bool)
+    emb_o, emb_p = [], []
+    was_training = module.training
+    module.eval()
+    try:
+        with tokenized(adata[rows], model, max_len=L + e, tok=tok, progress_bar=progress_bar) as corpus, torch.inference_mode():
+            for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc=f"in-silico {mode}"):
+                ids, values = corpus.read(np.arange(sl.start, sl.stop))
+                ids, values = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(values.astype(np.float32))
+                targets = tgt_tok.unsqueeze(0).expand(ids.shape[0], -1)
+                o_ids, o_vals, p_ids, p_vals, ok = _variants(
+                    ids, values, targets, mode=mode, factor=factor, level=level, max_len=L, min_rank_fraction=min_rank_fraction
+                )
+                kept[sl] = ok.numpy()
+                if not bool(ok.any()):
+                    continue
+                h_o = encode(module, o_ids[ok], o_vals[ok])
+                h_p = encode(module, p_ids[ok], p_vals[ok])
+                emb_o.append(h_o[:, 0].cpu().numpy())
+                emb_p.append(h_p[:, 0].cpu().numpy())
+                if gene_shift:
+                    _gene_shift_sums(o_ids[ok].to(h_o.device), p_ids[ok].to(h_o.device), h_o, h_p, targets[ok].to(h_o.device), n_special, sums, counts)
+    finally:
+        module.train(was_training)
+    n_kept = int(kept.sum())
+    if n_kept == 0:
+        raise ValueError(
+            f"No cell qualifies: {list(np.atleast_1d(genes))} must all be among a cell's tokens"
+            + (f" and rank in its top {min_rank_fraction:.0%}" if min_rank_fraction is not None else "")
+            + ". Choose cells expressing them, or lower the filter with `min_rank_fraction=` (None: presence only)."
+        )
+    s = np.concatenate(emb_o).astype(np.float64)
+    s_p = np.concatenate(emb_p).astype(np.float64)
+    cos = np.sum(s * s_p, 1) / (np.linalg.norm(s, axis=1) * np.linalg.norm(s_p, axis=1))
+    kept_rows = rows[kept]
+    obs_kept = np.zeros(adata.n_obs, dtype=bool)
+    obs_kept[kept_rows] = True
+    obs_cos = np.full(adata.n_obs, np.nan)
+    obs_cos[kept_rows] = cos
+    uns = {
+        "params": {
+            "genes": np.asarray(np.atleast_1d(genes), dtype=str),
+            "mode": mode,
+            "factor": float(factor) if mode == "knockdown" else np.nan,
+            "level": str(level) if mode == "overexpress" else "",
+            "min_rank_fraction": np.nan if min_rank_fraction is None else float(min_rank_fraction),
+            "species": sp_,
+            "max_len": int(L),
+        },
+        "n_cells": int(rows.size),
+        "n_kept": n_kept,
+        "mean_cos": float(cos.mean()),
+    }
+    adata.obs[f"{key_added}_kept"] = obs_kept
+    adata.obs[f"{key_added}_cos"] = obs_cos
+    if target is not None:
+        t_emb, _, _ = _embed(adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
+        direction = mean_direction(t_emb)
+        before, after = mean_cos_to(s, direction), mean_cos_to(s_p, direction)
+        shift = np.full(adata.n_obs, np.nan)
+        shift[kept_rows] = after - before
+        adata.obs[f"{key_added}_target_shift"] = shift
+        uns["effect"] = float((after - before).mean())
+        uns["target_cos"] = pd.DataFrame({"original": before, "perturbed": after}, index=adata.obs_names[kept_rows].astype(str))
+        uns["n_target_cells"] = int(t_rows.size)
+    if gene_shift:
+        nz = np.flatnonzero(counts.numpy() > 0)
+        df = pd.DataFrame(
+            {"shift": (sums.numpy()[nz] / counts.numpy()[nz]), "n_cells": counts.numpy()[nz].astype(np.int64)},
+            index=pd.Index(vocab.tokens[nz].astype(str), name="gene"),
+        )
+        uns["gene_shift"] = df.sort_values("shift", ascending=False)
+    adata.uns[key_added] = uns
+    logger.info(
+        "in-silico %s of %s: %d of %d cells kept, mean cos to original %.4f%s",
+        mode, list(np.atleast_1d(genes)), n_kept, rows.size, uns["mean_cos"],
+        f", effect toward target {uns['effect']:+.4g}" if target is not None else "",
+    )
+
+
+def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict) -> np.ndarray:
+    from ..pp._compass_vocab import MOUSE_PREFIX, var_tokens
+
+    if candidates is None:
+        ids, _ = var_tokens(adata, vocab, species=species, gene_symbols=tok.get("gene_symbols"), gene_ids=tok.get("gene_ids"))
+        return np.unique(ids[ids >= 0])
+    if isinstance(candidates, str) and candidates == "vocab":
+        names = vocab.tokens.astype(str)
+        gene = np.arange(len(vocab)) >= vocab.n_special
+        mouse = np.char.startswith(names, MOUSE_PREFIX)
+        keep = gene & (mouse | np.isin(np.arange(len(vocab)), vocab.shared_ids) if species == "mouse" else gene & ~mouse)
+        return np.flatnonzero(keep).astype(np.int64)
+    return np.unique(gene_tokens(vocab, candidates, species))
+
+
+def in_silico_screen(
+    adata: AnnData,
+    model,
+    *,
+    target,
+    cells=None,
+    candidates=None,
+    mode: str = "overexpress",
+    factor: float = 0.0,
+    level: str | float = "max",
+    source=None,
+    min_rank_fraction: float | None = 0.5,
+    species: str | None = None,
+    input_kind: str = "counts",
+    layer: str | None = None,
+    gene_symbols: str | None = None,
+    gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
+    gene_medians=None,
+    batch_size: int = 256,
+    key_added: str = COMPASS_SCREEN_KEY,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+    modality: str | None = None,
+) -> pd.DataFrame:
+    """Rank every candidate gene as a driver toward a target state (paper Fig. 6c).
+
+    Each candidate gene is perturbed alone in every selected cell (default: overexpressed to the
+    cell's maximum) and scored by the mean over cells of ``mean_j cos(S'_i, T_j) - mean_j
+    cos(S_i, T_j)`` over the target cells ``j``. All (cell, gene) variants are batched: one forward
+    pass encodes ``batch_size`` variants, built by vectorized token edits of the cells' token lists;
+    the original cells are encoded once.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData with ``modality``).
+    model
+        Pre-trained :class:`~pertpy_gnn.compass.GeneCompass`.
+    target
+        Cells of the target state (mask, positions, names, ``(column, values)``, ``{column: values}``).
+    cells
+        Cells to perturb (same forms); default every non-target cell.
+    candidates
+        Genes to screen: ``None`` (every gene of ``adata`` in the vocabulary), ``'vocab'`` (every gene
+        token of the vocabulary for the data's species) or a list of genes.
+    mode, factor, level, min_rank_fraction
+        The edit, as in :func:`in_silico`. For deletion / knockdown a (cell, gene) variant exists only
+        where the gene passes the rank filter in that cell.
+    source
+        Optional cells of the source state: also reports the shift toward it (negative = away).
+    species, input_kind, layer, gene_symbols, gene_ids, gene_medians
+        Tokenization (see :func:`pertpy_gnn.tl.embed_compass`).
+    batch_size
+        (cell, gene) variants per forward pass.
+    key_added
+        Key in ``adata.uns``.
+    overwrite
+        Replace an existing result.
+    progress_bar
+        Show tqdm progress bars.
+    modality
+        MuData modality.
+
+    Returns
+    -------
+    DataFrame indexed by gene token, sorted by decreasing ``target_shift``, with columns
+    ``target_shift`` (mean over cells), ``target_shift_sem``, ``cos`` (mean cosine of perturbed to
+    original cell), ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene)
+    and ``rank`` (1 = strongest driver). Also sets ``adata.uns[key_added]`` = ``{'results': df,
+    'params': {...}, 'n_cells', 'n_variants'}``.
+    """
+    import torch
+
+    adata = get_adata(adata, modality)
+    _check_edit(mode, factor, level, min_rank_fraction)
+    check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
+    module, vocab = check_model(model)
+    sp_ = data_species(adata, species, gene_symbols)
+    tok = tokenize_kwargs(species=sp_, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    t_rows = select_cells(adata, target, "target")
+    rows = select_cells(adata, cells, "cells") if cells is not None else np.setdiff1d(np.arange(adata.n_obs), t_rows)
+    if rows.size == 0:
+        raise ValueError("No cell to perturb: every cell is a target cell; pass `cells=`.")
+    cand = _candidate_tokens(vocab, candidates, adata, sp_, tok)
+    if cand.size == 0:
+        raise ValueError("No candidate gene is in the model's vocabulary.")
+    L = module.seq_len - 1
+
+    t_emb, _, _ = _embed(adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
+    t_dir = mean_direction(t_emb)
+    s_dir = None
+    if source is not None:
+        s_emb, _, _ = _embed(adata, model, cells=select_cells(adata, source, "source"), batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
+        s_dir = mean_direction(s_emb)
+    was_training = module.training
+    module.eval()
+    try:
+        with tokenized(adata[rows], model, max_len=L + 1, tok=tok, progress_bar=progress_bar) as corpus, torch.inference_mode():
+            ids_all, vals_all = corpus.read(np.arange(rows.size))
+        ids_all = torch.from_numpy(ids_all.astype(np.int64))
+        vals_all = torch.from_numpy(vals_all.astype(np.float32))
+        none = torch.full((rows.size, 1), -1, dtype=torch.long)
+        o_ids, o_vals, _ = edit_tokens(ids_all, vals_all, none, mode="delete", max_len=L)
+        # the (cell, gene) variants: all pairs for overexpression, qualifying pairs otherwise
+        if mode == "overexpress":
+            cell_idx = np.repeat(np.arange(rows.size), cand.size)
+            gene_idx = np.tile(cand, rows.size)
+        else:
+            body = o_ids[:, 1:].numpy()
+            n_tok = (body != 0).sum(1)
+            frac = 1.0 if min_rank_fraction is None else float(min_rank_fraction)
+            ok = (np.arange(L)[None, :] < frac * n_tok[:, None]) & np.isin(body, cand)
+            cell_idx, p = np.nonzero(ok)
+            gene_idx = body[cell_idx, p]
+        if cell_idx.size == 0:
+            raise ValueError("No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells.")
+        with torch.inference_mode():
+            h0 = torch.cat([
+                encode(module, o_ids[sl], o_vals[sl])[:, 0].cpu()
+                for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc="original cells")
+            ]).double().numpy()
+            base_t = mean_cos_to(h0, t_dir)
+            base_s = mean_cos_to(h0, s_dir) if s_dir is not None else None
+            slot = np.searchsorted(cand, gene_idx)
+            acc = np.zeros((5, cand.size))  # sum shift, sum shift^2, sum cos, sum source shift, count
+            for sl in batches(cell_idx.size, batch_size, progress_bar=progress_bar, desc="screen variants"):
+                c = torch.from_numpy(cell_idx[sl])
+                targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
+                lv = _levels(level, o_vals[c], 1) if mode == "overexpress" else None
+                p_ids, p_vals, _ = edit_tokens(ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L)
+                h = encode(module, p_ids, p_vals)[:, 0].double().cpu().numpy()
+                orig = h0[cell_idx[sl]]
+                shift = mean_cos_to(h, t_dir) - base_t[cell_idx[sl]]
+                cs = np.sum(h * orig, 1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(orig, axis=1))
+                ss = mean_cos_to(h, s_dir) - base_s[cell_idx[sl]] if s_dir is not None else np.zeros_like(shift)
+                for k, v in enumerate((shift, shift**2, cs, ss, np.ones_like(shift))):
+                    acc[k] += np.bincount(slot[sl], weights=v, minlength=cand.size)
+    finally:
+        module.train(was_training)
+    n = acc[4]
+    has = n > 0
+    mean = acc[0][has] / n[has]
+    var = np.maximum(acc[1][has] / n[has] - mean**2, 0.0) * n[has] / np.maximum(n[has] - 1, 1)
+    df = pd.DataFrame(
+        {
+            "target_shift": mean,
+            "target_shift_sem": np.sqrt(var / n[has]),
+            "cos": acc[2][has] / n[has],
+            **({"source_shift": acc[3][has] / n[has]} if s_dir is not None else {}),
+            "n_cells": n[has].astype(np.int64),
+        },
+        index=pd.Index(vocab.tokens[cand[has]].astype(str), name="gene"),
+    ).sort_values("target_shift", ascending=False)
+    df["rank"] = np.arange(1, len(df) + 1)
+    adata.uns[key_added] = {
+        "results": df,
+        "params": {
+            "mode": mode,
+            "factor": float(factor) if mode == "knockdown" else np.nan,
+            "level": str(level) if mode == "overexpress" else "",
+            "min_rank_fraction": np.nan if min_rank_fraction is None else float(min_rank_fraction),
+            "species": sp_,
+            "max_len": int(L),
+            "n_target_cells": int(t_rows.size),
+        },
+        "n_cells": int(rows.size),
+        "n_variants": int(cell_idx.size),
+    }
+    logger.info("in-silico screen: %d genes x %d cells = %d variants; top driver %s (%+.4g)", cand.size, rows.size, cell_idx.size, df.index[0], df["target_shift"].iloc[0])
+    return df
