@@ -29,8 +29,9 @@
    Spearman of predicted vs true change, count of top-20 DE genes predicted in the wrong direction,
    beside the no-change and additive baselines.
 
-Run from the project root: ``.venv/bin/python benchmarks/compass_downstream.py`` (``--quick`` for a
-smoke run). Writes ``benchmarks/results/compass_downstream.json``.
+Run from the project root: ``.venv/bin/python benchmarks/compass_downstream.py`` (about 6 minutes on
+2 idle cores, several times that on a loaded machine; ``--quick`` for a smoke run). Writes
+``benchmarks/results/compass_downstream.json``.
 """
 
 from __future__ import annotations
@@ -386,9 +387,9 @@ def gears(model, corpus, norman: ad.AnnData, *, epochs: int, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--gears-epochs", type=int, default=8)
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--gears-epochs", type=int, default=15)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
