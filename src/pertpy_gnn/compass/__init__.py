@@ -16,6 +16,8 @@ _EXPORTS = {
     "CompassDataset": "._corpus",
     "PRESETS": "._module",
     "mask_tokens": "._module",
+    "cell_embedding": "._module",
+    "CELL_EMBEDDINGS": "._module",
     "CompassVocab": "..pp._compass_vocab",
     "CompassPrior": "..pp._compass_priors",
     "PRIOR_NAMES": "..pp._compass_priors",

@@ -17,6 +17,7 @@ from ..pp._compass_priors import PRIOR_NAMES, CompassPrior
 from ..pp._compass_vocab import PAD_ID, CompassVocab
 from ._corpus import CompassCorpus, CompassDataModule, make_dataloader
 from ._module import IDS, LABEL_IDS, LABEL_VALUES, VALUES, CompassModule, mask_tokens, resolve_config
+from ._module import cell_embedding as pool_cells
 from ._training import CKPT_KEY, CompassTrainingPlan, PeriodicCheckpoint
 
 
@@ -322,9 +323,18 @@ class GeneCompass(BaseModelClass):
 
     @torch.inference_mode()
     def get_latent_representation(
-        self, corpus: CompassCorpus | str | Path, indices: np.ndarray | None = None, *, batch_size: int = 32
+        self,
+        corpus: CompassCorpus | str | Path,
+        indices: np.ndarray | None = None,
+        *,
+        batch_size: int = 32,
+        cell_embedding: str = "species",
     ) -> np.ndarray:
-        """Cell embeddings: the species token's last-layer state, ``(n_cells, d_model)``."""
+        """Cell embeddings ``(n_cells, d_model)`` of a tokenized corpus.
+
+        ``cell_embedding='species'``: the species token's last-layer state (paper); ``'mean'``: the
+        mean state of the gene tokens (see :func:`~pertpy_gnn.compass.cell_embedding`).
+        """
         corpus = as_corpus(corpus)
         idx = np.arange(len(corpus)) if indices is None else np.asarray(indices)
         module = self.module
@@ -332,7 +342,10 @@ class GeneCompass(BaseModelClass):
         module.eval()
         dev = next(module.parameters()).device
         out = [
-            module.encode(b["ids"].to(dev), b["values"].to(dev))[:, 0].float().cpu().numpy()
+            pool_cells(module.encode(b["ids"].to(dev), b["values"].to(dev)), b["ids"].to(dev), cell_embedding)
+            .float()
+            .cpu()
+            .numpy()
             for b in make_dataloader(corpus, idx, batch_size=batch_size, shuffle=False)
         ]
         module.train(was_training)

@@ -20,6 +20,24 @@ PRESETS: dict[str, dict] = {
 }
 #: ids/values key of a batch and of masked-LM labels
 IDS, VALUES, LABEL_IDS, LABEL_VALUES = "ids", "values", "label_ids", "label_values"
+#: ways to read a cell embedding off the last-layer token states (see :func:`cell_embedding`)
+CELL_EMBEDDINGS = ("species", "mean")
+
+
+def cell_embedding(hidden: torch.Tensor, ids: torch.Tensor, how: str = "species") -> torch.Tensor:
+    """Cell embeddings ``(b, d)`` from last-layer token states ``hidden`` ``(b, n, d)``.
+
+    ``'species'``: the species token's state (paper). ``'mean'``: the mean state of the cell's gene
+    tokens (special tokens and padding excluded), the pooling of Geneformer; under masked-token
+    pre-training alone nothing trains the species token to summarize the cell, so the mean of the
+    gene tokens is often the more informative embedding of a small or briefly trained model.
+    """
+    if how == "species":
+        return hidden[:, 0]
+    if how == "mean":
+        gene = (ids >= len(SPECIAL_TOKENS)).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * gene).sum(1) / gene.sum(1).clamp(min=1.0)
+    raise ValueError(f"cell_embedding must be one of {CELL_EMBEDDINGS}, got {how!r}.")
 
 
 def resolve_config(preset: str = "cpu", **overrides) -> dict:

@@ -11,7 +11,15 @@ from anndata import AnnData
 
 from .._constants import COMPASS_ANNOT_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import batches, check_model, select_cells, tokenize_kwargs, tokenized
+from ._compass_ds_core import (
+    batches,
+    cell_states,
+    check_cell_embedding,
+    check_model,
+    select_cells,
+    tokenize_kwargs,
+    tokenized,
+)
 
 
 def _classifier_cls():
@@ -26,8 +34,9 @@ def _classifier_cls():
         when fine-tuning; the training cells' mean and SD for a linear probe).
         """
 
-        def __init__(self, encoder, n_classes: int, classes, dropout: float):
+        def __init__(self, encoder, n_classes: int, classes, dropout: float, cell_embedding: str = "species"):
             super().__init__()
+            self.cell_embedding = cell_embedding
             d = encoder.gene_embedding.embedding_dim
             self.encoder = encoder
             self.drop = nn.Dropout(dropout)
@@ -40,8 +49,12 @@ def _classifier_cls():
             """Class logits of cell embeddings."""
             return self.head(self.drop((emb - self.center) / self.scale))
 
+        def embed(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            """Cell embeddings of token sequences."""
+            return cell_states(self.encoder.encode(ids, values), ids, self.cell_embedding)
+
         def forward(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            return self.logits(self.encoder.encode(ids, values)[:, 0])
+            return self.logits(self.embed(ids, values))
 
     return CompassClassifier
 
@@ -83,6 +96,7 @@ def annotate_compass(
     batch_size: int = 16,
     freeze_encoder: bool = False,
     dropout: float = 0.1,
+    cell_embedding: str = "species",
     seed: int = 0,
     species: str | None = None,
     input_kind: str = "counts",
@@ -97,7 +111,8 @@ def annotate_compass(
 ):
     """Fine-tune GeneCompass for cell-type annotation; evaluate on held-out batches.
 
-    A linear layer on the cell embedding (the species token's last-layer state) is trained with
+    A linear layer on the cell embedding (the species token's last-layer state, or the mean gene-token
+    state with ``cell_embedding='mean'``) is trained with
     cross-entropy together with the whole encoder (paper: full fine-tuning), or alone with
     ``freeze_encoder=True``. The pre-trained model is not modified: a copy is fine-tuned. AdamW with
     learning rate ``lr`` for the encoder and ``head_lr`` for the head.
@@ -126,6 +141,9 @@ def annotate_compass(
         standardized with the training cells' mean and SD).
     dropout
         Dropout before the head.
+    cell_embedding
+        Cell embedding the head reads: ``'species'`` (paper) or ``'mean'`` (see
+        :func:`pertpy_gnn.tl.embed_compass`).
     seed
         Seed of the head initialization and the data order.
     species, input_kind, layer, gene_symbols, gene_ids, gene_medians
@@ -155,6 +173,7 @@ def annotate_compass(
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     adata = get_adata(adata, modality)
+    check_cell_embedding(cell_embedding)
     for c in (key_added, f"{key_added}_confidence", f"{key_added}_split"):
         check_overwrite(adata.obs, c, overwrite, "adata.obs")
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
@@ -176,7 +195,7 @@ def annotate_compass(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = _classifier_cls()(copy.deepcopy(module), len(classes), classes, dropout).to(dev)
+        clf = _classifier_cls()(copy.deepcopy(module), len(classes), classes, dropout, cell_embedding).to(dev)
     for p in clf.encoder.parameters():
         p.requires_grad_(not freeze_encoder)
     groups = [{"params": clf.head.parameters(), "lr": head_lr}]
@@ -190,7 +209,7 @@ def annotate_compass(
         clf.encoder.eval()
         with torch.no_grad():
             feats = torch.cat([
-                clf.encoder.encode(ids[sl].to(dev), vals[sl].to(dev))[:, 0]
+                clf.embed(ids[sl].to(dev), vals[sl].to(dev))
                 for sl in batches(adata.n_obs, max(batch_size, 32), progress_bar=False, desc="embed")
             ])
         train_feats = feats[torch.from_numpy(tr).to(dev)]
@@ -248,6 +267,7 @@ def annotate_compass(
             "head_lr": float(head_lr),
             "batch_size": int(batch_size),
             "freeze_encoder": bool(freeze_encoder),
+            "cell_embedding": cell_embedding,
             "n_train": int(tr.size),
             "n_test": int(te.size),
         },

@@ -125,6 +125,26 @@ def encode(module, ids, values):
     return module.encode(ids, values).float()
 
 
+def check_cell_embedding(how: str) -> str:
+    """Validate a ``cell_embedding`` option (``'species'`` or ``'mean'``)."""
+    from ..compass._module import CELL_EMBEDDINGS
+
+    if how not in CELL_EMBEDDINGS:
+        raise ValueError(
+            f"cell_embedding must be one of {CELL_EMBEDDINGS} (the species token's state, or the mean of the gene tokens' states), got {how!r}."
+        )
+    return how
+
+
+def cell_states(h, ids, how: str):
+    """Cell embeddings ``(b, d)`` of encoded sequences ``h`` ``(b, n, d)`` with token ids ``ids``."""
+    import torch
+
+    from ..compass._module import cell_embedding
+
+    return cell_embedding(h, torch.as_tensor(ids, device=h.device), how)
+
+
 # ------------------------------------------------------------------------------------------ cells
 def select_cells(adata: AnnData, spec, what: str) -> np.ndarray:
     """Row indices of the cells described by ``spec``.

@@ -10,7 +10,16 @@ from anndata import AnnData
 
 from .._constants import COMPASS_CELL_KEY, COMPASS_GENE_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import batches, check_model, encode, select_cells, tokenize_kwargs, tokenized
+from ._compass_ds_core import (
+    batches,
+    cell_states,
+    check_cell_embedding,
+    check_model,
+    encode,
+    select_cells,
+    tokenize_kwargs,
+    tokenized,
+)
 
 
 def _embed(
@@ -22,6 +31,7 @@ def _embed(
     progress_bar: bool,
     tok: dict,
     genes: bool = True,
+    cell_embedding: str = "species",
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Cell embeddings of ``cells`` and the static embedding of each ``var`` (mean token state over cells).
 
@@ -51,7 +61,7 @@ def _embed(
             for sl in batches(len(corpus), batch_size, progress_bar=progress_bar, desc="GeneCompass embeddings"):
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
                 h = encode(module, ids.astype(np.int64), values.astype(np.float32))
-                out.append(h[:, 0].cpu().numpy())
+                out.append(cell_states(h, ids.astype(np.int64), cell_embedding).cpu().numpy())
                 if genes:
                     s = slot[torch.from_numpy(ids.astype(np.int64))].to(h.device)
                     m = s >= 0
@@ -85,6 +95,7 @@ def embed_compass(
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
     gene_medians=None,
+    cell_embedding: str = "species",
     batch_size: int = 32,
     key_added: str = COMPASS_CELL_KEY,
     gene_key_added: str = COMPASS_GENE_KEY,
@@ -97,8 +108,9 @@ def embed_compass(
 
     Each cell is tokenized as in pre-training (:func:`pertpy_gnn.pp.compass_tokenize`, top
     ``seq_len - 1`` genes) and run through the encoder in batches. The cell embedding is the species
-    token's last-layer state (paper, "Cell and gene embedding"); the static embedding of a gene is
-    its token's last-layer state averaged over the cells where it is among the tokens.
+    token's last-layer state (paper, "Cell and gene embedding") or, with ``cell_embedding='mean'``,
+    the mean state of the cell's gene tokens; the static embedding of a gene is its token's
+    last-layer state averaged over the cells where it is among the tokens.
 
     Parameters
     ----------
@@ -118,6 +130,11 @@ def embed_compass(
         Corpus medians of the pre-training corpus (a Series by token name, or the
         :class:`~pertpy_gnn.compass.CompassCorpus`) so that values match pre-training; default those
         stored on the model (``model.gene_medians_``) if any, else this data's medians.
+    cell_embedding
+        ``'species'`` (the species token's state, as in the paper) or ``'mean'`` (mean of the gene
+        tokens' states). Masked-token pre-training never asks the species token to summarize the
+        cell, so a small or briefly trained model can give every cell nearly the same species state;
+        ``'mean'`` is then the more informative choice (see the GeneCompass tutorial).
     batch_size
         Cells per forward pass.
     key_added
@@ -139,24 +156,30 @@ def embed_compass(
 
     - ``adata.obsm[key_added]``: ``n_obs x d`` float32 cell embeddings (``NaN`` rows for cells not
       in ``cells``); ready for ``sc.pp.neighbors(adata, use_rep=key_added)`` and ``sc.tl.umap``;
+    - ``adata.uns[key_added]``: ``{'cell_embedding': 'species' | 'mean', 'cells': n}``;
     - ``adata.varm[gene_key_added]``: ``n_vars x d`` float32 static gene embeddings, ``NaN`` for
       genes outside the vocabulary or never among the tokens of the cells;
     - ``adata.uns[gene_key_added]``: ``n_cells`` (per gene, cells whose tokens include it),
       ``n_embedded`` (genes with an embedding), ``d``, ``cells`` (number of cells used).
     """
     adata = get_adata(adata, modality)
+    check_cell_embedding(cell_embedding)
     check_overwrite(adata.obsm, key_added, overwrite, "adata.obsm")
+    check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     if genes:
         check_overwrite(adata.varm, gene_key_added, overwrite, "adata.varm")
     rows = None if cells is None else select_cells(adata, cells, "cells")
     tok = tokenize_kwargs(species=species, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
-    cell, gene, n = _embed(adata, model, cells=rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=genes)
+    cell, gene, n = _embed(
+        adata, model, cells=rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=genes, cell_embedding=cell_embedding
+    )
     if copy:
         adata = adata.copy()
     full = cell if rows is None else np.full((adata.n_obs, cell.shape[1]), np.nan, dtype=np.float32)
     if rows is not None:
         full[rows] = cell
     adata.obsm[key_added] = full
+    adata.uns[key_added] = {"cell_embedding": cell_embedding, "cells": int(cell.shape[0])}
     if genes:
         adata.varm[gene_key_added] = gene
         adata.uns[gene_key_added] = {

@@ -15,6 +15,8 @@ from ._compass_ds_core import (
     EDIT_MODES,
     MEDIAN_VALUE,
     batches,
+    cell_states,
+    check_cell_embedding,
     check_model,
     cosine,
     data_species,
@@ -104,6 +106,7 @@ def in_silico(
     target=None,
     min_rank_fraction: float | None = 0.5,
     gene_shift: bool = True,
+    cell_embedding: str = "species",
     species: str | None = None,
     input_kind: str = "counts",
     layer: str | None = None,
@@ -161,6 +164,9 @@ def in_silico(
     gene_shift
         Also compute the gene-level shift: ``1 - cos`` of each other gene's token state before and
         after, averaged over the kept cells where the gene is a token.
+    cell_embedding
+        Cell embedding the shifts are measured on: ``'species'`` (paper) or ``'mean'`` (see
+        :func:`pertpy_gnn.tl.embed_compass`).
     species, input_kind, layer, gene_symbols, gene_ids, gene_medians
         Tokenization (see :func:`pertpy_gnn.tl.embed_compass`).
     batch_size
@@ -192,6 +198,7 @@ def in_silico(
 
     adata = get_adata(adata, modality)
     _check_edit(mode, factor, level, min_rank_fraction)
+    check_cell_embedding(cell_embedding)
     cols = [f"{key_added}_kept", f"{key_added}_cos"] + ([f"{key_added}_target_shift"] if target is not None else [])
     for c in cols:
         check_overwrite(adata.obs, c, overwrite, "adata.obs")
@@ -231,8 +238,8 @@ def in_silico(
                     continue
                 h_o = encode(module, o_ids[ok], o_vals[ok])
                 h_p = encode(module, p_ids[ok], p_vals[ok])
-                emb_o.append(h_o[:, 0].cpu().numpy())
-                emb_p.append(h_p[:, 0].cpu().numpy())
+                emb_o.append(cell_states(h_o, o_ids[ok], cell_embedding).cpu().numpy())
+                emb_p.append(cell_states(h_p, p_ids[ok], cell_embedding).cpu().numpy())
                 if gene_shift:
                     _gene_shift_sums(o_ids[ok].to(h_o.device), p_ids[ok].to(h_o.device), h_o, h_p, targets[ok].to(h_o.device), n_special, sums, counts)
     finally:
@@ -261,6 +268,7 @@ def in_silico(
             "min_rank_fraction": np.nan if min_rank_fraction is None else float(min_rank_fraction),
             "species": sp_,
             "max_len": int(L),
+            "cell_embedding": cell_embedding,
         },
         "n_cells": int(rows.size),
         "n_kept": n_kept,
@@ -269,7 +277,9 @@ def in_silico(
     adata.obs[f"{key_added}_kept"] = obs_kept
     adata.obs[f"{key_added}_cos"] = obs_cos
     if target is not None:
-        t_emb, _, _ = _embed(adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
+        t_emb, _, _ = _embed(
+            adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False, cell_embedding=cell_embedding
+        )
         direction = mean_direction(t_emb)
         before, after = mean_cos_to(s, direction), mean_cos_to(s_p, direction)
         shift = np.full(adata.n_obs, np.nan)
@@ -291,6 +301,16 @@ def in_silico(
         mode, list(np.atleast_1d(genes)), n_kept, rows.size, uns["mean_cos"],
         f", effect toward target {uns['effect']:+.4g}" if target is not None else "",
     )
+
+
+def _group_mean_sem(x: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of ``x`` per group (``NaN`` for empty groups; SEM 0 for one value)."""
+    n = np.bincount(group, minlength=n_groups).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.bincount(group, weights=x, minlength=n_groups) / n
+        ss = np.bincount(group, weights=(x - mean[group]) ** 2, minlength=n_groups)
+        sem = np.sqrt(ss / np.maximum(n - 1, 1) / n)
+    return mean, sem
 
 
 def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict) -> np.ndarray:
@@ -320,6 +340,7 @@ def in_silico_screen(
     level: str | float = "max",
     source=None,
     min_rank_fraction: float | None = 0.5,
+    cell_embedding: str = "species",
     species: str | None = None,
     input_kind: str = "counts",
     layer: str | None = None,
@@ -358,6 +379,9 @@ def in_silico_screen(
         where the gene passes the rank filter in that cell.
     source
         Optional cells of the source state: also reports the shift toward it (negative = away).
+    cell_embedding
+        Cell embedding the shifts are measured on: ``'species'`` (paper) or ``'mean'`` (see
+        :func:`pertpy_gnn.tl.embed_compass`).
     species, input_kind, layer, gene_symbols, gene_ids, gene_medians
         Tokenization (see :func:`pertpy_gnn.tl.embed_compass`).
     batch_size
@@ -374,15 +398,21 @@ def in_silico_screen(
     Returns
     -------
     DataFrame indexed by gene token, sorted by decreasing ``target_shift``, with columns
-    ``target_shift`` (mean over cells), ``target_shift_sem``, ``cos`` (mean cosine of perturbed to
-    original cell), ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene)
-    and ``rank`` (1 = strongest driver). Also sets ``adata.uns[key_added]`` = ``{'results': df,
+    ``target_shift`` (mean over cells), ``target_shift_sem``, ``specific_shift`` (mean over cells of
+    the gene's shift minus the mean shift of all candidates in the same cell: any edit moves a cell
+    a little, if only by re-ranking its tokens, and this common part cancels),
+    ``specific_shift_sem``, ``z`` (``specific_shift / specific_shift_sem``: how clearly the gene
+    stands out of the other candidates), ``cos`` (mean cosine of perturbed to original cell),
+    ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene) and ``rank``
+    (1 = strongest driver by ``target_shift``; for overexpression, where every gene is edited in
+    every cell, the same order as ``specific_shift``). Also sets ``adata.uns[key_added]`` = ``{'results': df,
     'params': {...}, 'n_cells', 'n_variants'}``.
     """
     import torch
 
     adata = get_adata(adata, modality)
     _check_edit(mode, factor, level, min_rank_fraction)
+    check_cell_embedding(cell_embedding)
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     module, vocab = check_model(model)
     sp_ = data_species(adata, species, gene_symbols)
@@ -396,12 +426,11 @@ def in_silico_screen(
         raise ValueError("No candidate gene is in the model's vocabulary.")
     L = module.seq_len - 1
 
-    t_emb, _, _ = _embed(adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
-    t_dir = mean_direction(t_emb)
+    emb_kw = {"batch_size": batch_size, "progress_bar": progress_bar, "tok": tok, "genes": False, "cell_embedding": cell_embedding}
+    t_dir = mean_direction(_embed(adata, model, cells=t_rows, **emb_kw)[0])
     s_dir = None
     if source is not None:
-        s_emb, _, _ = _embed(adata, model, cells=select_cells(adata, source, "source"), batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False)
-        s_dir = mean_direction(s_emb)
+        s_dir = mean_direction(_embed(adata, model, cells=select_cells(adata, source, "source"), **emb_kw)[0])
     was_training = module.training
     module.eval()
     try:
@@ -426,37 +455,47 @@ def in_silico_screen(
             raise ValueError("No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells.")
         with torch.inference_mode():
             h0 = torch.cat([
-                encode(module, o_ids[sl], o_vals[sl])[:, 0].cpu()
+                cell_states(encode(module, o_ids[sl], o_vals[sl]), o_ids[sl], cell_embedding).cpu()
                 for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc="original cells")
             ]).double().numpy()
             base_t = mean_cos_to(h0, t_dir)
             base_s = mean_cos_to(h0, s_dir) if s_dir is not None else None
             slot = np.searchsorted(cand, gene_idx)
-            acc = np.zeros((5, cand.size))  # sum shift, sum shift^2, sum cos, sum source shift, count
+            acc = np.zeros((3, cand.size))  # sum cos, sum source shift, count
+            shift_all = np.empty(cell_idx.size)
             for sl in batches(cell_idx.size, batch_size, progress_bar=progress_bar, desc="screen variants"):
                 c = torch.from_numpy(cell_idx[sl])
                 targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
                 lv = _levels(level, o_vals[c], 1) if mode == "overexpress" else None
                 p_ids, p_vals, _ = edit_tokens(ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L)
-                h = encode(module, p_ids, p_vals)[:, 0].double().cpu().numpy()
+                h = cell_states(encode(module, p_ids, p_vals), p_ids, cell_embedding).double().cpu().numpy()
                 orig = h0[cell_idx[sl]]
                 shift = mean_cos_to(h, t_dir) - base_t[cell_idx[sl]]
                 cs = np.sum(h * orig, 1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(orig, axis=1))
                 ss = mean_cos_to(h, s_dir) - base_s[cell_idx[sl]] if s_dir is not None else np.zeros_like(shift)
-                for k, v in enumerate((shift, shift**2, cs, ss, np.ones_like(shift))):
+                shift_all[sl] = shift
+                for k, v in enumerate((cs, ss, np.ones_like(shift))):
                     acc[k] += np.bincount(slot[sl], weights=v, minlength=cand.size)
     finally:
         module.train(was_training)
-    n = acc[4]
+    n = acc[2]
     has = n > 0
-    mean = acc[0][has] / n[has]
-    var = np.maximum(acc[1][has] / n[has] - mean**2, 0.0) * n[has] / np.maximum(n[has] - 1, 1)
+    mean, sem = _group_mean_sem(shift_all, slot, cand.size)
+    # paired with the other candidates in the same cell: removes the shift every edit causes
+    # (e.g. the re-ranking itself), leaving the candidate-specific part and its (much smaller) SEM
+    per_cell = np.bincount(cell_idx, weights=shift_all, minlength=rows.size) / np.maximum(np.bincount(cell_idx, minlength=rows.size), 1)
+    spec, spec_sem = _group_mean_sem(shift_all - per_cell[cell_idx], slot, cand.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(spec_sem[has] > 0, spec[has] / spec_sem[has], np.nan)
     df = pd.DataFrame(
         {
-            "target_shift": mean,
-            "target_shift_sem": np.sqrt(var / n[has]),
-            "cos": acc[2][has] / n[has],
-            **({"source_shift": acc[3][has] / n[has]} if s_dir is not None else {}),
+            "target_shift": mean[has],
+            "target_shift_sem": sem[has],
+            "specific_shift": spec[has],
+            "specific_shift_sem": spec_sem[has],
+            "z": z,
+            "cos": acc[0][has] / n[has],
+            **({"source_shift": acc[1][has] / n[has]} if s_dir is not None else {}),
             "n_cells": n[has].astype(np.int64),
         },
         index=pd.Index(vocab.tokens[cand[has]].astype(str), name="gene"),
@@ -472,6 +511,7 @@ def in_silico_screen(
             "species": sp_,
             "max_len": int(L),
             "n_target_cells": int(t_rows.size),
+            "cell_embedding": cell_embedding,
         },
         "n_cells": int(rows.size),
         "n_variants": int(cell_idx.size),
