@@ -158,6 +158,9 @@ def test_pretrain_learns_checkpoints_and_resumes(tmp_path):
     ):
         assert n1 == n2 and torch.equal(p1, p2)
     assert restored.evaluate(corpus, held, seed=1) == trained
+    # the corpus medians travel with the model (downstream tools tokenize new data with them)
+    pd.testing.assert_series_equal(model.gene_medians_, corpus.gene_medians)
+    pd.testing.assert_series_equal(restored.gene_medians_, corpus.gene_medians)
     # resume: the step counter and optimizer state continue from the checkpoint
     steps = model.trainer.global_step
     resumed = pg.tl.pretrain_compass(
@@ -168,6 +171,7 @@ def test_pretrain_learns_checkpoints_and_resumes(tmp_path):
     model.save(tmp_path / "saved", overwrite=True)
     loaded = GeneCompass.load(tmp_path / "saved")
     assert loaded.evaluate(corpus, held, seed=1) == trained and loaded.vocab == corpus.vocab
+    pd.testing.assert_series_equal(loaded.gene_medians_, corpus.gene_medians)
 
 
 def test_model_errors(tmp_path):

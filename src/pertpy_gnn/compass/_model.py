@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scvi
 import torch
 from lightning.pytorch import seed_everything
@@ -104,6 +105,9 @@ class GeneCompass(BaseModelClass):
         self.config_ = resolve_config(preset, **model_kwargs)
         self.vocab = vocab
         self.priors_ = meta
+        #: corpus medians (token name -> median of the non-zero normalized values) of the corpus the model
+        #: was last trained on; the downstream tools tokenize new data with them
+        self.gene_medians_: pd.Series | None = None
         self.seq_len = int(seq_len)
         self.module = CompassModule(len(vocab), self.seq_len, priors=mats, **self.config_)
         n_par = sum(p.numel() for p in self.module.parameters())
@@ -128,7 +132,10 @@ class GeneCompass(BaseModelClass):
         return self.vocab.tokens.astype(str)
 
     def _checkpoint_payload(self) -> dict:
-        return {"init": self.init_params_}
+        med = self.gene_medians_
+        # plain lists: Lightning reads checkpoints back with ``weights_only=True`` when resuming
+        medians = None if med is None else {"tokens": med.index.astype(str).tolist(), "median": med.astype(float).tolist()}
+        return {"init": self.init_params_, "gene_medians": medians}
 
     # ----------------------------------------------------------------------------- training
     def train(
@@ -165,6 +172,7 @@ class GeneCompass(BaseModelClass):
             raise ValueError(
                 f"The corpus has {corpus.seq_len} tokens per cell, the model at most {self.seq_len}."
             )
+        self.gene_medians_ = corpus.gene_medians
         ckpt_path = None
         if resume_from is not None:
             ckpt_path = (
@@ -364,6 +372,9 @@ class GeneCompass(BaseModelClass):
         )
         state = {k[len("module.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("module.")}
         model.module.load_state_dict(state)
+        med = ckpt[CKPT_KEY].get("gene_medians")
+        if med is not None:
+            model.gene_medians_ = pd.Series(med["median"], index=pd.Index(med["tokens"], name="token"), name="median")
         model.module.eval()
         model.is_trained_ = True
         logger.info(
