@@ -143,11 +143,32 @@ def test_embed_compass_keys_shapes_and_scanpy(adata, model):
     np.testing.assert_allclose(gm[3], h[mask_a].mean(0).numpy(), atol=1e-5)
 
 
+def test_mean_cell_embedding_pools_gene_tokens(adata, model, tmp_path):
+    pg.tl.embed_compass(adata, model, genes=False, cell_embedding="mean", key_added="X_mean", **TOK)
+    assert adata.uns["X_mean"]["cell_embedding"] == "mean"
+    ids, vals = _tokens(adata, model)
+    with torch.inference_mode():
+        h = encode(model.module, ids, vals)
+    gene = ids >= 4  # after padding, <mask>, <human>, <mouse>
+    expected = torch.stack([h[i][gene[i]].mean(0) for i in range(N_CELLS)])
+    np.testing.assert_allclose(adata.obsm["X_mean"], expected.numpy(), atol=1e-5)
+    assert not np.allclose(adata.obsm["X_mean"], h[:, 0].numpy(), atol=1e-3)
+    corpus = pg.pp.compass_tokenize(adata, tmp_path / "corpus", model.vocab, max_len=MAX_LEN, **TOK)
+    latent = model.get_latent_representation(corpus, cell_embedding="mean")
+    np.testing.assert_allclose(latent, expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="cell_embedding must be one of"):
+        pg.tl.embed_compass(adata, model, cell_embedding="cls", overwrite=True, **TOK)
+
+
 # ------------------------------------------------------------------------------ in-silico perturbation
-def test_unchanged_cell_has_zero_shift(adata, model):
+@pytest.mark.parametrize("cell_embedding", ["species", "mean"])
+def test_unchanged_cell_has_zero_shift(adata, model, cell_embedding):
     # G00 has value log1p(1) (float16) in every cell: overexpressing it to that value changes nothing
     level = float(np.float16(np.log1p(1.0)))
-    pg.tl.in_silico(adata, model, "G00", mode="overexpress", level=level, target=("group", "b"), **TOK)
+    pg.tl.in_silico(
+        adata, model, "G00", mode="overexpress", level=level, target=("group", "b"), cell_embedding=cell_embedding, **TOK
+    )
+    assert adata.uns["pg_compass_insilico"]["params"]["cell_embedding"] == cell_embedding
     assert adata.obs["pg_compass_insilico_kept"].sum() == N_CELLS // 2  # the non-target cells
     cos = adata.obs.loc[adata.obs["pg_compass_insilico_kept"], "pg_compass_insilico_cos"]
     np.testing.assert_allclose(cos, 1.0, atol=1e-6)
@@ -224,11 +245,14 @@ def test_screen_matches_single_experiments(adata, model):
         batch_size=5,
         **TOK,
     )
-    assert list(df.columns) == ["target_shift", "target_shift_sem", "cos", "n_cells", "rank"]
+    assert list(df.columns) == [
+        "target_shift", "target_shift_sem", "specific_shift", "specific_shift_sem", "z", "cos", "n_cells", "rank"
+    ]
     assert df["target_shift"].is_monotonic_decreasing and df["rank"].tolist() == [1, 2, 3]
     assert (df["n_cells"] == N_CELLS // 2).all()
     assert adata.uns["pg_compass_screen"]["n_variants"] == 3 * N_CELLS // 2
-    for gene in ["G03", "G29"]:
+    shifts = {}
+    for gene in ["G03", "G10", "G29"]:
         pg.tl.in_silico(
             adata,
             model,
@@ -241,6 +265,14 @@ def test_screen_matches_single_experiments(adata, model):
         )
         assert df.loc[gene, "target_shift"] == pytest.approx(adata.uns[f"oe_{gene}"]["effect"], abs=1e-6)
         assert df.loc[gene, "cos"] == pytest.approx(adata.uns[f"oe_{gene}"]["mean_cos"], abs=1e-6)
+        shifts[gene] = adata.obs[f"oe_{gene}_target_shift"].dropna().to_numpy()
+    # specific shift: each cell's shift minus the mean over the candidates in that cell, paired over cells
+    per_cell = pd.DataFrame(shifts)
+    specific = per_cell.sub(per_cell.mean(1), axis=0)
+    np.testing.assert_allclose(df.loc[specific.columns, "specific_shift"], specific.mean(), atol=1e-6)
+    np.testing.assert_allclose(df.loc[specific.columns, "specific_shift_sem"], specific.sem(), atol=1e-6)
+    np.testing.assert_allclose(df["z"], df["specific_shift"] / df["specific_shift_sem"])
+    np.testing.assert_allclose(df.loc[specific.columns, "target_shift_sem"], per_cell.sem(), atol=1e-6)
 
 
 def test_deletion_screen_variants(adata, model):
@@ -378,12 +410,12 @@ def test_compass_gears_replaces_gene_embeddings():
     pg.pp.split_perturbations(a, kind="simulation", seed=0)
     pg.pp.rank_de_genes(a)
     pg.pp.go_graph(a)
-    pg.pp.coexpression_graph(a)
-    GEARS.setup_anndata(a)
     e = np.random.default_rng(0).normal(size=(a.n_vars, 12)).astype(np.float32)
     e[:2] = np.nan
+    # not registered for GEARS and no co-expression graph: compass_gears registers adata, the graph is not needed
     m = pg.tl.compass_gears(a, e, freeze=True, hidden_dim=8)
     assert isinstance(m, GEARS) and m.name == "GEARS+GeneCompass"
+    assert GEARS._get_most_recent_anndata_manager(a, required=False) is not None
     enc = m.module.gene_encoder
     params = dict(m.module.named_parameters())
     assert "gene_encoder.pretrained" not in params and "gene_encoder.proj.weight" in params
@@ -395,7 +427,9 @@ def test_compass_gears_replaces_gene_embeddings():
     m.train(max_epochs=1, progress_bar=False)
     pred = m.predict(a.obs["pg_perturbation"].cat.categories[1:3].tolist(), n_control=None)
     assert pred.shape == (2, a.n_vars) and np.isfinite(pred.X).all()
-    tuned = pg.tl.compass_gears(a, e, freeze=False, hidden_dim=8)
+    assert pred.uns["pg_prediction"]["model"] == "GEARS+GeneCompass"
+    tuned = pg.tl.compass_gears(a, e, freeze=False, hidden_dim=8, name="tuned")
+    assert tuned.name == "tuned"
     assert "gene_encoder.pretrained" in dict(tuned.module.named_parameters())
     with pytest.raises(ValueError, match="n_vars x d"):
         pg.tl.compass_gears(a, e[:5])
@@ -406,6 +440,12 @@ def test_linear_probe_leaves_encoder_untouched(adata, model):
     for p, q in zip(clf.encoder.parameters(), model.module.parameters(), strict=True):
         assert torch.equal(p, q)
     assert adata.uns["pg_compass_annotation"]["accuracy"] >= 0.8
+    clf = pg.tl.annotate_compass(
+        adata, model, labels_key="group", test=("batch", "b2"), freeze_encoder=True, epochs=30, head_lr=1e-2,
+        cell_embedding="mean", key_added="annot_mean", **TOK,
+    )
+    assert clf.cell_embedding == "mean" and adata.uns["annot_mean"]["params"]["cell_embedding"] == "mean"
+    assert adata.uns["annot_mean"]["accuracy"] >= 0.8
 
 
 def test_results_are_h5ad_writable(adata, model, tmp_path):

@@ -15,7 +15,7 @@ import torch
 import pertpy_gnn as pg
 from pertpy_gnn.gears import GEARS, GEARSModule
 from pertpy_gnn.gears._constants import TENSOR_KEYS as K
-from pertpy_gnn.gears._module import GraphEncoder
+from pertpy_gnn.gears._module import GraphEncoder, PretrainedGeneEncoder
 
 GO_FILE = "go/human_gene2go_orgHsEgDb_20220912.tsv.gz"
 
@@ -416,3 +416,81 @@ def test_bad_inputs_fail_with_clear_messages(trained_toy, caplog):
         model.predict(["control"])
     with pytest.raises(ValueError, match="n_control"):
         model.predict("G001", n_control=0)
+
+
+# ----------------------------------------------------------------------------- pre-trained gene embeddings
+def _embeddings(adata, d=6, n_missing=3):
+    e = np.random.default_rng(1).normal(size=(adata.n_vars, d)).astype(np.float32)
+    e[:n_missing] = np.nan
+    return e
+
+
+def test_pretrained_gene_encoder():
+    e = torch.randn(7, 5)
+    e[[1, 4]] = float("nan")
+    enc = PretrainedGeneEncoder(e, 3, freeze=True)
+    h = enc()
+    ok = torch.tensor([0, 2, 3, 5, 6])
+    unit = e[ok] / e[ok].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(h[ok], enc.proj(unit))
+    torch.testing.assert_close(h[[1, 4]], enc.own)
+    rows = torch.tensor([4, 0])
+    torch.testing.assert_close(enc(rows=rows), h[rows])
+    h.sum().backward()
+    assert enc.own.grad.abs().sum() > 0 and enc.proj.weight.grad.abs().sum() > 0
+    assert "pretrained" not in dict(enc.named_parameters()) and "pretrained" not in enc.state_dict()
+    tuned = PretrainedGeneEncoder(e, 3, freeze=False)
+    tuned().sum().backward()
+    assert tuned.pretrained.grad[ok].abs().sum() > 0
+    # the module uses it in place of the co-expression GNN, which then needs no graph
+    module = GEARSModule(
+        7, 10, None, None, torch.randint(0, 10, (2, 30)), torch.rand(30), hidden_dim=3, gene_embeddings=e
+    )
+    assert isinstance(module.gene_encoder, PretrainedGeneEncoder)
+    with pytest.raises(ValueError, match="co-expression graph"):
+        GEARSModule(7, 10, None, None, torch.randint(0, 10, (2, 30)), torch.rand(30))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gene_embeddings_without_coexpression_graph_save_load(toy, freeze, tmp_path):
+    del toy.uns["pg_coexpression_graph"]
+    e = _embeddings(toy)
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=8, gene_embeddings=e, freeze_gene_embeddings=freeze)
+    assert model.name == "GEARS+embeddings" and isinstance(model.module.gene_encoder, PretrainedGeneEncoder)
+    assert ("gene_encoder.pretrained" in dict(model.module.named_parameters())) is not freeze
+    state = "frozen" if freeze else "fine-tuned"
+    assert f"gene embeddings d=6 ({state}, 3 genes without one learned)" in model._model_summary_string
+    before_e = model.module.gene_encoder.pretrained.detach().clone()
+    model.train(max_epochs=1, progress_bar=False)
+    assert torch.equal(model.module.gene_encoder.pretrained, before_e) is freeze
+    sets = ["G000+G001", "G002", "G004+X2"]
+    before = model.predict(sets, n_control=30, seed=3)
+    assert np.isfinite(before.X).all() and before.uns["pg_prediction"]["model"] == "GEARS+embeddings"
+    model.save(tmp_path / "m")
+    fresh = toy.copy()
+    del fresh.uns["pg_go_graph"]  # graphs and embeddings travel with the model
+    loaded = GEARS.load(tmp_path / "m", adata=fresh)
+    assert loaded.name == "GEARS+embeddings" and loaded.module.gene_encoder.freeze is freeze
+    np.testing.assert_array_equal(loaded.predict(sets, n_control=30, seed=3).X, before.X)
+
+
+def test_gene_embeddings_name_and_errors(toy, tmp_path):
+    GEARS.setup_anndata(toy)
+    e = _embeddings(toy)
+    assert GEARS(toy, hidden_dim=8).name == "GEARS"
+    named = GEARS(toy, hidden_dim=8, gene_embeddings=e, name="mine")
+    assert named.name == "mine" and named.init_params_["non_kwargs"]["name"] == "mine"
+    named.save(tmp_path / "m")
+    assert GEARS.load(tmp_path / "m", adata=toy).name == "mine"
+    with pytest.raises(ValueError, match=r"n_vars x d matrix \(60 rows.*compass_gene_embeddings"):
+        GEARS(toy, gene_embeddings=e[:5])
+    with pytest.raises(ValueError, match="n_vars x d"):
+        GEARS(toy, gene_embeddings=e[:, 0])
+    with pytest.raises(ValueError, match="no finite row"):
+        GEARS(toy, gene_embeddings=np.full_like(e, np.nan))
+    # train_gears forwards them
+    model = pg.tl.train_gears(toy, max_epochs=1, hidden_dim=8, gene_embeddings=e, progress_bar=False)
+    assert isinstance(model.module.gene_encoder, PretrainedGeneEncoder)
+    assert toy.uns["pg_gears"]["params"]["name"] == "GEARS+embeddings"
+    assert toy.uns["pg_gears"]["params"]["coexpression_graph"] == "not used"

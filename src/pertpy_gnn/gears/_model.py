@@ -80,6 +80,22 @@ def _resolve_graph(adata: AnnData, graph, what: str, fix: str) -> dict:
     return {"genes": genes, "edge_index": edge_index, "edge_weight": edge_weight}
 
 
+def _check_gene_embeddings(embeddings, adata: AnnData) -> np.ndarray:
+    """``embeddings`` as a ``float32`` ``n_vars x D`` array with at least one finite row, else a clear error."""
+    e = np.array(embeddings, dtype=np.float32)  # a copy: the model saves it
+    if e.ndim != 2 or e.shape[0] != adata.n_vars or e.shape[1] == 0:
+        raise ValueError(
+            f"gene_embeddings must be an n_vars x d matrix ({adata.n_vars} rows, aligned to adata.var_names), got "
+            f"shape {e.shape}; make it with pg.tl.compass_gene_embeddings(model, adata)."
+        )
+    if not np.isfinite(e).all(1).any():
+        raise ValueError(
+            "gene_embeddings has no finite row: no gene of adata has an embedding. Check that the embeddings "
+            "are aligned to adata.var_names (pg.tl.compass_gene_embeddings(model, adata))."
+        )
+    return e
+
+
 @contextlib.contextmanager
 def _quiet(verbose: bool):
     """Silence Lightning's banner (and its worker-count hint: loading is single-process on purpose)."""
@@ -115,7 +131,7 @@ class GEARS(BaseModelClass):
     Run :meth:`setup_anndata` first (or use :func:`pertpy_gnn.tl.train_gears`). The model writes
     nothing into ``adata`` apart from the bookkeeping keys every scvi-tools model adds
     (``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``). :meth:`save` / :meth:`load` keep the
-    graphs (init parameters), the learned state, ``seen_genes_``, ``history_`` and the training
+    graphs and gene embeddings (init parameters), the name, the learned state, ``seen_genes_``, ``history_`` and the training
     uncertainty statistics, so a loaded model predicts exactly what the saved one did.
 
     Parameters
@@ -144,9 +160,21 @@ class GEARS(BaseModelClass):
         Key in ``adata.uns`` of the GO graph (:func:`pertpy_gnn.pp.go_graph`), or the graph dict.
     coexpression_graph
         Key in ``adata.uns`` of the co-expression graph over ``var_names``
-        (:func:`pertpy_gnn.pp.coexpression_graph`), or the graph dict.
+        (:func:`pertpy_gnn.pp.coexpression_graph`), or the graph dict. Not used, and not needed,
+        with ``gene_embeddings``.
     seed
         Seed of the weight initialization and (by default) of training; the global RNG is not touched.
+    gene_embeddings
+        ``n_vars x D`` matrix aligned to ``var_names``, e.g.
+        ``pg.tl.compass_gene_embeddings(...)``; replaces the co-expression GNN gene embedding by
+        ``unit(E) W + b`` with ``W, b`` learned (Yang et al. 2024, Fig. 5a; see
+        :class:`~pertpy_gnn.gears._module.PretrainedGeneEncoder`). ``NaN`` rows = genes without one
+        get a learned embedding. Saved with the model.
+    freeze_gene_embeddings
+        Keep ``gene_embeddings`` fixed (only the projection is trained); ``False`` fine-tunes them.
+    name
+        Name of the predictor (``.name``: model names in :func:`pertpy_gnn.tl.evaluate` tables and
+        in predictions); default ``'GEARS'``, or ``'GEARS+embeddings'`` with ``gene_embeddings``.
 
     Notes
     -----
@@ -184,7 +212,7 @@ class GEARS(BaseModelClass):
     """
 
     _module_cls = GEARSModule
-    #: name of the predictor
+    #: name of the predictor (an instance has its own: the ``name`` argument)
     name = "GEARS"
 
     def __init__(
@@ -202,21 +230,31 @@ class GEARS(BaseModelClass):
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
         go_graph: str | dict = GO_GRAPH_KEY,
-        coexpression_graph: str | dict = COEXPR_GRAPH_KEY,
+        coexpression_graph: str | dict | None = COEXPR_GRAPH_KEY,
         seed: int = 0,
+        gene_embeddings: np.ndarray | None = None,
+        freeze_gene_embeddings: bool = True,
+        name: str | None = None,
     ):
         super().__init__(adata)
+        if gene_embeddings is not None:
+            gene_embeddings = _check_gene_embeddings(gene_embeddings, adata)
         go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
-        co = _resolve_graph(adata, coexpression_graph, "co-expression", "pg.pp.coexpression_graph(adata)")
-        if len(co["genes"]) != adata.n_vars or not np.array_equal(
-            co["genes"], np.asarray(adata.var_names).astype(str)
-        ):
-            raise ValueError(
-                "The co-expression graph's genes are not adata.var_names (in order). Recompute it on this AnnData: "
-                "pg.pp.coexpression_graph(adata, overwrite=True)."
-            )
+        co = None
+        if gene_embeddings is None:
+            co = _resolve_graph(adata, coexpression_graph, "co-expression", "pg.pp.coexpression_graph(adata)")
+            if len(co["genes"]) != adata.n_vars or not np.array_equal(
+                co["genes"], np.asarray(adata.var_names).astype(str)
+            ):
+                raise ValueError(
+                    "The co-expression graph's genes are not adata.var_names (in order). Recompute it on this "
+                    "AnnData: pg.pp.coexpression_graph(adata, overwrite=True)."
+                )
+        if name is None:
+            name = "GEARS" if gene_embeddings is None else "GEARS+embeddings"
+        self.name = name
         self.init_params_ = self._get_init_params(locals())
-        # the graphs are saved with the model (init params), so loading does not depend on adata.uns
+        # the graphs and embeddings are saved with the model (init params): loading does not depend on adata.uns
         self.init_params_["non_kwargs"].update(go_graph=go, coexpression_graph=co)
         self.go_genes = go["genes"]
         self._go_index = pd.Index(self.go_genes)
@@ -228,8 +266,8 @@ class GEARS(BaseModelClass):
             self.module = self._module_cls(
                 adata.n_vars,
                 len(self.go_genes),
-                torch.from_numpy(co["edge_index"]),
-                torch.from_numpy(co["edge_weight"]),
+                None if co is None else torch.from_numpy(co["edge_index"]),
+                None if co is None else torch.from_numpy(co["edge_weight"]),
                 torch.from_numpy(go["edge_index"]),
                 torch.from_numpy(go["edge_weight"]),
                 hidden_dim=hidden_dim,
@@ -242,14 +280,22 @@ class GEARS(BaseModelClass):
                 direction=direction,
                 direction_tau=direction_tau,
                 uncertainty_reg=uncertainty_reg,
+                gene_embeddings=None if gene_embeddings is None else torch.from_numpy(gene_embeddings),
+                freeze_gene_embeddings=freeze_gene_embeddings,
             )
         self.seen_genes_: list[str] = []
         self.train_summary_: dict = {}
         self.best_epoch_ = -1
         self._model_summary_string = (
-            f"GEARS: {adata.n_vars} genes, {len(self.go_genes)} perturbable genes (GO graph), hidden_dim={hidden_dim}, "
+            f"{name}: {adata.n_vars} genes, {len(self.go_genes)} perturbable genes (GO graph), hidden_dim={hidden_dim}, "
             f"gnn={gnn}, uncertainty={uncertainty}"
         )
+        if gene_embeddings is not None:
+            n_missing = int((~np.isfinite(gene_embeddings).all(1)).sum())
+            self._model_summary_string += (
+                f", gene embeddings d={gene_embeddings.shape[1]} "
+                f"({'frozen' if freeze_gene_embeddings else 'fine-tuned'}, {n_missing} genes without one learned)"
+            )
 
     # ------------------------------------------------------------------ setup
     @classmethod

@@ -1,4 +1,9 @@
-"""The GEARS network (Roohani et al.): graph encoders, compositional module, cross-gene decoder, loss."""
+"""The GEARS network (Roohani et al.): graph encoders, compositional module, cross-gene decoder, loss.
+
+The measured genes are embedded by a GNN over their co-expression graph (:class:`GraphEncoder`) or,
+given ``gene_embeddings`` (e.g. GeneCompass's, Yang et al. 2024 Fig. 5a), by a learned projection of
+those (:class:`PretrainedGeneEncoder`); see :class:`GEARSModule`.
+"""
 
 from __future__ import annotations
 
@@ -163,12 +168,58 @@ class GraphEncoder(nn.Module):
         return h
 
 
+class PretrainedGeneEncoder(nn.Module):
+    """Gene embeddings from a fixed matrix: ``h_gene = unit(E) W + b`` (``K x d``).
+
+    Replaces the co-expression :class:`GraphEncoder` of the measured genes (same call:
+    ``forward(rows=None)``), e.g. with GeneCompass gene embeddings (Yang et al. 2024, Fig. 5a).
+    ``E`` holds one row per measured gene, each scaled to unit norm. With ``freeze=True`` it is a
+    buffer and only the projection ``W, b`` is trained; otherwise ``E`` is a parameter and is
+    fine-tuned too. Genes without a pre-trained embedding (rows with a ``NaN``) get a learned
+    embedding of their own (``own``, ``n_missing x d``) in place of the projection.
+
+    Parameters
+    ----------
+    embeddings
+        ``K x D`` matrix, ``NaN`` rows for genes without an embedding.
+    dim
+        Output size ``d``.
+    freeze
+        Keep ``E`` fixed.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, dim: int, freeze: bool = True):
+        super().__init__()
+        e = torch.as_tensor(embeddings, dtype=torch.float32)
+        missing = ~torch.isfinite(e).all(1)
+        e = torch.where(missing[:, None], 0.0, e)
+        norm = e.norm(dim=1, keepdim=True)
+        e = e / torch.where(norm > 0, norm, 1.0)
+        if freeze:  # the matrix is saved with the model's init parameters: no copy in the state dict
+            self.register_buffer("pretrained", e, persistent=False)
+        else:
+            self.pretrained = nn.Parameter(e)
+        self.freeze = freeze
+        self.register_buffer("missing", torch.nonzero(missing).squeeze(1), persistent=False)
+        self.proj = nn.Linear(e.shape[1], dim)
+        self.own = nn.Parameter(torch.randn(int(missing.sum()), dim) / dim**0.5)
+
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of all genes, or of the genes ``rows``."""
+        h = self.proj(self.pretrained)
+        if self.own.numel():
+            h = h.index_put((self.missing,), self.own)
+        return h if rows is None else h[rows]
+
+
 class GEARSModule(BaseModuleClass):
     """The GEARS network and its loss.
 
     Every quantity that does not depend on the cell is computed once per step: the gene embeddings
-    ``h_gene`` (GNN over the co-expression graph on the ``K`` gene nodes) and the perturbation
-    embeddings ``h_pert`` (GNN over the GO graph, all its nodes). Per cell:
+    ``h_gene`` (GNN over the co-expression graph on the ``K`` gene nodes, or, with
+    ``gene_embeddings``, the projection ``unit(E) W + b`` of given embeddings, see
+    :class:`PretrainedGeneEncoder`) and the perturbation embeddings ``h_pert`` (GNN over the GO
+    graph, all its nodes). Per cell:
 
     - ``h_P = MLP(sum_i h_pert[P_i])`` (no term for an empty set, i.e. a control cell);
     - ``h_post_u = MLP(ReLU(BN(h_gene_u + h_P)))``;
@@ -185,7 +236,8 @@ class GEARSModule(BaseModuleClass):
     n_pert_nodes
         Number of nodes of the GO graph (genes that can be perturbed).
     gene_edge_index, gene_edge_weight
-        Co-expression graph over the ``K`` genes (``2 x E`` source/target rows, ``E`` weights).
+        Co-expression graph over the ``K`` genes (``2 x E`` source/target rows, ``E`` weights);
+        unused (may be ``None``) with ``gene_embeddings``.
     pert_edge_index, pert_edge_weight
         GO graph over the perturbable genes.
     hidden_dim
@@ -207,14 +259,20 @@ class GEARSModule(BaseModuleClass):
         Temperature of the ``tanh`` surrogate (expression units).
     uncertainty_reg
         Weight of the uncertainty term ``exp(-s) |g - g_hat|^(2 + gamma) + s``.
+    gene_embeddings
+        ``K x D`` pre-trained gene embeddings (``NaN`` rows: genes without one): the gene encoder
+        is then a :class:`PretrainedGeneEncoder` instead of the co-expression :class:`GraphEncoder`
+        (``n_gene_gnn_layers`` and the co-expression graph are unused).
+    freeze_gene_embeddings
+        Keep ``gene_embeddings`` fixed (train the projection only); ``False`` fine-tunes them.
     """
 
     def __init__(
         self,
         n_genes: int,
         n_pert_nodes: int,
-        gene_edge_index: torch.Tensor,
-        gene_edge_weight: torch.Tensor,
+        gene_edge_index: torch.Tensor | None,
+        gene_edge_weight: torch.Tensor | None,
         pert_edge_index: torch.Tensor,
         pert_edge_weight: torch.Tensor,
         *,
@@ -228,6 +286,8 @@ class GEARSModule(BaseModuleClass):
         direction: Literal["tanh", "sign"] = "tanh",
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
+        gene_embeddings: torch.Tensor | None = None,
+        freeze_gene_embeddings: bool = True,
     ):
         super().__init__()
         if gnn not in GNN_KINDS:
@@ -249,9 +309,20 @@ class GEARSModule(BaseModuleClass):
         self.register_buffer("control_mean", torch.zeros(n_genes))
         self.register_buffer("uncertainty_stats", torch.tensor([0.0, 1.0]))
 
-        self.gene_encoder = GraphEncoder(
-            n_genes, d, n_gene_gnn_layers, gnn, gene_edge_index, gene_edge_weight
-        )
+        if gene_embeddings is not None:
+            if gene_embeddings.ndim != 2 or gene_embeddings.shape[0] != n_genes:
+                raise ValueError(
+                    f"gene_embeddings must be n_genes x D ({n_genes} rows), got shape {tuple(gene_embeddings.shape)}."
+                )
+            self.gene_encoder = PretrainedGeneEncoder(gene_embeddings, d, freeze_gene_embeddings)
+        elif gene_edge_index is None or gene_edge_weight is None:
+            raise ValueError(
+                "Give the co-expression graph (gene_edge_index, gene_edge_weight) or gene_embeddings."
+            )
+        else:
+            self.gene_encoder = GraphEncoder(
+                n_genes, d, n_gene_gnn_layers, gnn, gene_edge_index, gene_edge_weight
+            )
         self.pert_encoder = GraphEncoder(
             n_pert_nodes, d, n_go_gnn_layers, gnn, pert_edge_index, pert_edge_weight
         )

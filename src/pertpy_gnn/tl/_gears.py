@@ -64,7 +64,9 @@ def train_gears(
     train_kwargs
         Further arguments of :meth:`~pertpy_gnn.gears.GEARS.train` (``lr``, ``weight_decay``, ...).
     **model_kwargs
-        Further arguments of :class:`~pertpy_gnn.gears.GEARS` (``gnn``, ``direction``, ...).
+        Further arguments of :class:`~pertpy_gnn.gears.GEARS` (``gnn``, ``direction``, ...), e.g.
+        ``gene_embeddings=`` (an ``n_vars x D`` matrix such as GeneCompass's, replacing the
+        co-expression gene embedding; the co-expression graph is then not needed).
 
     Returns
     -------
@@ -105,6 +107,9 @@ def train_gears(
     }
     params.update(max_epochs=max_epochs, batch_size=batch_size, layer="X" if layer is None else layer)
     for graph in ("go_graph", "coexpression_graph"):
+        if model.init_params_["non_kwargs"].get(graph) is None:  # e.g. no co-expression graph with gene_embeddings
+            params[graph] = "not used"
+            continue
         given = model_kwargs.get(graph)
         params[graph] = (
             given
