@@ -30,11 +30,12 @@ import json
 import os
 import pickle
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import peak_rss_gib, torch_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "compare_accuracy"
@@ -472,23 +473,6 @@ def _strict(x):
     return x
 
 
-def machine(device: str) -> dict:
-    import psutil
-    import torch
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "python": platform.python_version(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-worker", type=Path, help=argparse.SUPPRESS)
@@ -520,7 +504,12 @@ def main() -> None:
         run_ours(args, adata, jobs)
     if args.stage in ("all", "score"):
         record, md = summarize(args, score(args, adata, jobs))
-        record["machine"] = machine(args.device)
+        record["machine"] = torch_machine(
+            args.device,
+            python=platform.python_version(),
+            load_average=[round(v, 2) for v in os.getloadavg()],
+            peak_rss_gib=round(peak_rss_gib(), 3),
+        )
         record["command"] = " ".join(sys.argv)
         args.out.write_text(json.dumps(_strict(record), indent=1, default=float) + "\n")
         args.out.with_suffix(".md").write_text(md)

@@ -30,12 +30,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from _common import cpu_seconds, reset_peak, status_kib, torch_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {  # phase -> minimal ratio reference / ours
@@ -46,25 +47,6 @@ TARGETS = {  # phase -> minimal ratio reference / ours
 }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 class Recorder:
     def __init__(self):
         self.phases: dict[str, dict] = {}
@@ -72,19 +54,19 @@ class Recorder:
 
     @contextmanager
     def phase(self, name: str):
-        self.process_peak_mib = max(self.process_peak_mib, _status_kib("VmHWM") / 1024)
-        _reset_peak()
+        self.process_peak_mib = max(self.process_peak_mib, status_kib("VmHWM") / 1024)
+        reset_peak()
         load0 = os.getloadavg()[0]
         w0, c0 = time.perf_counter(), cpu_seconds()
         yield self
         w, c = time.perf_counter() - w0, cpu_seconds() - c0
-        peak = _status_kib("VmHWM") / 1024
+        peak = status_kib("VmHWM") / 1024
         self.process_peak_mib = max(self.process_peak_mib, peak)
         self.phases[name] = {
             "wall_s": round(w, 3),
             "cpu_s": round(c, 3),
             "peak_rss_mib": round(peak, 1),
-            "rss_end_mib": round(_status_kib("VmRSS") / 1024, 1),
+            "rss_end_mib": round(status_kib("VmRSS") / 1024, 1),
             "loadavg_1min_start": round(load0, 2),
             "loadavg_1min_end": round(os.getloadavg()[0], 2),
         }
@@ -92,21 +74,15 @@ class Recorder:
 
 
 def machine(device: str) -> dict:
-    import psutil
     import torch
 
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
+    return torch_machine(
+        device,
+        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        load_average=[round(v, 2) for v in os.getloadavg()],
+    )
 
 
 def run_ours(args) -> dict:
@@ -310,6 +286,13 @@ def full_scale() -> tuple[list[dict], str]:
         "| file | what | device, threads | key numbers | peak RSS GiB | machine load |",
         "|---|---|---|---|---|---|",
     ]
+
+    def add(f: Path, d: dict, what: str, where: str, key: str, peak) -> None:
+        rows.append({"file": f.name, "summary": key})
+        md.append(
+            f"| {f.name} | {what} | {where} | {key} | {peak} | {d['machine'].get('load_average_at_start')} |"
+        )
+
     for f in sorted(res.glob("gears_norman_scale*.json")):
         d = json.loads(f.read_text())
         ep = d["epochs"][0] if d.get("epochs") else {}
@@ -320,11 +303,13 @@ def full_scale() -> tuple[list[dict], str]:
             f"{ep.get('train_steps')} of {full} steps in {ep.get('train_s')} s wall / {ep.get('train_cpu_s')} s CPU; "
             f"full epoch ~{d.get('full_epoch_train_minutes_estimate')} min"
         )
-        rows.append({"file": f.name, "summary": key})
-        md.append(
-            f"| {f.name} | GEARS, {d['shape'][0]} cells x {d['shape'][1]} genes (Norman-shaped simulation) | "
-            f"{d['device']}{' ' + d['gpu'] if d.get('gpu') else ''}, {d.get('torch_threads')} | {key} | "
-            f"{d.get('peak_rss_gib_process')} | {d['machine'].get('load_average_at_start')} |"
+        add(
+            f,
+            d,
+            f"GEARS, {d['shape'][0]} cells x {d['shape'][1]} genes (Norman-shaped simulation)",
+            f"{d['device']}{' ' + d['gpu'] if d.get('gpu') else ''}, {d.get('torch_threads')}",
+            key,
+            d.get("peak_rss_gib_process"),
         )
     for f in sorted(res.glob("gi_map_scale*.json")):
         d = json.loads(f.read_text())
@@ -334,11 +319,8 @@ def full_scale() -> tuple[list[dict], str]:
             f"scoring {d['scoring_seconds']} / {d['scoring_cpu_seconds']}); target {d.get('target_seconds')} s wall: "
             f"{'met' if d.get('under_target') else 'not met'}"
         )
-        rows.append({"file": f.name, "summary": key})
-        md.append(
-            f"| {f.name} | GI map, predictor {d['predictor']} | cpu, {d['machine'].get('cpus_available')} cores | {key} | "
-            f"{d.get('peak_rss_gib')} | {d['machine'].get('load_average_at_start')} |"
-        )
+        where = f"cpu, {d['machine'].get('cpus_available')} cores"
+        add(f, d, f"GI map, predictor {d['predictor']}", where, key, d.get("peak_rss_gib"))
     return rows, "\n".join(md) + "\n"
 
 

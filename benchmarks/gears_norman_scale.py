@@ -15,32 +15,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import sys
 import threading
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import psutil
+from _common import cpu_seconds, machine, peak_rss_gib, versions, write_record
 
 N_CONTROL, N_PER_PERTURBATION = 12120, 330  # 12,120 + 236 x 330 = 90,000 cells
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:  # e.g. run from a source tree on PYTHONPATH
-        return "source tree"
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class PeakRSS:
@@ -191,27 +174,11 @@ def main() -> None:
         "rss_gib_after_simulate": round(rss_after_sim, 3),
         "peak_rss_gib_preparation": round(prep_peak.peak, 3),
         "peak_rss_gib_training": round(train_peak.peak, 3),
-        "peak_rss_gib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)),
-            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "load_average_at_start": [round(v, 2) for v in load_start],
-            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "versions": {
-            "python": sys.version.split()[0],
-            **{
-                p: _version(p)
-                for p in ("pertpy-gnn", "torch", "torch-geometric", "lightning", "scvi-tools", "anndata")
-            },
-        },
+        "peak_rss_gib_process": round(peak_rss_gib(), 3),
+        "machine": machine(load_start),
+        "versions": versions("pertpy-gnn", "torch", "torch-geometric", "lightning", "scvi-tools", "anndata"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -17,28 +17,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import sys
 import time
 import traceback
 import zlib
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import psutil
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from _common import cpu_seconds, machine, peak_rss_gib, versions, write_record
 
 
 class StandIn:
@@ -227,23 +213,10 @@ def main() -> None:
             for s in ("magnitude", "model_fit", "similarity", "equality_of_contribution")
         },
         "peak_rss_gib": round(peak_rss_gib(), 3),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)),
-            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "load_average_at_start": [round(v, 2) for v in load_start],
-            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "versions": {
-            "python": sys.version.split()[0],
-            **{p: version(p) for p in ("pertpy-gnn", "numpy", "scipy", "numba", "dcor", "torch")},
-        },
+        "machine": machine(load_start),
+        "versions": versions("pertpy-gnn", "numpy", "scipy", "numba", "dcor", "torch"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(record, args.out)
 
 
 if __name__ == "__main__":

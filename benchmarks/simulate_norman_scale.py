@@ -11,30 +11,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import psutil
+from _common import cpu_seconds, machine, peak_rss_gib, versions, write_record
 
 N_CONTROL, N_PER_PERTURBATION = 12120, 330  # 12,120 + 236 x 330 = 90,000 cells
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (wall time inflates when cores are shared)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -107,23 +92,10 @@ def main() -> None:
         "rank_de_genes_seconds": round(t_de, 2),
         "rank_de_genes_cpu_seconds": round(c_de, 2),
         "peak_rss_gib_total": round(peak_rss_gib(), 3),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)),
-            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "load_average_at_start": [round(v, 2) for v in load_start],
-            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "versions": {
-            "python": sys.version.split()[0],
-            **{p: version(p) for p in ("pertpy-gnn", "numpy", "scipy", "pandas", "anndata", "scanpy")},
-        },
+        "machine": machine(load_start),
+        "versions": versions("pertpy-gnn", "numpy", "scipy", "pandas", "anndata", "scanpy"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,14 @@
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 from anndata import AnnData
 
 import pertpy_gnn as pg
 from pertpy_gnn.tl._baselines import BASELINE_KINDS
 
+from .conftest import additive_screen
+
 TEST = ["G4", "G0+G1", "G2+G3", "G4+G5"]
-
-
-def _synthetic(seed: int = 0, n_genes: int = 30, n_cells: int = 30) -> AnnData:
-    """Control, singles G0..G5 and doubles, additive effects plus noise, log-scale-like values."""
-    rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(n_genes)]
-    effect = {g: rng.normal(0, 0.8, n_genes) * (rng.random(n_genes) < 0.3) for g in genes[:6]}
-    conds = ["control"] * 2 + genes[:6] + ["G0+G1", "G2+G3", "G0+G4", "G1+G5", "G4+G5"]
-    mu = rng.uniform(0.5, 2.0, n_genes)
-    rows, labels = [], []
-    for c in conds:
-        shift = sum((effect[g] for g in c.split("+") if g != "control"), np.zeros(n_genes))
-        rows.append(np.maximum(0, mu + shift + rng.normal(0, 0.3, (n_cells, n_genes))))
-        labels += [c] * n_cells
-    adata = AnnData(
-        X=sp.csr_matrix(np.vstack(rows).astype(np.float32)),
-        obs=pd.DataFrame({"condition": labels}, index=[f"c{i}" for i in range(len(labels))]),
-        var=pd.DataFrame(index=genes),
-    )
-    pg.pp.parse_perturbations(adata, perturbation_key="condition")
-    return adata
 
 
 def _split(adata: AnnData, test=TEST) -> AnnData:
@@ -45,7 +25,7 @@ def _train_mean(adata: AnnData, name: str) -> np.ndarray:
 
 @pytest.fixture
 def synth() -> AnnData:
-    return _split(_synthetic())
+    return _split(additive_screen())
 
 
 def test_additive_is_the_hand_sum(synth):
@@ -87,7 +67,7 @@ def test_no_change_and_train_mean(synth):
 
 
 def test_seen_genes_exclude_test_only_genes():
-    adata = _split(_synthetic(), test=["G5", "G1+G5", "G4+G5"])
+    adata = _split(additive_screen(), test=["G5", "G1+G5", "G4+G5"])
     model = pg.tl.fit_baseline(adata, "no_change")
     assert "G5" not in model.seen_genes and "G4" in model.seen_genes
     pred = model.predict(["G5", "G4+G5", "G0"])
@@ -191,7 +171,7 @@ def test_errors(synth):
         pg.tl.fit_baseline(synth, "linear_coexpression")
     with pytest.raises(TypeError, match="pca_dim"):
         pg.tl.fit_baseline(synth, "additive", pca_dim=3)
-    unsplit = _synthetic()
+    unsplit = additive_screen()
     with pytest.raises(KeyError, match="pg.pp.split_perturbations"):
         pg.tl.fit_baseline(unsplit, "no_change")
     unparsed = AnnData(X=np.ones((3, 2), dtype=np.float32))

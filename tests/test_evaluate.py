@@ -2,7 +2,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 from anndata import AnnData
 from scipy.stats import pearsonr, spearmanr, ttest_ind
 
@@ -11,27 +10,14 @@ from pertpy_gnn.tl._baselines import BASELINE_KINDS
 from pertpy_gnn.tl._evaluate import METRICS, _group_quantiles
 from pertpy_gnn.tl._prediction import make_prediction_adata
 
+from .conftest import additive_screen
+
 TEST = ["G4", "G0+G1", "G2+G3", "G4+G5"]
 
 
 def _synthetic(seed: int = 0, n_genes: int = 250, n_cells: int = 25) -> AnnData:
-    rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(n_genes)]
-    effect = {g: rng.normal(0, 0.8, n_genes) * (rng.random(n_genes) < 0.3) for g in genes[:6]}
-    conds = ["control"] * 2 + genes[:6] + ["G0+G1", "G2+G3", "G0+G4", "G1+G5", "G4+G5"]
-    mu = rng.uniform(0.5, 2.0, n_genes)
-    mu[-1] = -5.0  # a gene that is zero in every cell
-    rows, labels = [], []
-    for c in conds:
-        shift = sum((effect[g] for g in c.split("+") if g != "control"), np.zeros(n_genes))
-        rows.append(np.maximum(0, mu + shift + rng.normal(0, 0.3, (n_cells, n_genes))))
-        labels += [c] * n_cells
-    adata = AnnData(
-        X=sp.csr_matrix(np.vstack(rows).astype(np.float32)),
-        obs=pd.DataFrame({"condition": labels}, index=[f"c{i}" for i in range(len(labels))]),
-        var=pd.DataFrame(index=genes),
-    )
-    pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    """The additive screen with a gene zero in every cell, DE genes and a hand-written split."""
+    adata = additive_screen(seed, n_genes, n_cells, silent_gene=True)
     pg.pp.rank_de_genes(adata)
     pert = adata.obs["pg_perturbation"].astype(str)
     adata.obs["pg_split"] = pd.Categorical(np.where(pert.isin(TEST), "test", "train"))

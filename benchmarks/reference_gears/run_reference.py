@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import sys
@@ -46,25 +45,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _hwm_kib() -> int:
-    """Peak resident memory of this process since the last reset (KiB)."""
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# benchmarks/, for _common (standard library only: this runs in the reference's venv)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import reset_peak, status_kib
 
 
 class Recorder:
@@ -72,11 +55,11 @@ class Recorder:
 
     def __init__(self):
         self.phases: dict[str, dict] = {}
-        self.peak_resettable = _reset_peak()
+        self.peak_resettable = reset_peak()
 
     @contextmanager
     def phase(self, name: str):
-        _reset_peak()
+        reset_peak()
         load0 = os.getloadavg()[0]
         w0, c0 = time.perf_counter(), time.process_time()
         yield
@@ -84,8 +67,8 @@ class Recorder:
         self.phases[name] = {
             "wall_s": round(w, 3),
             "cpu_s": round(c, 3),
-            "peak_rss_mib": round(_hwm_kib() / 1024, 1),
-            "rss_end_mib": round(_rss_kib() / 1024, 1),
+            "peak_rss_mib": round(status_kib("VmHWM") / 1024, 1),
+            "rss_end_mib": round(status_kib("VmRSS") / 1024, 1),
             "loadavg_1min_start": round(load0, 2),
             "loadavg_1min_end": round(os.getloadavg()[0], 2),
         }

@@ -140,30 +140,6 @@ def fetch(
     return Path(path)
 
 
-def _load(
-    name: str,
-    *,
-    cache_dir: str | os.PathLike | None,
-    backed: str | None,
-    url: str,
-    known_hash: str | None,
-    retries: int,
-    progress_bar: bool,
-) -> AnnData:
-    from ._read import read_perturbation_h5ad
-
-    path = fetch(
-        str(DATASETS[name]["fname"]),
-        url,
-        known_hash=known_hash,
-        cache_dir=cache_dir,
-        retries=retries,
-        progress_bar=progress_bar,
-        manual_hint="read it with `pg.datasets.read_perturbation_h5ad(path, perturbation_key=...)`",
-    )
-    return read_perturbation_h5ad(path, perturbation_key=None, backed=backed)
-
-
 _LOADER_PARAMS = """
     Parameters
     ----------
@@ -197,22 +173,39 @@ _LOADER_PARAMS = """
 """
 
 
-def _loader_doc(func):
-    """Append the parameters shared by every remote loader to its docstring."""
-    func.__doc__ = (func.__doc__ or "").rstrip() + "\n" + _LOADER_PARAMS
-    return func
+def _loader(name: str, doc: str):
+    """Build the public loader of ``DATASETS[name]``: keyword-only options, ``doc`` + the shared docs."""
+    entry = DATASETS[name]
+
+    def load(
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        backed: str | None = None,
+        url: str = entry["url"],
+        known_hash: str | None = entry["known_hash"],
+        retries: int = 2,
+        progress_bar: bool = True,
+    ) -> AnnData:
+        from ._read import read_perturbation_h5ad
+
+        path = fetch(
+            str(DATASETS[name]["fname"]),
+            url,
+            known_hash=known_hash,
+            cache_dir=cache_dir,
+            retries=retries,
+            progress_bar=progress_bar,
+            manual_hint="read it with `pg.datasets.read_perturbation_h5ad(path, perturbation_key=...)`",
+        )
+        return read_perturbation_h5ad(path, perturbation_key=None, backed=backed)
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = doc.rstrip() + "\n" + _LOADER_PARAMS
+    return load
 
 
-@_loader_doc
-def norman_2019(
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    backed: str | None = None,
-    url: str = DATASETS["norman_2019"]["url"],
-    known_hash: str | None = DATASETS["norman_2019"]["known_hash"],
-    retries: int = 2,
-    progress_bar: bool = True,
-) -> AnnData:
+norman_2019 = _loader(
+    "norman_2019",
     """Norman et al. 2019 CRISPRa Perturb-seq in K562 cells: single and paired gene activations.
 
     105 single genes and 131 gene pairs activated; the dataset GEARS evaluates combinatorial
@@ -221,28 +214,11 @@ def norman_2019(
 
     Norman, T. M. et al. Exploring genetic interaction manifolds constructed from rich single-cell
     phenotypes. Science 365, 786-793 (2019).
-    """
-    return _load(
-        "norman_2019",
-        cache_dir=cache_dir,
-        backed=backed,
-        url=url,
-        known_hash=known_hash,
-        retries=retries,
-        progress_bar=progress_bar,
-    )
+    """,
+)
 
-
-@_loader_doc
-def adamson_2016(
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    backed: str | None = None,
-    url: str = DATASETS["adamson_2016"]["url"],
-    known_hash: str | None = DATASETS["adamson_2016"]["known_hash"],
-    retries: int = 2,
-    progress_bar: bool = True,
-) -> AnnData:
+adamson_2016 = _loader(
+    "adamson_2016",
     """Adamson et al. 2016 UPR Perturb-seq: CRISPRi of 82 genes in K562 cells (~65,000 cells).
 
     The single-gene knock-down screen GEARS uses for unseen single perturbations. File: the
@@ -251,56 +227,22 @@ def adamson_2016(
 
     Adamson, B. et al. A multiplexed single-cell CRISPR screening platform enables systematic dissection
     of the unfolded protein response. Cell 167, 1867-1882 (2016).
-    """
-    return _load(
-        "adamson_2016",
-        cache_dir=cache_dir,
-        backed=backed,
-        url=url,
-        known_hash=known_hash,
-        retries=retries,
-        progress_bar=progress_bar,
-    )
+    """,
+)
 
-
-@_loader_doc
-def dixit_2016(
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    backed: str | None = None,
-    url: str = DATASETS["dixit_2016"]["url"],
-    known_hash: str | None = DATASETS["dixit_2016"]["known_hash"],
-    retries: int = 2,
-    progress_bar: bool = True,
-) -> AnnData:
+dixit_2016 = _loader(
+    "dixit_2016",
     """Dixit et al. 2016 Perturb-seq: pooled CRISPR knock-outs of transcription factors.
 
     File: the scverse-processed copy used by ``pertpy.data.dixit_2016`` (figshare 34014608).
 
     Dixit, A. et al. Perturb-Seq: dissecting molecular circuits with scalable single-cell RNA profiling
     of pooled genetic screens. Cell 167, 1853-1866 (2016).
-    """
-    return _load(
-        "dixit_2016",
-        cache_dir=cache_dir,
-        backed=backed,
-        url=url,
-        known_hash=known_hash,
-        retries=retries,
-        progress_bar=progress_bar,
-    )
+    """,
+)
 
-
-@_loader_doc
-def replogle_2022_k562_essential(
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    backed: str | None = None,
-    url: str = DATASETS["replogle_2022_k562_essential"]["url"],
-    known_hash: str | None = DATASETS["replogle_2022_k562_essential"]["known_hash"],
-    retries: int = 2,
-    progress_bar: bool = True,
-) -> AnnData:
+replogle_2022_k562_essential = _loader(
+    "replogle_2022_k562_essential",
     """Replogle et al. 2022 essential-scale CRISPRi Perturb-seq in K562 cells (day 7).
 
     About 2,000 common essential genes knocked down, one per cell; a large download (consider
@@ -309,13 +251,5 @@ def replogle_2022_k562_essential(
 
     Replogle, J. M. et al. Mapping information-rich genotype-phenotype landscapes with genome-scale
     Perturb-seq. Cell 185, 2559-2575 (2022).
-    """
-    return _load(
-        "replogle_2022_k562_essential",
-        cache_dir=cache_dir,
-        backed=backed,
-        url=url,
-        known_hash=known_hash,
-        retries=retries,
-        progress_bar=progress_bar,
-    )
+    """,
+)

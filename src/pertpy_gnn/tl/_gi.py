@@ -571,12 +571,8 @@ def _score_rows(
 
 def _score_table(
     delta: np.ndarray,
-    ia: np.ndarray,
-    ib: np.ndarray,
-    iy: np.ndarray,
-    names: Sequence[str],
-    genes_a: Sequence[str],
-    genes_b: Sequence[str],
+    rows: Mapping[str, int],
+    pairs: Sequence[tuple[str, str]],
     *,
     thresholds,
     n_subsamples: int,
@@ -587,7 +583,11 @@ def _score_table(
     chunk_size: int | None = None,
     progress_bar: bool = False,
 ) -> pd.DataFrame:
-    """Score the doubles whose rows of ``delta`` are ``ia``, ``ib`` (singles) and ``iy`` (double)."""
+    """Score the doubles ``pairs`` (sorted gene pairs); ``rows`` maps ``A``, ``B``, ``A+B`` to rows of ``delta``."""
+    names = [DELIM.join(p) for p in pairs]
+    ia = np.array([rows[a] for a, _ in pairs])
+    ib = np.array([rows[b] for _, b in pairs])
+    iy = np.array([rows[nm] for nm in names])
     if model_fit not in ("pearson", "dcor"):
         raise ValueError(f"`model_fit` must be 'pearson' or 'dcor', got {model_fit!r}.")
     rules = resolve_gi_thresholds(thresholds)
@@ -628,7 +628,9 @@ def _score_table(
             )
         )
     cols = {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in parts[0]}
-    df = pd.DataFrame({"gene_a": list(genes_a), "gene_b": list(genes_b), **cols}, index=pd.Index(list(names)))
+    df = pd.DataFrame(
+        {"gene_a": [p[0] for p in pairs], "gene_b": [p[1] for p in pairs], **cols}, index=pd.Index(names)
+    )
     for subtype, (score, op, value) in rules.items():
         df[subtype] = _apply_rule(df[score].to_numpy(), op, value)
     return df
@@ -797,17 +799,10 @@ def gi_scores(
             f"The changes over control of the scored perturbations hold NaN or inf values (in the {kind}); "
             "remove those genes (`gene_subset=`) or perturbations."
         )
-    ia = np.array([rows[s[0]] for s in sets])
-    ib = np.array([rows[s[1]] for s in sets])
-    iy = np.array([rows[DELIM.join(s)] for s in sets])
     df = _score_table(
         delta,
-        ia,
-        ib,
-        iy,
-        [DELIM.join(s) for s in sets],
-        [s[0] for s in sets],
-        [s[1] for s in sets],
+        rows,
+        sets,
         thresholds=thresholds,
         n_subsamples=n_subsamples,
         subsample_size=subsample_size,
@@ -936,18 +931,10 @@ def gi_map(
     obs = pd.concat(obs, ignore_index=True)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
-    row = {DELIM.join(c): i for i, c in enumerate(sets)}
-    ia = np.array([row[a] for a, _ in pairs])
-    ib = np.array([row[b] for _, b in pairs])
-    iy = np.arange(len(genes), len(sets))
     df = _score_table(
         delta,
-        ia,
-        ib,
-        iy,
-        [DELIM.join(p) for p in pairs],
-        [p[0] for p in pairs],
-        [p[1] for p in pairs],
+        {DELIM.join(c): i for i, c in enumerate(sets)},
+        pairs,
         thresholds=thresholds,
         n_subsamples=n_subsamples,
         subsample_size=subsample_size,
@@ -956,7 +943,7 @@ def gi_map(
         model_fit=model_fit,
         progress_bar=progress_bar,
     )
-    pair_obs = obs.iloc[iy]
+    pair_obs = obs.iloc[len(genes) :]
     if "n_unseen" in pair_obs:
         unseen = pair_obs["n_unseen"].to_numpy().astype(np.int64)
     elif getattr(model, "seen_genes", None) is not None:
