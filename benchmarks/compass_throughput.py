@@ -34,7 +34,7 @@ def build_corpus(
     path: Path, n_rows: int, seq_len: int, vocab_size: int, shard_size: int, seed: int = 0
 ) -> None:
     """Write a random corpus in the CompassCorpus layout without going through AnnData."""
-    from pertpy_gnn.compass._corpus import FORMAT, MANIFEST
+    from pertpy_gnn.compass._corpus import write_manifest
     from pertpy_gnn.pp._compass_vocab import compass_vocab
 
     path.mkdir(parents=True, exist_ok=True)
@@ -74,23 +74,15 @@ def build_corpus(
                 "n_cells": n,
             }
         )
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        "n_cells": n_rows,
-        "seq_len": seq_len,
-        "max_len": seq_len - 1,
-        "pad_id": 0,
-        "id_dtype": "int32",
-        "value_dtype": "float16",
-        "vocab": "vocab.json",
-        "vocab_size": len(vocab),
-        "gene_medians": "gene_medians.tsv",
-        "shards": shards,
-        "sources": [{"name": "simulated", "species": "human", "start": 0, "n_cells": n_rows}],
-        "params": {"simulated": True},
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(
+        path,
+        n_cells=n_rows,
+        seq_len=seq_len,
+        vocab_size=len(vocab),
+        shards=shards,
+        sources=[{"name": "simulated", "species": "human", "start": 0, "n_cells": n_rows}],
+        params={"simulated": True},
+    )
 
 
 class PeakRSS:

@@ -31,6 +31,29 @@ MANIFEST = "manifest.json"
 FORMAT = "pertpy_gnn.compass_corpus"
 
 
+def write_manifest(
+    path: Path, *, n_cells: int, seq_len: int, vocab_size: int, shards: list, sources: list, params: dict
+) -> None:
+    """Write the corpus manifest (the layout above) of a folder of shards, ``vocab.json`` and ``gene_medians.tsv``."""
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "n_cells": int(n_cells),
+        "seq_len": int(seq_len),
+        "max_len": int(seq_len) - 1,
+        "pad_id": 0,
+        "id_dtype": "int32",
+        "value_dtype": "float16",
+        "vocab": "vocab.json",
+        "vocab_size": int(vocab_size),
+        "gene_medians": "gene_medians.tsv",
+        "shards": shards,
+        "sources": sources,
+        "params": params,
+    }
+    (Path(path) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _npy_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """Byte offset of the data, shape and dtype of a ``.npy`` file."""
     with open(path, "rb") as f:

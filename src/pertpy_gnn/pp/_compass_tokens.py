@@ -8,7 +8,6 @@ per-cell step (``input_kind='normalized'`` does that); the paper's description i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -267,7 +266,7 @@ def compass_tokenize(
     """
     from tqdm.auto import tqdm
 
-    from ..compass._corpus import FORMAT, MANIFEST, CompassCorpus
+    from ..compass._corpus import MANIFEST, CompassCorpus, write_manifest
 
     if max_len < 1 or chunk_size < 1 or shard_size < 1:
         raise ValueError("max_len, chunk_size and shard_size must be positive.")
@@ -413,20 +412,13 @@ def compass_tokenize(
     pd.DataFrame({"token": vocab.tokens[all_tokens], "median": med, "n_nonzero": n_nonzero}).to_csv(
         out / "gene_medians.tsv", sep="\t", index=False
     )
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        "n_cells": int(n_cells),
-        "seq_len": int(seq_len),
-        "max_len": int(max_len),
-        "pad_id": 0,
-        "id_dtype": "int32",
-        "value_dtype": "float16",
-        "vocab": "vocab.json",
-        "vocab_size": len(vocab),
-        "gene_medians": "gene_medians.tsv",
-        "shards": shards,
-        "sources": [
+    write_manifest(
+        out,
+        n_cells=n_cells,
+        seq_len=seq_len,
+        vocab_size=len(vocab),
+        shards=shards,
+        sources=[
             {
                 "name": s["name"],
                 "data": "<AnnData>" if isinstance(s["data"], AnnData) else str(s["data"]),
@@ -448,14 +440,13 @@ def compass_tokenize(
             }
             for s in specs
         ],
-        "params": {
+        params={
             "target_sum": target_sum,
             "chunk_size": chunk_size,
             "shard_size": shard_size,
             "medians_given": gene_medians is not None,
         },
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    )
     corpus = CompassCorpus(out)
     logger.info("%r", corpus)
     return corpus
