@@ -459,7 +459,7 @@ def gears(model, corpus, norman: ad.AnnData, *, epochs: int, seed: int, n_seeds:
             if (
                 w["mse_top20"].notna().sum() == 0
             ):  # e.g. additive: no test double has both singles in training
-                rows.append({"model": name, "seed": s_, "not_applicable": True})
+                rows.append({"model": name, "seed": s_})
                 continue
             rows.append(
                 {
@@ -473,7 +473,7 @@ def gears(model, corpus, norman: ad.AnnData, *, epochs: int, seed: int, n_seeds:
         out["n_test_perturbations"] = int(wide.loc["GEARS"].shape[0])
     res = pd.DataFrame(rows)
     for name, g in res.groupby("model", sort=False):
-        if g.get("not_applicable", pd.Series(False)).fillna(False).any():
+        if g["mse_top20"].isna().all():
             out[name] = "not applicable to any test perturbation of this split"
             continue
         keys = [*metrics, "wrong_direction_top20_count"]
