@@ -54,8 +54,12 @@ def main():
     ap.add_argument("--held-out", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--accelerator", default="cpu", help="Lightning accelerator for pre-training ('cpu', 'gpu', 'auto')")
-    ap.add_argument("--precision", default=None, help="Lightning precision; default: bf16-mixed on a CUDA GPU, else 32")
+    ap.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator for pre-training ('cpu', 'gpu', 'auto')"
+    )
+    ap.add_argument(
+        "--precision", default=None, help="Lightning precision; default: bf16-mixed on a CUDA GPU, else 32"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compass_pretrain_real.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,7 +213,9 @@ def main():
             "steps": int(model.trainer.global_step),
             "accelerator": args.accelerator,
             "precision": str(model.trainer.precision),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu",
+            "device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() and args.accelerator != "cpu"
+            else "cpu",
         },
         "held_out": {
             "trained": trained,

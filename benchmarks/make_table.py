@@ -30,7 +30,12 @@ def _fmt(v) -> str:
 
 def main() -> None:
     """Write RESULTS.md from every JSON result file."""
-    lines = ["# Benchmark results", "", f"Generated {date.today():%Y-%m-%d} by `benchmarks/make_table.py`.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated {date.today():%Y-%m-%d} by `benchmarks/make_table.py`.",
+        "",
+    ]
     files = sorted(RESULTS.glob("*.json"))
     if not files:
         lines.append("No results yet: run `make bench`.")

@@ -166,7 +166,14 @@ def test_unchanged_cell_has_zero_shift(adata, model, cell_embedding):
     # G00 has value log1p(1) (float16) in every cell: overexpressing it to that value changes nothing
     level = float(np.float16(np.log1p(1.0)))
     pg.tl.in_silico(
-        adata, model, "G00", mode="overexpress", level=level, target=("group", "b"), cell_embedding=cell_embedding, **TOK
+        adata,
+        model,
+        "G00",
+        mode="overexpress",
+        level=level,
+        target=("group", "b"),
+        cell_embedding=cell_embedding,
+        **TOK,
     )
     assert adata.uns["pg_compass_insilico"]["params"]["cell_embedding"] == cell_embedding
     assert adata.obs["pg_compass_insilico_kept"].sum() == N_CELLS // 2  # the non-target cells
@@ -246,7 +253,14 @@ def test_screen_matches_single_experiments(adata, model):
         **TOK,
     )
     assert list(df.columns) == [
-        "target_shift", "target_shift_sem", "specific_shift", "specific_shift_sem", "z", "cos", "n_cells", "rank"
+        "target_shift",
+        "target_shift_sem",
+        "specific_shift",
+        "specific_shift_sem",
+        "z",
+        "cos",
+        "n_cells",
+        "rank",
     ]
     assert df["target_shift"].is_monotonic_decreasing and df["rank"].tolist() == [1, 2, 3]
     assert (df["n_cells"] == N_CELLS // 2).all()
@@ -360,7 +374,9 @@ def test_grn_auprc_on_planted_network():
     assert held["n_positives"] == 10 and held["n_candidates"] == 3 * (n - 1) - 2 and held["auprc"] > 0.95
     a.varm["pg_compass_gene"] = e + 30.0  # a component shared by all genes hides the network ...
     raw, centered = pg.tl.grn_auprc(a, ref), pg.tl.grn_auprc(a, ref, center=True)
-    assert raw["n_predicted"] == raw["n_candidates"] and centered["precision"] > 0.5 and centered["auprc"] > 0.95
+    assert (
+        raw["n_predicted"] == raw["n_candidates"] and centered["precision"] > 0.5 and centered["auprc"] > 0.95
+    )
     pg.tl.compass_grn(a, center=True)  # ... centering recovers it
     assert a.varp["pg_compass_grn"].nnz < 0.2 * n * n
     a.varm["pg_compass_gene"] = rng.normal(size=(n, d))  # no signal: about random
@@ -436,13 +452,30 @@ def test_compass_gears_replaces_gene_embeddings():
 
 
 def test_linear_probe_leaves_encoder_untouched(adata, model):
-    clf = pg.tl.annotate_compass(adata, model, labels_key="group", test=("batch", "b2"), freeze_encoder=True, epochs=30, head_lr=1e-2, **TOK)
+    clf = pg.tl.annotate_compass(
+        adata,
+        model,
+        labels_key="group",
+        test=("batch", "b2"),
+        freeze_encoder=True,
+        epochs=30,
+        head_lr=1e-2,
+        **TOK,
+    )
     for p, q in zip(clf.encoder.parameters(), model.module.parameters(), strict=True):
         assert torch.equal(p, q)
     assert adata.uns["pg_compass_annotation"]["accuracy"] >= 0.8
     clf = pg.tl.annotate_compass(
-        adata, model, labels_key="group", test=("batch", "b2"), freeze_encoder=True, epochs=30, head_lr=1e-2,
-        cell_embedding="mean", key_added="annot_mean", **TOK,
+        adata,
+        model,
+        labels_key="group",
+        test=("batch", "b2"),
+        freeze_encoder=True,
+        epochs=30,
+        head_lr=1e-2,
+        cell_embedding="mean",
+        key_added="annot_mean",
+        **TOK,
     )
     assert clf.cell_embedding == "mean" and adata.uns["annot_mean"]["params"]["cell_embedding"] == "mean"
     assert adata.uns["annot_mean"]["accuracy"] >= 0.8
@@ -452,9 +485,19 @@ def test_results_are_h5ad_writable(adata, model, tmp_path):
     pg.tl.embed_compass(adata, model, **TOK)
     pg.tl.compass_grn(adata)
     pg.tl.in_silico(adata, model, ["G01", "G03"], mode="knockdown", factor=0.5, target=("group", "b"), **TOK)
-    pg.tl.in_silico_screen(adata, model, target=("group", "b"), candidates=GENES[:4], source=("group", "a"), **TOK)
-    pg.tl.annotate_compass(adata, model, labels_key="group", test=("batch", "b2"), freeze_encoder=True, epochs=2, **TOK)
+    pg.tl.in_silico_screen(
+        adata, model, target=("group", "b"), candidates=GENES[:4], source=("group", "a"), **TOK
+    )
+    pg.tl.annotate_compass(
+        adata, model, labels_key="group", test=("batch", "b2"), freeze_encoder=True, epochs=2, **TOK
+    )
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")
-    assert set(back.uns) >= {"pg_compass_gene", "pg_compass_grn", "pg_compass_insilico", "pg_compass_screen", "pg_compass_annotation"}
+    assert set(back.uns) >= {
+        "pg_compass_gene",
+        "pg_compass_grn",
+        "pg_compass_insilico",
+        "pg_compass_screen",
+        "pg_compass_annotation",
+    }
     assert "pg_compass_grn" in back.varp and back.obsm["X_compass"].shape == (N_CELLS, 32)

@@ -134,7 +134,11 @@ class GeneCompass(BaseModelClass):
     def _checkpoint_payload(self) -> dict:
         med = self.gene_medians_
         # plain lists: Lightning reads checkpoints back with ``weights_only=True`` when resuming
-        medians = None if med is None else {"tokens": med.index.astype(str).tolist(), "median": med.astype(float).tolist()}
+        medians = (
+            None
+            if med is None
+            else {"tokens": med.index.astype(str).tolist(), "median": med.astype(float).tolist()}
+        )
         return {"init": self.init_params_, "gene_medians": medians}
 
     # ----------------------------------------------------------------------------- training
@@ -374,7 +378,9 @@ class GeneCompass(BaseModelClass):
         model.module.load_state_dict(state)
         med = ckpt[CKPT_KEY].get("gene_medians")
         if med is not None:
-            model.gene_medians_ = pd.Series(med["median"], index=pd.Index(med["tokens"], name="token"), name="median")
+            model.gene_medians_ = pd.Series(
+                med["median"], index=pd.Index(med["tokens"], name="token"), name="median"
+            )
         model.module.eval()
         model.is_trained_ = True
         logger.info(

@@ -76,10 +76,16 @@ def in_silico_shift(
             raise KeyError(f"adata.uns[{k!r}] not found: run pg.tl.in_silico(..., key_added={k!r}) first.")
         res = adata.uns[k]
         p = res["params"]
-        name = labels[i] if labels is not None else f"{p['mode']} {'+'.join(map(str, np.atleast_1d(p['genes'])))}"
+        name = (
+            labels[i]
+            if labels is not None
+            else f"{p['mode']} {'+'.join(map(str, np.atleast_1d(p['genes'])))}"
+        )
         if kind == "target":
             if "target_cos" not in res:
-                raise ValueError(f"Run {k!r} has no target: pass `target=` to pg.tl.in_silico, or draw kind='cos'.")
+                raise ValueError(
+                    f"Run {k!r} has no target: pass `target=` to pg.tl.in_silico, or draw kind='cos'."
+                )
             tc = res["target_cos"]
             if not series:
                 series["original"] = np.asarray(tc["original"], dtype=float)
@@ -101,7 +107,9 @@ def in_silico_shift(
         patch.set_alpha(0.5)
     ax_b.set_yticks(np.arange(1, len(series) + 1))
     ax_b.set_yticklabels(list(series))
-    ax_b.set_xlabel("mean cosine similarity to target cells" if kind == "target" else "cosine similarity to original cell")
+    ax_b.set_xlabel(
+        "mean cosine similarity to target cells" if kind == "target" else "cosine similarity to original cell"
+    )
     return [ax_d, ax_b]
 
 
@@ -138,14 +146,23 @@ def in_silico_screen(
     """
     adata = get_adata(adata, modality)
     if key not in adata.uns or "results" not in adata.uns[key]:
-        raise KeyError(f"adata.uns[{key!r}] not found: run pg.tl.in_silico_screen(..., key_added={key!r}) first.")
+        raise KeyError(
+            f"adata.uns[{key!r}] not found: run pg.tl.in_silico_screen(..., key_added={key!r}) first."
+        )
     df = pd.DataFrame(adata.uns[key]["results"])
     df = df.sort_values("target_shift", ascending=bottom).head(n_top)
     if ax is None:
         _, ax = plt.subplots(figsize=(4, max(2.0, 0.22 * len(df) + 0.8)))
     y = np.arange(len(df))[::-1]
     colors = np.where(df["target_shift"].to_numpy() >= 0, "#c0392b", "#2c7fb8")
-    ax.barh(y, df["target_shift"], xerr=df.get("target_shift_sem"), color=colors, alpha=0.8, error_kw={"linewidth": 0.8})
+    ax.barh(
+        y,
+        df["target_shift"],
+        xerr=df.get("target_shift_sem"),
+        color=colors,
+        alpha=0.8,
+        error_kw={"linewidth": 0.8},
+    )
     ax.set_yticks(y)
     ax.set_yticklabels(df.index.astype(str))
     ax.axvline(0, color="grey", linewidth=0.8)

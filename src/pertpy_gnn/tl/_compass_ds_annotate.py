@@ -62,12 +62,22 @@ def _classifier_cls():
 def _split(adata: AnnData, batch_key, test_batches, train, test) -> tuple[np.ndarray, np.ndarray]:
     if test is not None:
         te = select_cells(adata, test, "test")
-        tr = select_cells(adata, train, "train") if train is not None else np.setdiff1d(np.arange(adata.n_obs), te)
+        tr = (
+            select_cells(adata, train, "train")
+            if train is not None
+            else np.setdiff1d(np.arange(adata.n_obs), te)
+        )
     elif batch_key is not None and test_batches is not None:
         if batch_key not in adata.obs:
-            raise KeyError(f"obs column {batch_key!r} (batch_key) not found; available: {list(adata.obs.columns)}.")
+            raise KeyError(
+                f"obs column {batch_key!r} (batch_key) not found; available: {list(adata.obs.columns)}."
+            )
         te = select_cells(adata, {batch_key: test_batches}, "test_batches")
-        tr = select_cells(adata, train, "train") if train is not None else np.setdiff1d(np.arange(adata.n_obs), te)
+        tr = (
+            select_cells(adata, train, "train")
+            if train is not None
+            else np.setdiff1d(np.arange(adata.n_obs), te)
+        )
     else:
         raise ValueError(
             "Say which cells to evaluate on: `batch_key=` and `test_batches=` (train on the other batches, as in "
@@ -178,7 +188,9 @@ def annotate_compass(
         check_overwrite(adata.obs, c, overwrite, "adata.obs")
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     if labels_key not in adata.obs:
-        raise KeyError(f"obs column {labels_key!r} (labels_key) not found; available: {list(adata.obs.columns)}.")
+        raise KeyError(
+            f"obs column {labels_key!r} (labels_key) not found; available: {list(adata.obs.columns)}."
+        )
     module, _ = check_model(model)
     tr, te = _split(adata, batch_key, test_batches, train, test)
     labels = adata.obs[labels_key].astype(str).to_numpy()
@@ -187,7 +199,14 @@ def annotate_compass(
     if unseen:
         logger.warning("Test cells have labels never seen in training (always predicted wrong): %s", unseen)
     y = pd.Index(classes).get_indexer(labels)
-    tok = tokenize_kwargs(species=species, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    tok = tokenize_kwargs(
+        species=species,
+        input_kind=input_kind,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        gene_ids=gene_ids,
+        gene_medians=gene_medians,
+    )
     with tokenized(adata, model, max_len=module.seq_len - 1, tok=tok, progress_bar=progress_bar) as corpus:
         ids_np, vals_np = corpus.read(np.arange(adata.n_obs))
     ids, vals = torch.from_numpy(ids_np.astype(np.int64)), torch.from_numpy(vals_np.astype(np.float32))
@@ -208,10 +227,12 @@ def annotate_compass(
     if freeze_encoder:  # the cell embeddings do not change: encode every cell once, standardize them
         clf.encoder.eval()
         with torch.no_grad():
-            feats = torch.cat([
-                clf.embed(ids[sl].to(dev), vals[sl].to(dev))
-                for sl in batches(adata.n_obs, max(batch_size, 32), progress_bar=False, desc="embed")
-            ])
+            feats = torch.cat(
+                [
+                    clf.embed(ids[sl].to(dev), vals[sl].to(dev))
+                    for sl in batches(adata.n_obs, max(batch_size, 32), progress_bar=False, desc="embed")
+                ]
+            )
         train_feats = feats[torch.from_numpy(tr).to(dev)]
         clf.center.copy_(train_feats.mean(0))
         clf.scale.copy_(train_feats.std(0).clamp(min=1e-6))
@@ -253,15 +274,21 @@ def annotate_compass(
         "accuracy": float(accuracy_score(labels[te], pred[te])),
         "macro_f1": float(f1_score(labels[te], pred[te], average="macro", zero_division=0)),
         "train_accuracy": float(accuracy_score(labels[tr], pred[tr])),
-        "per_class": pd.DataFrame({"precision": p, "recall": r, "f1": f, "support": s}, index=pd.Index(all_labels.astype(str))),
+        "per_class": pd.DataFrame(
+            {"precision": p, "recall": r, "f1": f, "support": s}, index=pd.Index(all_labels.astype(str))
+        ),
         "confusion": pd.DataFrame(
-            confusion_matrix(labels[te], pred[te], labels=all_labels), index=all_labels.astype(str), columns=all_labels.astype(str)
+            confusion_matrix(labels[te], pred[te], labels=all_labels),
+            index=all_labels.astype(str),
+            columns=all_labels.astype(str),
         ),
         "history": pd.DataFrame(history),
         "params": {
             "labels_key": labels_key,
             "batch_key": "" if batch_key is None else batch_key,
-            "test_batches": np.asarray([] if test_batches is None else np.atleast_1d(test_batches), dtype=str),
+            "test_batches": np.asarray(
+                [] if test_batches is None else np.atleast_1d(test_batches), dtype=str
+            ),
             "epochs": int(epochs),
             "lr": float(lr),
             "head_lr": float(head_lr),
@@ -273,5 +300,10 @@ def annotate_compass(
         },
     }
     adata.uns[key_added] = result
-    logger.info("GeneCompass annotation: test accuracy %.3f, macro-F1 %.3f (%d test cells)", result["accuracy"], result["macro_f1"], te.size)
+    logger.info(
+        "GeneCompass annotation: test accuracy %.3f, macro-F1 %.3f (%d test cells)",
+        result["accuracy"],
+        result["macro_f1"],
+        te.size,
+    )
     return clf

@@ -158,7 +158,9 @@ def select_cells(adata: AnnData, spec, what: str) -> np.ndarray:
         keep = np.ones(adata.n_obs, dtype=bool)
         for col, val in spec.items():
             if col not in adata.obs:
-                raise KeyError(f"`{what}`: obs column {col!r} not found; available: {list(adata.obs.columns)}.")
+                raise KeyError(
+                    f"`{what}`: obs column {col!r} not found; available: {list(adata.obs.columns)}."
+                )
             vals = [val] if isinstance(val, (str, int, float, bool, np.generic)) else list(val)
             keep &= adata.obs[col].isin(vals).to_numpy()
         rows = np.flatnonzero(keep)
@@ -166,7 +168,9 @@ def select_cells(adata: AnnData, spec, what: str) -> np.ndarray:
         arr = np.asarray(spec)
         if arr.dtype == bool:
             if arr.shape != (adata.n_obs,):
-                raise ValueError(f"`{what}`: a boolean mask needs one entry per cell ({adata.n_obs}), got shape {arr.shape}.")
+                raise ValueError(
+                    f"`{what}`: a boolean mask needs one entry per cell ({adata.n_obs}), got shape {arr.shape}."
+                )
             rows = np.flatnonzero(arr)
         elif np.issubdtype(arr.dtype, np.integer):
             rows = arr.ravel().astype(np.int64)
@@ -176,7 +180,9 @@ def select_cells(adata: AnnData, spec, what: str) -> np.ndarray:
             rows = adata.obs_names.get_indexer(arr.astype(str).ravel())
             if (rows < 0).any():
                 bad = arr.ravel()[rows < 0][:5]
-                raise KeyError(f"`{what}`: {int((rows < 0).sum())} names are not in adata.obs_names, e.g. {list(bad)}.")
+                raise KeyError(
+                    f"`{what}`: {int((rows < 0).sum())} names are not in adata.obs_names, e.g. {list(bad)}."
+                )
     if rows.size == 0:
         raise ValueError(f"`{what}` selects no cell.")
     return rows
@@ -190,9 +196,13 @@ def gene_tokens(vocab, genes: str | Sequence[str], species: str) -> np.ndarray:
     ids = vocab.lookup(genes, species)
     if (ids < 0).any():
         bad = [g for g, i in zip(genes, ids, strict=True) if i < 0]
-        raise ValueError(f"{len(bad)} genes are not in the model's vocabulary as {species} genes: {bad[:10]}. Check names and `species=`.")
+        raise ValueError(
+            f"{len(bad)} genes are not in the model's vocabulary as {species} genes: {bad[:10]}. Check names and `species=`."
+        )
     if np.unique(ids).size != ids.size:
-        raise ValueError(f"Genes {genes} map to repeated tokens (e.g. a mouse gene and its 1:1 human ortholog); give each once.")
+        raise ValueError(
+            f"Genes {genes} map to repeated tokens (e.g. a mouse gene and its 1:1 human ortholog); give each once."
+        )
     return ids.astype(np.int64)
 
 

@@ -47,7 +47,13 @@ def _embed(
     d = module.gene_embedding.embedding_dim
     var_ids = None
     if genes:
-        var_ids, _ = var_tokens(sub, vocab, species=tok.get("species"), gene_symbols=tok.get("gene_symbols"), gene_ids=tok.get("gene_ids"))
+        var_ids, _ = var_tokens(
+            sub,
+            vocab,
+            species=tok.get("species"),
+            gene_symbols=tok.get("gene_symbols"),
+            gene_ids=tok.get("gene_ids"),
+        )
         used = np.unique(var_ids[var_ids >= 0])
         slot = torch.full((len(vocab),), -1, dtype=torch.long)
         slot[torch.from_numpy(used)] = torch.arange(used.size)
@@ -57,8 +63,13 @@ def _embed(
     module.eval()
     out = []
     try:
-        with tokenized(sub, model, max_len=module.seq_len - 1, tok=tok, progress_bar=progress_bar) as corpus, torch.inference_mode():
-            for sl in batches(len(corpus), batch_size, progress_bar=progress_bar, desc="GeneCompass embeddings"):
+        with (
+            tokenized(sub, model, max_len=module.seq_len - 1, tok=tok, progress_bar=progress_bar) as corpus,
+            torch.inference_mode(),
+        ):
+            for sl in batches(
+                len(corpus), batch_size, progress_bar=progress_bar, desc="GeneCompass embeddings"
+            ):
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
                 h = encode(module, ids.astype(np.int64), values.astype(np.float32))
                 out.append(cell_states(h, ids.astype(np.int64), cell_embedding).cpu().numpy())
@@ -169,9 +180,23 @@ def embed_compass(
     if genes:
         check_overwrite(adata.varm, gene_key_added, overwrite, "adata.varm")
     rows = None if cells is None else select_cells(adata, cells, "cells")
-    tok = tokenize_kwargs(species=species, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    tok = tokenize_kwargs(
+        species=species,
+        input_kind=input_kind,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        gene_ids=gene_ids,
+        gene_medians=gene_medians,
+    )
     cell, gene, n = _embed(
-        adata, model, cells=rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=genes, cell_embedding=cell_embedding
+        adata,
+        model,
+        cells=rows,
+        batch_size=batch_size,
+        progress_bar=progress_bar,
+        tok=tok,
+        genes=genes,
+        cell_embedding=cell_embedding,
     )
     if copy:
         adata = adata.copy()
@@ -188,7 +213,12 @@ def embed_compass(
             "d": int(gene.shape[1]),
             "cells": int(cell.shape[0]),
         }
-        logger.info("GeneCompass: embedded %d cells and %d of %d genes", cell.shape[0], int((n > 0).sum()), adata.n_vars)
+        logger.info(
+            "GeneCompass: embedded %d cells and %d of %d genes",
+            cell.shape[0],
+            int((n > 0).sum()),
+            adata.n_vars,
+        )
     return adata if copy else None
 
 
@@ -229,7 +259,16 @@ def compass_gene_embeddings(
     """
     adata = get_adata(adata, modality)
     rows = None if cells is None else select_cells(adata, cells, "cells")
-    tok = tokenize_kwargs(species=species, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
-    _, gene, n = _embed(adata, model, cells=rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=True)
+    tok = tokenize_kwargs(
+        species=species,
+        input_kind=input_kind,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        gene_ids=gene_ids,
+        gene_medians=gene_medians,
+    )
+    _, gene, n = _embed(
+        adata, model, cells=rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=True
+    )
     logger.info("GeneCompass gene embeddings: %d of %d genes embedded", int((n > 0).sum()), adata.n_vars)
     return gene

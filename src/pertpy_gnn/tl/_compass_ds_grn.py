@@ -11,7 +11,9 @@ from .._constants import COMPASS_GENE_KEY, COMPASS_GRN_KEY
 from .._utils import check_overwrite, get_adata, logger
 
 
-def _unit_embeddings(adata: AnnData, embedding_key: str, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _unit_embeddings(
+    adata: AnnData, embedding_key: str, center: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm rows of ``varm[embedding_key]`` (optionally centered first) and which genes have an embedding."""
     if embedding_key not in adata.varm:
         raise KeyError(
@@ -99,14 +101,27 @@ def compass_grn(
         cols.append(idx[j[keep]])
         vals.append(s[i[keep], j[keep]])
     n = adata.n_vars
-    adj = sp.csr_matrix(
-        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
-    ) if rows else sp.csr_matrix((n, n), dtype=np.float32)
+    adj = (
+        sp.csr_matrix(
+            (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(n, n),
+        )
+        if rows
+        else sp.csr_matrix((n, n), dtype=np.float32)
+    )
     adj = ((adj + adj.T) * 0.5).tocsr()  # exact symmetry despite rounding of the two products
     adj.sort_indices()
     adata.varp[key_added] = adj.astype(np.float32)
-    adata.uns[key_added] = {"threshold": float(threshold), "embedding_key": embedding_key, "center": bool(center), "n_edges": int(adj.nnz // 2), "n_genes": int(ok.sum())}
-    logger.info("GeneCompass GRN: %d edges among %d genes (cosine > %.2f)", adj.nnz // 2, int(ok.sum()), threshold)
+    adata.uns[key_added] = {
+        "threshold": float(threshold),
+        "embedding_key": embedding_key,
+        "center": bool(center),
+        "n_edges": int(adj.nnz // 2),
+        "n_genes": int(ok.sum()),
+    }
+    logger.info(
+        "GeneCompass GRN: %d edges among %d genes (cosine > %.2f)", adj.nnz // 2, int(ok.sum()), threshold
+    )
 
 
 def grn_auprc(
@@ -169,13 +184,17 @@ def grn_auprc(
         a = pos.reindex(df.iloc[:, 0].astype(str).str.upper()).to_numpy()
         b = pos.reindex(df.iloc[:, 1].astype(str).str.upper()).to_numpy()
         keep = ~(np.isnan(a) | np.isnan(b))
-        return pd.DataFrame({"tf": a[keep].astype(np.int64), "target": b[keep].astype(np.int64)}).drop_duplicates()
+        return pd.DataFrame(
+            {"tf": a[keep].astype(np.int64), "target": b[keep].astype(np.int64)}
+        ).drop_duplicates()
 
     ref = _pairs(reference)
     ref = ref[ok[ref["tf"]] & ok[ref["target"]] & (ref["tf"] != ref["target"])]
     tfs = np.unique(ref["tf"].to_numpy())
     if tfs.size == 0:
-        raise ValueError("No reference edge has both genes embedded in adata: check gene names (`gene_symbols=`) and the embeddings.")
+        raise ValueError(
+            "No reference edge has both genes embedded in adata: check gene names (`gene_symbols=`) and the embeddings."
+        )
     genes = np.flatnonzero(ok)
     score = u[tfs] @ u[genes].T  # (n_tfs, n_genes)
     cand = np.ones_like(score, dtype=bool)

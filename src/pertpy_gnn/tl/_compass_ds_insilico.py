@@ -39,7 +39,9 @@ def _check_edit(mode: str, factor, level, min_rank_fraction) -> None:
     if mode == "knockdown" and (factor is None or not 0 <= float(factor) < 1):
         raise ValueError(f"Knockdown needs `factor` in [0, 1) (e.g. 0.5, 0.25 or 0), got {factor!r}.")
     if mode == "overexpress" and not (level in ("median", "max") or isinstance(level, (int, float))):
-        raise ValueError(f"Overexpression needs `level` 'median' (corpus median), 'max' (the cell's maximum) or a value, got {level!r}.")
+        raise ValueError(
+            f"Overexpression needs `level` 'median' (corpus median), 'max' (the cell's maximum) or a value, got {level!r}."
+        )
     if min_rank_fraction is not None and not 0 < float(min_rank_fraction) <= 1:
         raise ValueError(f"min_rank_fraction must be in (0, 1] or None, got {min_rank_fraction!r}.")
 
@@ -199,14 +201,23 @@ def in_silico(
     adata = get_adata(adata, modality)
     _check_edit(mode, factor, level, min_rank_fraction)
     check_cell_embedding(cell_embedding)
-    cols = [f"{key_added}_kept", f"{key_added}_cos"] + ([f"{key_added}_target_shift"] if target is not None else [])
+    cols = [f"{key_added}_kept", f"{key_added}_cos"] + (
+        [f"{key_added}_target_shift"] if target is not None else []
+    )
     for c in cols:
         check_overwrite(adata.obs, c, overwrite, "adata.obs")
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     module, vocab = check_model(model)
     sp_ = data_species(adata, species, gene_symbols)
     tgt_tok = torch.from_numpy(gene_tokens(vocab, genes, sp_))
-    tok = tokenize_kwargs(species=sp_, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    tok = tokenize_kwargs(
+        species=sp_,
+        input_kind=input_kind,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        gene_ids=gene_ids,
+        gene_medians=gene_medians,
+    )
     t_rows = None if target is None else select_cells(adata, target, "target")
     if cells is None:
         rows = np.setdiff1d(np.arange(adata.n_obs), t_rows) if t_rows is not None else np.arange(adata.n_obs)
@@ -225,13 +236,26 @@ def in_silico(
     was_training = module.training
     module.eval()
     try:
-        with tokenized(adata[rows], model, max_len=L + e, tok=tok, progress_bar=progress_bar) as corpus, torch.inference_mode():
+        with (
+            tokenized(adata[rows], model, max_len=L + e, tok=tok, progress_bar=progress_bar) as corpus,
+            torch.inference_mode(),
+        ):
             for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc=f"in-silico {mode}"):
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
-                ids, values = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(values.astype(np.float32))
+                ids, values = (
+                    torch.from_numpy(ids.astype(np.int64)),
+                    torch.from_numpy(values.astype(np.float32)),
+                )
                 targets = tgt_tok.unsqueeze(0).expand(ids.shape[0], -1)
                 o_ids, o_vals, p_ids, p_vals, ok = _variants(
-                    ids, values, targets, mode=mode, factor=factor, level=level, max_len=L, min_rank_fraction=min_rank_fraction
+                    ids,
+                    values,
+                    targets,
+                    mode=mode,
+                    factor=factor,
+                    level=level,
+                    max_len=L,
+                    min_rank_fraction=min_rank_fraction,
                 )
                 kept[sl] = ok.numpy()
                 if not bool(ok.any()):
@@ -241,7 +265,16 @@ def in_silico(
                 emb_o.append(cell_states(h_o, o_ids[ok], cell_embedding).cpu().numpy())
                 emb_p.append(cell_states(h_p, p_ids[ok], cell_embedding).cpu().numpy())
                 if gene_shift:
-                    _gene_shift_sums(o_ids[ok].to(h_o.device), p_ids[ok].to(h_o.device), h_o, h_p, targets[ok].to(h_o.device), n_special, sums, counts)
+                    _gene_shift_sums(
+                        o_ids[ok].to(h_o.device),
+                        p_ids[ok].to(h_o.device),
+                        h_o,
+                        h_p,
+                        targets[ok].to(h_o.device),
+                        n_special,
+                        sums,
+                        counts,
+                    )
     finally:
         module.train(was_training)
     n_kept = int(kept.sum())
@@ -278,7 +311,14 @@ def in_silico(
     adata.obs[f"{key_added}_cos"] = obs_cos
     if target is not None:
         t_emb, _, _ = _embed(
-            adata, model, cells=t_rows, batch_size=batch_size, progress_bar=progress_bar, tok=tok, genes=False, cell_embedding=cell_embedding
+            adata,
+            model,
+            cells=t_rows,
+            batch_size=batch_size,
+            progress_bar=progress_bar,
+            tok=tok,
+            genes=False,
+            cell_embedding=cell_embedding,
         )
         direction = mean_direction(t_emb)
         before, after = mean_cos_to(s, direction), mean_cos_to(s_p, direction)
@@ -286,19 +326,28 @@ def in_silico(
         shift[kept_rows] = after - before
         adata.obs[f"{key_added}_target_shift"] = shift
         uns["effect"] = float((after - before).mean())
-        uns["target_cos"] = pd.DataFrame({"original": before, "perturbed": after}, index=adata.obs_names[kept_rows].astype(str))
+        uns["target_cos"] = pd.DataFrame(
+            {"original": before, "perturbed": after}, index=adata.obs_names[kept_rows].astype(str)
+        )
         uns["n_target_cells"] = int(t_rows.size)
     if gene_shift:
         nz = np.flatnonzero(counts.numpy() > 0)
         df = pd.DataFrame(
-            {"shift": (sums.numpy()[nz] / counts.numpy()[nz]), "n_cells": counts.numpy()[nz].astype(np.int64)},
+            {
+                "shift": (sums.numpy()[nz] / counts.numpy()[nz]),
+                "n_cells": counts.numpy()[nz].astype(np.int64),
+            },
             index=pd.Index(vocab.tokens[nz].astype(str), name="gene"),
         )
         uns["gene_shift"] = df.sort_values("shift", ascending=False)
     adata.uns[key_added] = uns
     logger.info(
         "in-silico %s of %s: %d of %d cells kept, mean cos to original %.4f%s",
-        mode, list(np.atleast_1d(genes)), n_kept, rows.size, uns["mean_cos"],
+        mode,
+        list(np.atleast_1d(genes)),
+        n_kept,
+        rows.size,
+        uns["mean_cos"],
         f", effect toward target {uns['effect']:+.4g}" if target is not None else "",
     )
 
@@ -317,13 +366,17 @@ def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict
     from ..pp._compass_vocab import MOUSE_PREFIX, var_tokens
 
     if candidates is None:
-        ids, _ = var_tokens(adata, vocab, species=species, gene_symbols=tok.get("gene_symbols"), gene_ids=tok.get("gene_ids"))
+        ids, _ = var_tokens(
+            adata, vocab, species=species, gene_symbols=tok.get("gene_symbols"), gene_ids=tok.get("gene_ids")
+        )
         return np.unique(ids[ids >= 0])
     if isinstance(candidates, str) and candidates == "vocab":
         names = vocab.tokens.astype(str)
         gene = np.arange(len(vocab)) >= vocab.n_special
         mouse = np.char.startswith(names, MOUSE_PREFIX)
-        keep = gene & (mouse | np.isin(np.arange(len(vocab)), vocab.shared_ids) if species == "mouse" else gene & ~mouse)
+        keep = gene & (
+            mouse | np.isin(np.arange(len(vocab)), vocab.shared_ids) if species == "mouse" else gene & ~mouse
+        )
         return np.flatnonzero(keep).astype(np.int64)
     return np.unique(gene_tokens(vocab, candidates, species))
 
@@ -416,9 +469,20 @@ def in_silico_screen(
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     module, vocab = check_model(model)
     sp_ = data_species(adata, species, gene_symbols)
-    tok = tokenize_kwargs(species=sp_, input_kind=input_kind, layer=layer, gene_symbols=gene_symbols, gene_ids=gene_ids, gene_medians=gene_medians)
+    tok = tokenize_kwargs(
+        species=sp_,
+        input_kind=input_kind,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        gene_ids=gene_ids,
+        gene_medians=gene_medians,
+    )
     t_rows = select_cells(adata, target, "target")
-    rows = select_cells(adata, cells, "cells") if cells is not None else np.setdiff1d(np.arange(adata.n_obs), t_rows)
+    rows = (
+        select_cells(adata, cells, "cells")
+        if cells is not None
+        else np.setdiff1d(np.arange(adata.n_obs), t_rows)
+    )
     if rows.size == 0:
         raise ValueError("No cell to perturb: every cell is a target cell; pass `cells=`.")
     cand = _candidate_tokens(vocab, candidates, adata, sp_, tok)
@@ -426,7 +490,13 @@ def in_silico_screen(
         raise ValueError("No candidate gene is in the model's vocabulary.")
     L = module.seq_len - 1
 
-    emb_kw = {"batch_size": batch_size, "progress_bar": progress_bar, "tok": tok, "genes": False, "cell_embedding": cell_embedding}
+    emb_kw = {
+        "batch_size": batch_size,
+        "progress_bar": progress_bar,
+        "tok": tok,
+        "genes": False,
+        "cell_embedding": cell_embedding,
+    }
     t_dir = mean_direction(_embed(adata, model, cells=t_rows, **emb_kw)[0])
     s_dir = None
     if source is not None:
@@ -434,7 +504,10 @@ def in_silico_screen(
     was_training = module.training
     module.eval()
     try:
-        with tokenized(adata[rows], model, max_len=L + 1, tok=tok, progress_bar=progress_bar) as corpus, torch.inference_mode():
+        with (
+            tokenized(adata[rows], model, max_len=L + 1, tok=tok, progress_bar=progress_bar) as corpus,
+            torch.inference_mode(),
+        ):
             ids_all, vals_all = corpus.read(np.arange(rows.size))
         ids_all = torch.from_numpy(ids_all.astype(np.int64))
         vals_all = torch.from_numpy(vals_all.astype(np.float32))
@@ -452,12 +525,22 @@ def in_silico_screen(
             cell_idx, p = np.nonzero(ok)
             gene_idx = body[cell_idx, p]
         if cell_idx.size == 0:
-            raise ValueError("No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells.")
+            raise ValueError(
+                "No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells."
+            )
         with torch.inference_mode():
-            h0 = torch.cat([
-                cell_states(encode(module, o_ids[sl], o_vals[sl]), o_ids[sl], cell_embedding).cpu()
-                for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc="original cells")
-            ]).double().numpy()
+            h0 = (
+                torch.cat(
+                    [
+                        cell_states(encode(module, o_ids[sl], o_vals[sl]), o_ids[sl], cell_embedding).cpu()
+                        for sl in batches(
+                            rows.size, batch_size, progress_bar=progress_bar, desc="original cells"
+                        )
+                    ]
+                )
+                .double()
+                .numpy()
+            )
             base_t = mean_cos_to(h0, t_dir)
             base_s = mean_cos_to(h0, s_dir) if s_dir is not None else None
             slot = np.searchsorted(cand, gene_idx)
@@ -467,12 +550,18 @@ def in_silico_screen(
                 c = torch.from_numpy(cell_idx[sl])
                 targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
                 lv = _levels(level, o_vals[c], 1) if mode == "overexpress" else None
-                p_ids, p_vals, _ = edit_tokens(ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L)
+                p_ids, p_vals, _ = edit_tokens(
+                    ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L
+                )
                 h = cell_states(encode(module, p_ids, p_vals), p_ids, cell_embedding).double().cpu().numpy()
                 orig = h0[cell_idx[sl]]
                 shift = mean_cos_to(h, t_dir) - base_t[cell_idx[sl]]
                 cs = np.sum(h * orig, 1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(orig, axis=1))
-                ss = mean_cos_to(h, s_dir) - base_s[cell_idx[sl]] if s_dir is not None else np.zeros_like(shift)
+                ss = (
+                    mean_cos_to(h, s_dir) - base_s[cell_idx[sl]]
+                    if s_dir is not None
+                    else np.zeros_like(shift)
+                )
                 shift_all[sl] = shift
                 for k, v in enumerate((cs, ss, np.ones_like(shift))):
                     acc[k] += np.bincount(slot[sl], weights=v, minlength=cand.size)
@@ -483,7 +572,9 @@ def in_silico_screen(
     mean, sem = _group_mean_sem(shift_all, slot, cand.size)
     # paired with the other candidates in the same cell: removes the shift every edit causes
     # (e.g. the re-ranking itself), leaving the candidate-specific part and its (much smaller) SEM
-    per_cell = np.bincount(cell_idx, weights=shift_all, minlength=rows.size) / np.maximum(np.bincount(cell_idx, minlength=rows.size), 1)
+    per_cell = np.bincount(cell_idx, weights=shift_all, minlength=rows.size) / np.maximum(
+        np.bincount(cell_idx, minlength=rows.size), 1
+    )
     spec, spec_sem = _group_mean_sem(shift_all - per_cell[cell_idx], slot, cand.size)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(spec_sem[has] > 0, spec[has] / spec_sem[has], np.nan)
@@ -516,5 +607,12 @@ def in_silico_screen(
         "n_cells": int(rows.size),
         "n_variants": int(cell_idx.size),
     }
-    logger.info("in-silico screen: %d genes x %d cells = %d variants; top driver %s (%+.4g)", cand.size, rows.size, cell_idx.size, df.index[0], df["target_shift"].iloc[0])
+    logger.info(
+        "in-silico screen: %d genes x %d cells = %d variants; top driver %s (%+.4g)",
+        cand.size,
+        rows.size,
+        cell_idx.size,
+        df.index[0],
+        df["target_shift"].iloc[0],
+    )
     return df

@@ -107,7 +107,9 @@ def train_gears(
     }
     params.update(max_epochs=max_epochs, batch_size=batch_size, layer="X" if layer is None else layer)
     for graph in ("go_graph", "coexpression_graph"):
-        if model.init_params_["non_kwargs"].get(graph) is None:  # e.g. no co-expression graph with gene_embeddings
+        if (
+            model.init_params_["non_kwargs"].get(graph) is None
+        ):  # e.g. no co-expression graph with gene_embeddings
             params[graph] = "not used"
             continue
         given = model_kwargs.get(graph)
