@@ -29,6 +29,7 @@ from .._constants import (
     PERT_KEY,
     SPLIT_KEY,
 )
+from .._training import _training_data
 from .._utils import check_overwrite, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
 from ..tl._prediction import make_prediction_adata
@@ -172,9 +173,21 @@ class GEARS(BaseModelClass):
         get a learned embedding. Saved with the model.
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (only the projection is trained); ``False`` fine-tunes them.
+    anchor
+        ``None`` (default): the paper's GEARS. ``'additive'``: baseline-anchored GEARS, the network
+        predicts a residual over the additive prediction (sum of the training single-gene changes)
+        for sets whose genes were all seen as training singles, and over the training mean change
+        otherwise; ``'train_mean'``: over the training mean change for every set. The anchor is
+        computed from the training cells when :meth:`train` starts and saved with the model. In
+        training, a single's own change is left out of its anchor (it gets the training mean, as
+        an unseen single does), so that the residual learns what an unseen single needs. See
+        ``docs/methods.md`` ("Baseline-anchored GEARS").
+    anchor_reg
+        Weight of the penalty ``mean(residual^2)`` that pulls an anchored model toward its anchor.
     name
         Name of the predictor (``.name``: model names in :func:`pertpy_gnn.tl.evaluate` tables and
-        in predictions); default ``'GEARS'``, or ``'GEARS+embeddings'`` with ``gene_embeddings``.
+        in predictions); default ``'GEARS'``, or ``'GEARS+embeddings'`` with ``gene_embeddings``,
+        followed by `` (anchored: <anchor>)`` with an anchor.
 
     Notes
     -----
@@ -226,7 +239,7 @@ class GEARS(BaseModelClass):
         uncertainty: bool = False,
         gamma: float = 2.0,
         direction_lambda: float = 0.1,
-        direction: Literal["tanh", "sign"] = "tanh",
+        direction: Literal["tanh", "sign"] = "sign",
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
         go_graph: str | dict = GO_GRAPH_KEY,
@@ -234,6 +247,8 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         gene_embeddings: np.ndarray | None = None,
         freeze_gene_embeddings: bool = True,
+        anchor: Literal["additive", "train_mean"] | None = None,
+        anchor_reg: float = 1.0,
         name: str | None = None,
     ):
         super().__init__(adata)
@@ -252,6 +267,7 @@ class GEARS(BaseModelClass):
                 )
         if name is None:
             name = "GEARS" if gene_embeddings is None else "GEARS+embeddings"
+            name += f" (anchored: {anchor})" if anchor is not None else ""
         self.name = name
         self.init_params_ = self._get_init_params(locals())
         # the graphs and embeddings are saved with the model (init params): loading does not depend on adata.uns
@@ -282,6 +298,8 @@ class GEARS(BaseModelClass):
                 uncertainty_reg=uncertainty_reg,
                 gene_embeddings=None if gene_embeddings is None else torch.from_numpy(gene_embeddings),
                 freeze_gene_embeddings=freeze_gene_embeddings,
+                anchor=anchor,
+                anchor_reg=anchor_reg,
             )
         self.seen_genes_: list[str] = []
         self.train_summary_: dict = {}
@@ -290,6 +308,8 @@ class GEARS(BaseModelClass):
             f"{name}: {adata.n_vars} genes, {len(self.go_genes)} perturbable genes (GO graph), hidden_dim={hidden_dim}, "
             f"gnn={gnn}, uncertainty={uncertainty}"
         )
+        if anchor is not None:
+            self._model_summary_string += f", anchored on {anchor} (residual penalty {anchor_reg:g})"
         if gene_embeddings is not None:
             n_missing = int((~np.isfinite(gene_embeddings).all(1)).sum())
             self._model_summary_string += (
@@ -459,6 +479,7 @@ class GEARS(BaseModelClass):
         weight_decay: float = 5e-4,
         lr_decay: float = 0.5,
         gradient_clip_val: float = 1.0,
+        selection: Literal["val", "last"] = "val",
         seed: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
@@ -481,6 +502,11 @@ class GEARS(BaseModelClass):
             Learning-rate factor after each epoch (paper: 0.5).
         gradient_clip_val
             Gradients are clipped by value to this bound (paper: 1.0).
+        selection
+            ``'val'`` (paper): restore the epoch with the lowest validation top-20-DE MSE;
+            ``'last'``: a fixed schedule, keep the last epoch (validation is still recorded in
+            ``history_``). With a handful of validation perturbations the selected epoch is noisy
+            (see ``docs/methods.md``).
         seed
             Seed of the data order and of the control partners; default the model's ``seed``.
         accelerator, devices, strategy
@@ -501,8 +527,18 @@ class GEARS(BaseModelClass):
         seed = self._seed if seed is None else seed
         train, val, control_mean, seen, summary = self._training_data(seed)
         self.module.control_mean.copy_(torch.from_numpy(control_mean))
+        if self.module.anchor is not None:
+            self._set_anchor()
         self.module.train()
-        plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
+        if selection not in ("val", "last"):
+            raise ValueError(f"`selection` must be 'val' or 'last', got {selection!r}.")
+        plan = GEARSTrainingPlan(
+            self.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            select_best=selection == "val",
+        )
         val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
         with _quiet(progress_bar):
             trainer = pl.Trainer(
@@ -531,6 +567,19 @@ class GEARS(BaseModelClass):
         if self.module.uncertainty:
             self._set_uncertainty_stats(train)
         self.is_trained_ = True
+
+    def _set_anchor(self) -> None:
+        """The anchor from the training cells: the changes of the baselines ``additive`` and ``train_mean``."""
+        layer = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY].attr_key
+        summary = _training_data(self.adata, SPLIT_KEY, "X" if layer is None else layer)
+        genes, deltas = summary.single_deltas()
+        nodes = self._go_index.get_indexer(genes)
+        known = nodes >= 0
+        self.module.set_anchor(
+            torch.from_numpy(nodes[known]),
+            torch.from_numpy(deltas[known].astype(np.float32)),
+            torch.from_numpy(summary.mean_delta.astype(np.float32)),
+        )
 
     def _set_uncertainty_stats(self, train: TrainCells) -> None:
         """Mean and std over training cells of the per-cell uncertainty (mean log-variance over genes)."""

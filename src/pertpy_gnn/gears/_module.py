@@ -18,6 +18,9 @@ from ._constants import TENSOR_KEYS as K
 
 GNN_KINDS = ("sgc", "gcn", "gat")
 DIRECTION_KINDS = ("tanh", "sign")
+#: anchors of the baseline-anchored GEARS (``None``: the paper's GEARS)
+ANCHOR_KINDS = ("additive", "train_mean")
+_ANCHOR_BUFFERS = ("anchor_row", "anchor_deltas", "anchor_mean")
 
 
 class MLP(nn.Sequential):
@@ -265,6 +268,16 @@ class GEARSModule(BaseModuleClass):
         (``n_gene_gnn_layers`` and the co-expression graph are unused).
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (train the projection only); ``False`` fine-tunes them.
+    anchor
+        ``None`` (the paper's GEARS): the network predicts the change ``zhat``. Otherwise the network
+        predicts a residual ``r`` over an anchor ``a(P)`` computed from the training data
+        (:meth:`set_anchor`), and ``zhat = a(P) + r``: ``'additive'``: the sum of the training
+        single-gene changes when every gene of the set was seen as a training single, else the
+        training mean change; ``'train_mean'``: the training mean change for every set.
+        Controls have ``a = 0``.
+    anchor_reg
+        Weight of the penalty ``mean(r^2)`` (per set, mean over genes; mean over the sets of a
+        batch) that pulls the residual toward zero, i.e. the prediction toward the anchor.
     """
 
     def __init__(
@@ -283,13 +296,17 @@ class GEARSModule(BaseModuleClass):
         uncertainty: bool = False,
         gamma: float = 2.0,
         direction_lambda: float = 0.1,
-        direction: Literal["tanh", "sign"] = "tanh",
+        direction: Literal["tanh", "sign"] = "sign",
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
         gene_embeddings: torch.Tensor | None = None,
         freeze_gene_embeddings: bool = True,
+        anchor: Literal["additive", "train_mean"] | None = None,
+        anchor_reg: float = 1.0,
     ):
         super().__init__()
+        if anchor is not None and anchor not in ANCHOR_KINDS:
+            raise ValueError(f"`anchor` must be None or one of {ANCHOR_KINDS}, got {anchor!r}.")
         if gnn not in GNN_KINDS:
             raise ValueError(f"`gnn` must be one of {GNN_KINDS}, got {gnn!r}.")
         if direction not in DIRECTION_KINDS:
@@ -308,6 +325,13 @@ class GEARSModule(BaseModuleClass):
         # mean control expression (reference of the direction term) and training uncertainty statistics
         self.register_buffer("control_mean", torch.zeros(n_genes))
         self.register_buffer("uncertainty_stats", torch.tensor([0.0, 1.0]))
+        # the anchor (baseline-anchored GEARS): row of each GO node in anchor_deltas (-1: not seen as a
+        # training single), the training single-gene changes and the training mean change; sized by
+        # set_anchor and saved in the state dict (resized on load)
+        self.anchor, self.anchor_reg = anchor, float(anchor_reg)
+        self.register_buffer("anchor_row", torch.full((n_pert_nodes,), -1, dtype=torch.long))
+        self.register_buffer("anchor_deltas", torch.zeros(0, n_genes))
+        self.register_buffer("anchor_mean", torch.zeros(n_genes))
 
         if gene_embeddings is not None:
             if gene_embeddings.ndim != 2 or gene_embeddings.shape[0] != n_genes:
@@ -336,9 +360,59 @@ class GEARSModule(BaseModuleClass):
         self.cross_gene = MLP([n_genes, d, d])
         self.w2 = nn.Parameter(torch.randn(n_genes, d + 1) * (2.0 / ((n_genes + 1) * (d + 1))) ** 0.5)
         self.b2 = nn.Parameter(torch.zeros(n_genes, 1))
+        if anchor is not None:  # the residual starts at zero: an untrained anchored model is its anchor
+            nn.init.zeros_(self.w2)
         if uncertainty:
             self.w_unc = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
             self.b_unc = nn.Parameter(torch.zeros(n_genes, 1, 1))
+
+    # --- the anchor ---------------------------------------------------------------------------------
+    def set_anchor(self, nodes: torch.Tensor, deltas: torch.Tensor, mean: torch.Tensor) -> None:
+        """Store the anchor computed from the training data.
+
+        ``nodes``: GO-node indices of the training singles; ``deltas``: their changes
+        (``len(nodes) x K``); ``mean``: the training mean change (``K``).
+        """
+        dev = self.anchor_mean.device
+        row = torch.full((self.n_pert_nodes,), -1, dtype=torch.long, device=dev)
+        row[torch.as_tensor(nodes, dtype=torch.long, device=dev)] = torch.arange(len(nodes), device=dev)
+        self.anchor_row = row
+        self.anchor_deltas = torch.as_tensor(deltas, dtype=torch.float32, device=dev).reshape(
+            -1, self.n_genes
+        )
+        self.anchor_mean = torch.as_tensor(mean, dtype=torch.float32, device=dev).reshape(self.n_genes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the anchor's size is set by the training data: take the saved one
+        key = prefix + "anchor_deltas"
+        if key in state_dict:
+            self.anchor_deltas = torch.empty_like(state_dict[key], device=self.anchor_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def anchor_delta(self, pert_idx: torch.Tensor, *, own_out: bool = False) -> torch.Tensor:
+        """The anchor ``a(P)`` of a batch of sets (``n x K``; zero for controls and without an anchor).
+
+        ``own_out=True`` (training): a set of one gene is its own training single, so its anchor
+        is the training mean, as for a single held out: the residual then learns how a single
+        departs from the mean, which is what an unseen single needs.
+        """
+        n = pert_idx.shape[0]
+        out = self.anchor_mean.new_zeros(n, self.n_genes)
+        if self.anchor is None:
+            return out
+        valid = pert_idx >= 0
+        perturbed = valid.any(1)
+        out[perturbed] = self.anchor_mean
+        if self.anchor == "additive" and self.anchor_deltas.shape[0]:
+            rows = torch.where(valid, self.anchor_row[pert_idx.clamp(min=0)], -1)
+            all_seen = ((rows >= 0) | ~valid).all(1) & perturbed
+            if own_out:
+                all_seen &= valid.sum(1) > 1
+            if all_seen.any():
+                r = rows[all_seen]
+                summed = (self.anchor_deltas[r.clamp(min=0)] * (r >= 0).unsqueeze(-1)).sum(1)
+                out[all_seen] = summed
+        return out
 
     # --- scvi-tools module interface: inference = encoders, generative = decoders -----------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -433,7 +507,11 @@ class GEARSModule(BaseModuleClass):
         """
         x, mask = tensors[K.X], tensors[K.MASK].to(tensors[K.X].dtype)
         _, inverse, counts = torch.unique(tensors[K.GROUP], return_inverse=True, return_counts=True)
-        pred = generative_outputs["zhat"][inverse] + tensors[K.X_CTRL]
+        zhat = generative_outputs["zhat"]
+        if self.anchor is not None:
+            pert_idx = self._get_inference_input(tensors)["pert_idx"]
+            zhat = zhat + self.anchor_delta(pert_idx, own_out=self.training)
+        pred = zhat[inverse] + tensors[K.X_CTRL]
         c = self.control_mean
         err = (pred - x).abs() ** (2.0 + self.gamma)
         pred_dir = (
@@ -447,6 +525,10 @@ class GEARSModule(BaseModuleClass):
         direction = (dirn * weight).sum()
         total = autofocus + self.direction_lambda * direction
         extra = {"autofocus": autofocus.detach(), "direction": direction.detach()}
+        if self.anchor is not None:
+            residual = (generative_outputs["zhat"] ** 2).mean()
+            total = total + self.anchor_reg * residual
+            extra["residual"] = residual.detach()
         if self.uncertainty:
             s = generative_outputs["logvar"][inverse]
             unc = ((torch.exp(-s) * err + s) * weight).sum()
@@ -459,6 +541,7 @@ class GEARSModule(BaseModuleClass):
         raise NotImplementedError("GEARS does not sample cells; use GEARS.predict.")
 
     def predict_delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` and log-variance of a batch of perturbation sets (call in eval mode)."""
+        """``zhat`` (anchor + residual with an anchor) and log-variance of a batch of sets (call in eval mode)."""
         out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
-        return out["zhat"], out["logvar"]
+        zhat = out["zhat"] if self.anchor is None else out["zhat"] + self.anchor_delta(pert_idx)
+        return zhat, out["logvar"]
