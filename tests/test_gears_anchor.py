@@ -60,7 +60,7 @@ def test_training_anchor_leaves_a_single_out(toy_anchor):
     assert float(full[2].abs().max()) == 0.0  # control
 
 
-@pytest.mark.parametrize("reg, close", [(1e4, True), (0.0, False)])
+@pytest.mark.parametrize("reg, close", [(1e5, True), (0.0, False)])
 def test_residual_penalty_pulls_toward_anchor(toy_anchor, reg, close):
     adata = toy_anchor
     sets = _test_sets(adata)
@@ -71,12 +71,13 @@ def test_residual_penalty_pulls_toward_anchor(toy_anchor, reg, close):
         hidden_dim=16,
         anchor="train_mean",
         anchor_reg=reg,
+        gamma=0.0,
         overwrite=True,
         progress_bar=False,
-        train_kwargs={"lr_decay": 1.0},
+        train_kwargs={"lr_decay": 1.0, "lr": 5e-3, "selection": "last"},
     )
     gap = float(np.abs(model.predict(sets, n_control=None).X - base).max())
-    assert (gap < 0.02) if close else (gap > 0.05)
+    assert (gap < 0.05) if close else (gap > 0.15)
 
 
 def test_anchored_save_load_round_trip(toy_anchor, tmp_path):

@@ -152,7 +152,9 @@ class GEARS(BaseModelClass):
     direction_lambda
         Weight of the direction term (paper: 0.1).
     direction
-        ``'tanh'`` (differentiable surrogate, default) or ``'sign'`` (published; zero gradient).
+        ``'sign'`` (published, default; its gradient is zero, so the term trains nothing) or
+        ``'tanh'`` (a differentiable surrogate; it pulls predictions of zero-inflated genes toward
+        the sign of most cells rather than the mean, see ``docs/methods.md``).
     direction_tau
         Temperature of the ``tanh`` surrogate.
     uncertainty_reg
@@ -199,9 +201,11 @@ class GEARS(BaseModelClass):
     - ``h_gene = MLP(GNN(x_gene))`` as in the paper (the published code adds
       ``0.2 * GNN(x_pos)`` of a second embedding to ``ReLU(BN(x_gene))``); the uncertainty head is
       the paper's gene-specific linear layer on ``h_post`` (published: an MLP shared by all genes).
-    - Loss: the direction term uses a differentiable surrogate ``tanh((g_hat - c) / tau)`` by
-      default (``direction='sign'`` gives the published term, whose gradient is zero); ``c`` is the
-      mean control expression, as published. The uncertainty term is
+    - Loss: the direction term is the published one by default (``direction='sign'``: its
+      gradient is zero); ``direction='tanh'`` gives a differentiable surrogate
+      ``tanh((g_hat - c) / tau)``, which on zero-inflated genes fits the sign of most cells rather
+      than the mean (it kept GEARS from fitting its own training perturbations, issue 11); ``c`` is
+      the mean control expression, as published. The uncertainty term is
       ``exp(-s) |g - g_hat|^(2 + gamma) + s`` (Kendall & Gal), added with weight
       ``uncertainty_reg`` to the autofocus and direction terms; the published term lacks ``+ s``, so
       nothing stops ``s`` from growing without bound. With ``+ s`` its minimum is at

@@ -256,8 +256,8 @@ class GEARSModule(BaseModuleClass):
     direction_lambda
         Weight of the direction term.
     direction
-        ``'tanh'``: differentiable surrogate ``(sign(g - c) - tanh((g_hat - c) / tau))^2`` (default);
-        ``'sign'``: the published ``(sign(g - c) - sign(g_hat - c))^2``, whose gradient is zero.
+        ``'sign'`` (default): the published ``(sign(g - c) - sign(g_hat - c))^2``, whose gradient is
+        zero; ``'tanh'``: differentiable surrogate ``(sign(g - c) - tanh((g_hat - c) / tau))^2``.
     direction_tau
         Temperature of the ``tanh`` surrogate (expression units).
     uncertainty_reg
@@ -332,6 +332,8 @@ class GEARSModule(BaseModuleClass):
         self.register_buffer("anchor_row", torch.full((n_pert_nodes,), -1, dtype=torch.long))
         self.register_buffer("anchor_deltas", torch.zeros(0, n_genes))
         self.register_buffer("anchor_mean", torch.zeros(n_genes))
+        if anchor is not None:  # added to h_P: which anchor a set has (training mean / additive)
+            self.anchor_kind = nn.Parameter(torch.zeros(2, d))
 
         if gene_embeddings is not None:
             if gene_embeddings.ndim != 2 or gene_embeddings.shape[0] != n_genes:
@@ -389,17 +391,13 @@ class GEARSModule(BaseModuleClass):
             self.anchor_deltas = torch.empty_like(state_dict[key], device=self.anchor_mean.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def anchor_delta(self, pert_idx: torch.Tensor, *, own_out: bool = False) -> torch.Tensor:
-        """The anchor ``a(P)`` of a batch of sets (``n x K``; zero for controls and without an anchor).
-
-        ``own_out=True`` (training): a set of one gene is its own training single, so its anchor
-        is the training mean, as for a single held out: the residual then learns how a single
-        departs from the mean, which is what an unseen single needs.
-        """
+    def _anchor(self, pert_idx: torch.Tensor, own_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchor ``a(P)`` (``n x K``) and whether it is additive (``n``), see :meth:`anchor_delta`."""
         n = pert_idx.shape[0]
         out = self.anchor_mean.new_zeros(n, self.n_genes)
+        all_seen = torch.zeros(n, dtype=torch.bool, device=pert_idx.device)
         if self.anchor is None:
-            return out
+            return out, all_seen
         valid = pert_idx >= 0
         perturbed = valid.any(1)
         out[perturbed] = self.anchor_mean
@@ -410,9 +408,19 @@ class GEARSModule(BaseModuleClass):
                 all_seen &= valid.sum(1) > 1
             if all_seen.any():
                 r = rows[all_seen]
-                summed = (self.anchor_deltas[r.clamp(min=0)] * (r >= 0).unsqueeze(-1)).sum(1)
-                out[all_seen] = summed
-        return out
+                out[all_seen] = (self.anchor_deltas[r.clamp(min=0)] * (r >= 0).unsqueeze(-1)).sum(1)
+        return out, all_seen
+
+    def anchor_delta(self, pert_idx: torch.Tensor, *, own_out: bool = False) -> torch.Tensor:
+        """The anchor ``a(P)`` of a batch of sets (``n x K``; zero for controls and without an anchor).
+
+        ``own_out=True`` (training): a set of one gene is its own training single, so its anchor
+        is the training mean, as for a single held out: the residual then learns how a single
+        departs from the mean, which is what an unseen single needs. The network is told which
+        kind of anchor a set has (a learned vector added to ``h_P``), so that what it learns
+        over the mean (from singles) and over the additive prediction (from doubles) stay apart.
+        """
+        return self._anchor(pert_idx, own_out)[0]
 
     # --- scvi-tools module interface: inference = encoders, generative = decoders -----------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -451,6 +459,9 @@ class GEARSModule(BaseModuleClass):
             summed = h_gene.new_zeros(n, d).index_add(0, torch.nonzero(valid)[:, 0], h_nodes[node_of])
             perturbed = torch.nonzero(valid.any(1)).squeeze(1)
             h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]))
+            if self.anchor is not None:
+                additive = self._anchor(pert_idx, own_out=self.training)[1]
+                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
         # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
         # normalization folds into the K + n embeddings before they are broadcast (same values as
         # self.bn_post on the K * n rows, without a pass over them)
