@@ -595,10 +595,14 @@ def fit_baseline(
             ``uns['pg_coexpression_graph']``), scaled by one least-squares scalar (``scale=`` fixes it);
             genes must be in ``var_names``, else the row is the control mean (``obs['available']``);
         ``'linear_embedding'``
-            Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` with PCA gene embeddings (``pca_dim=10``)
-            and a closed-form ridge fit (``ridge=0.1``); unmeasured genes are embedded from their GO
-            neighbours (``go_graph=``, default ``uns['pg_go_graph']``) or as zero (see
-            ``LinearEmbeddingBaseline``).
+            Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` with PCA read-out gene embeddings
+            (``pca_dim=10``) and a closed-form ridge fit whose penalty is cross-validated over the
+            training perturbations (``ridge='cv'``, ``cv_folds=10``, ``cv_rule='1se'``, ``alphas=``;
+            ``ridge=0.1, normalize=False`` is the paper's fit); perturbation embeddings
+            (``perturbation_embedding=``) ``'pca'``, ``'go'``, ``'coexpression'`` (spectral
+            embeddings of the graphs, ``embedding_dim=10``) or a gene x d matrix (e.g. GeneCompass
+            gene embeddings); genes without one are embedded from their GO neighbours (``go_graph=``,
+            default ``uns['pg_go_graph']``) or as zero (see ``LinearEmbeddingBaseline``).
     split_key
         Column of ``obs`` with the train / val / test assignment.
     layer

@@ -236,6 +236,18 @@ def evaluate(
     the true cells (population SD; genes with SD 0 left out). Correlations of a constant vector are
     0 (GEARS's convention); a NaN prediction row (e.g. ``additive`` without both singles) gives NaN.
 
+    Beside the paper's metrics, those the field uses now (formulas in ``docs/methods.md``): with
+    ``m`` the perturbed centroid (the mean over all perturbations of the data, all splits, of their mean
+    profiles) and DE weights ``w_pg = ((|t_pg| - min|t_p|) / (max|t_p| - min|t_p|))^2`` normalized to sum
+    1, ``t_pg`` the Welch t of perturbation ``p`` against all other perturbed cells (Mejia et al. 2025):
+    ``mse_de_weighted = sum_g w_pg (pred - true)^2``; ``r2_delta_de_weighted``, the ``w``-weighted R^2
+    of ``pred - m`` against ``true - m``; ``pearson_delta_centroid``, Pearson r of ``pred - m`` and
+    ``true - m`` (Vinas Torne et al. 2025); ``perturbation_discrimination = 1 - r / (N - 1)``, ``r`` the
+    number of other evaluated perturbations whose true profile is closer (L1) to the prediction than
+    its own (ties one half; Virtual Cell Challenge; 1 best, 0.5 chance); ``de_overlap_top20`` / ``_top100``,
+    the fraction of the true top-k DE genes among the k genes of largest predicted ``|change|``
+    (a change of exactly 0 never counts).
+
     The top-20 DE genes are those of ``uns[de_key]`` (:func:`pertpy_gnn.pp.rank_de_genes`); the top
     100 / 200 are ranked here by the same Welch t. The control mean is the mean of all control cells;
     a predictor averaging a random subset of them (``n_control=300``) carries that sampling noise.
@@ -270,8 +282,10 @@ def evaluate(
 
     Returns
     -------
-    Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``
-    (one row per model x perturbation x metric). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
+    Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``,
+    ``available`` (one row per model x perturbation x metric; ``available`` is ``False`` where the
+    prediction's ``obs['available']`` says the model fell back, e.g. ``linear_coexpression`` on a gene
+    outside ``var_names``, and a warning is logged). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
     that frame, ``'summary':`` :func:`summarize_evaluation` of it, ``'params': {...}}``.
     """
     adata = get_adata(data, modality)
@@ -489,7 +503,8 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     Returns
     -------
     Long DataFrame with columns ``model``, ``subgroup``, ``metric``, ``mean``, ``sem``, ``n`` (number of
-    perturbations with a finite value; NaN values are left out of the mean), or the wide table.
+    perturbations with a finite value; NaN values are left out of the mean) and, when ``df`` has the
+    ``available`` column, ``n_unavailable`` (perturbations the model fell back on), or the wide table.
     """
     need = {"model", "perturbation", "subgroup", "metric", "value"}
     if not need <= set(df.columns):
