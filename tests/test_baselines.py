@@ -317,7 +317,7 @@ def test_linear_embedding_external_embeddings(synth):
     assert pred.obs["embedding_source"].tolist() == ["embedded", "embedded", "none"]
     assert pred.obs["available"].tolist() == [True, True, False]
     np.testing.assert_allclose(pred.layers["delta"][2], model.b, atol=1e-6)
-    assert pred.uns["pg_prediction"]["fallback"].startswith("train_mean")
+    assert pred.uns["pg_prediction"]["fallback"].startswith("b (the mean training change)")
     # an n_vars x d array aligned to var_names (NaN rows: no embedding), the form of compass_gene_embeddings
     arr = np.full((30, 5), np.nan)
     arr[:6] = table.to_numpy()

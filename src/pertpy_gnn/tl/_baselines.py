@@ -372,12 +372,12 @@ class LinearEmbeddingBaseline(Baseline):
 
     ``obs['embedding_source']`` lists per gene ``measured`` (``'pca'``), ``embedded`` (other
     embeddings), ``go`` (GO neighbours) or ``none``; ``obs['available']`` is ``False`` when a gene
-    has no embedding (the row is then ``b``). Attributes after fitting: ``gene_embedding`` (``G``),
+    has no embedding (such a gene adds nothing: a set of such genes is predicted as ``b``). Attributes after fitting: ``gene_embedding`` (``G``),
     ``W``, ``b``, ``ridge_`` (the penalties used), ``cv_alpha`` and ``cv_error`` (per ``alphas``).
     """
 
     kind = "linear_embedding"
-    fallback = "train_mean (b, the mean change over the training conditions)"
+    fallback = "b (the mean training change) plus the part of the set's genes that have an embedding"
 
     def __init__(
         self,
