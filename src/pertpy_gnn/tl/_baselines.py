@@ -372,8 +372,9 @@ class LinearEmbeddingBaseline(Baseline):
 
     ``obs['embedding_source']`` lists per gene ``measured`` (``'pca'``), ``embedded`` (other
     embeddings), ``go`` (GO neighbours) or ``none``; ``obs['available']`` is ``False`` when a gene
-    has no embedding (such a gene adds nothing: a set of such genes is predicted as ``b``). Attributes after fitting: ``gene_embedding`` (``G``),
-    ``W``, ``b``, ``ridge_`` (the penalties used), ``cv_alpha`` and ``cv_error`` (per ``alphas``).
+    has no embedding (such a gene adds nothing: a set of such genes is predicted as ``b``).
+    Attributes after fitting: ``gene_embedding`` (``G``), ``W``, ``b``, ``ridge_`` (the penalties
+    used), ``cv_alpha`` and ``cv_error`` (mean held-out error per ``alphas``).
     """
 
     kind = "linear_embedding"
