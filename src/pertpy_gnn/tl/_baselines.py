@@ -468,7 +468,7 @@ class LinearEmbeddingBaseline(Baseline):
                     lam_g, lam_p = relative_penalties(g, p, grid)
                     ws = bilinear_ridge(g, yc, p, lam_g, lam_p)
                     ph, _ = self._embed([sets[i] for i in held], g)
-                    pred = np.einsum("gk,lkm,hm->lhg", g, ws, ph) + b[None, None, :]
+                    pred = np.einsum("gk,lkm,hm->lhg", g, ws, ph, optimize=True) + b[None, None, :]
                     err[:, held] = ((pred - train.deltas[held][None]) ** 2).sum(axis=2)
                 mean = err.mean(axis=1)
                 best = int(np.argmin(mean))
