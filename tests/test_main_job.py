@@ -14,7 +14,15 @@ from .conftest import NORMAN
 def _check_report(out, *, simulated: bool):
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    for model in ("GEARS (anchored)", "GEARS (paper)", "no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding"):
+    for model in (
+        "GEARS (anchored)",
+        "GEARS (paper)",
+        "no_change",
+        "train_mean",
+        "additive",
+        "linear_coexpression",
+        "linear_embedding",
+    ):
         assert model in report
     table = pd.read_csv(out / "evaluation_per_perturbation.csv")
     assert set(table["model"]) >= {"GEARS (anchored)", "GEARS (paper)", "no_change", "additive"}
