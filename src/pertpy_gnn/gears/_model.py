@@ -252,7 +252,7 @@ class GEARS(BaseModelClass):
         gene_embeddings: np.ndarray | None = None,
         freeze_gene_embeddings: bool = True,
         anchor: Literal["additive", "train_mean"] | None = None,
-        anchor_reg: float = 1.0,
+        anchor_reg: float = 10.0,
         name: str | None = None,
     ):
         super().__init__(adata)

@@ -302,7 +302,7 @@ class GEARSModule(BaseModuleClass):
         gene_embeddings: torch.Tensor | None = None,
         freeze_gene_embeddings: bool = True,
         anchor: Literal["additive", "train_mean"] | None = None,
-        anchor_reg: float = 1.0,
+        anchor_reg: float = 10.0,
     ):
         super().__init__()
         if anchor is not None and anchor not in ANCHOR_KINDS:

@@ -12,7 +12,7 @@ from .._utils import check_overwrite, get_adata
 #: the settings of ``train_gears(..., preset='anchored')``, the model we recommend (issue 11): model
 #: arguments of :class:`~pertpy_gnn.gears.GEARS` and training arguments of its ``train``
 RECOMMENDED_GEARS = {
-    "model": {"anchor": "additive", "anchor_reg": 1.0, "gamma": 0.0},
+    "model": {"anchor": "additive", "anchor_reg": 10.0, "gamma": 0.0},
     "train": {"lr_decay": 1.0, "selection": "last"},
 }
 #: presets of :func:`train_gears`
