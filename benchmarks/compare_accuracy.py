@@ -478,7 +478,7 @@ GEARS_VARIANTS = {
         "GEARS (anchored, val-selected)",
         "RECOMMENDED",
         {"selection": "val"},
-        ("norman_subset", "norman_shaped_sim"),
+        ("norman_subset",),
     ),
 }
 

@@ -131,3 +131,14 @@ def test_default_loss_is_minimized_near_the_mean_change():
     fitted = (zhat.detach() + c).squeeze(0)
     # the autofocus minimizer of a 0/1 variable is p / (1 - p) = (q / (1 - q))^(1/3): 0.48 for q = 0.45
     assert (fitted - x.mean(0)).abs().max() < 0.06
+
+
+def test_paper_gears_state_dict_has_no_anchor():
+    """Models saved before the anchor existed still load: anchor=None adds nothing to the state dict."""
+    from .test_gears import _small_module
+
+    assert not any("anchor" in k for k in _small_module().state_dict())
+    anchored = _small_module(anchor="additive")
+    assert {"anchor_row", "anchor_deltas", "anchor_mean", "anchor_kind"} <= set(anchored.state_dict())
+    with pytest.raises(ValueError, match="no anchor"):
+        _small_module().set_anchor(torch.tensor([0]), torch.zeros(1, 12), torch.zeros(12))

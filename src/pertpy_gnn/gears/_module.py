@@ -328,11 +328,13 @@ class GEARSModule(BaseModuleClass):
         # the anchor (baseline-anchored GEARS): row of each GO node in anchor_deltas (-1: not seen as a
         # training single), the training single-gene changes and the training mean change; sized by
         # set_anchor and saved in the state dict (resized on load)
+        # (the paper's GEARS, anchor=None, has none of these: its state dict is unchanged)
         self.anchor, self.anchor_reg = anchor, float(anchor_reg)
-        self.register_buffer("anchor_row", torch.full((n_pert_nodes,), -1, dtype=torch.long))
-        self.register_buffer("anchor_deltas", torch.zeros(0, n_genes))
-        self.register_buffer("anchor_mean", torch.zeros(n_genes))
-        if anchor is not None:  # added to h_P: which anchor a set has (training mean / additive)
+        if anchor is not None:
+            self.register_buffer("anchor_row", torch.full((n_pert_nodes,), -1, dtype=torch.long))
+            self.register_buffer("anchor_deltas", torch.zeros(0, n_genes))
+            self.register_buffer("anchor_mean", torch.zeros(n_genes))
+            # added to h_P: which anchor a set has (training mean / additive)
             self.anchor_kind = nn.Parameter(torch.zeros(2, d))
 
         if gene_embeddings is not None:
@@ -375,6 +377,8 @@ class GEARSModule(BaseModuleClass):
         ``nodes``: GO-node indices of the training singles; ``deltas``: their changes
         (``len(nodes) x K``); ``mean``: the training mean change (``K``).
         """
+        if self.anchor is None:
+            raise ValueError("This GEARS has no anchor (anchor=None).")
         dev = self.anchor_mean.device
         row = torch.full((self.n_pert_nodes,), -1, dtype=torch.long, device=dev)
         row[torch.as_tensor(nodes, dtype=torch.long, device=dev)] = torch.arange(len(nodes), device=dev)
@@ -387,14 +391,14 @@ class GEARSModule(BaseModuleClass):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the anchor's size is set by the training data: take the saved one
         key = prefix + "anchor_deltas"
-        if key in state_dict:
+        if key in state_dict and self.anchor is not None:
             self.anchor_deltas = torch.empty_like(state_dict[key], device=self.anchor_mean.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _anchor(self, pert_idx: torch.Tensor, own_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The anchor ``a(P)`` (``n x K``) and whether it is additive (``n``), see :meth:`anchor_delta`."""
         n = pert_idx.shape[0]
-        out = self.anchor_mean.new_zeros(n, self.n_genes)
+        out = self.control_mean.new_zeros(n, self.n_genes)
         all_seen = torch.zeros(n, dtype=torch.bool, device=pert_idx.device)
         if self.anchor is None:
             return out, all_seen
