@@ -29,9 +29,9 @@ from .._constants import (
     PERT_KEY,
     SPLIT_KEY,
 )
+from .._prediction import make_prediction_adata
 from .._utils import check_overwrite, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
-from ..tl._prediction import make_prediction_adata
 from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
 from ._data import ExpressionRows, TensorDict, TrainCells, make_loader
 from ._module import GEARSModule
@@ -628,7 +628,7 @@ class GEARS(BaseModelClass):
 
         Returns
         -------
-        AnnData in the form of :func:`pertpy_gnn.tl._prediction.make_prediction_adata`: one row per
+        AnnData in the form of :func:`pertpy_gnn._prediction.make_prediction_adata`: one row per
         set, ``X`` the predicted mean, ``layers['delta']`` the predicted change ``zhat`` over the mean
         of the drawn control cells (``uns['pg_prediction']['control_mean']``), ``obs`` ``perturbation``, ``n_genes``, ``n_unseen``, ``seen`` and, with uncertainty,
         ``uncertainty`` (mean predicted log-variance over genes) and ``uncertainty_z`` (z-scored

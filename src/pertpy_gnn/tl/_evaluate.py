@@ -177,7 +177,7 @@ def evaluate(
     predictions
         Dict ``name -> predictor or prediction AnnData`` (a list of predictors is named by their
         ``.name``). Predictors are asked to predict the subset's perturbations; a prediction AnnData
-        (the form of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`) must contain them.
+        (the form of :func:`~pertpy_gnn._prediction.make_prediction_adata`) must contain them.
     split_key
         Column of ``obs`` with the train / val / test assignment.
     subset
