@@ -17,3 +17,5 @@ OMP_NUM_THREADS=1 PYTHONPATH=src "$ours" benchmarks/reference_gears/export_input
     --n-predict 20 --n-gi 2 --seed 0 --out "$work"
 OMP_NUM_THREADS=1 "$ref" benchmarks/reference_gears/make_cellgears_fixture.py \
     --data-dir "$work" --out tests/data/cellgears_fixture --epochs 2 --hidden-size 16 --seed 0
+OMP_NUM_THREADS=1 "$ref" benchmarks/reference_gears/cellgears_float64.py \
+    --fixture tests/data/cellgears_fixture --out tests/data/cellgears_fixture/predictions_float64.npz
