@@ -155,7 +155,6 @@ def read_gears_data(
         control_label=GEARS_CONTROL,
         delimiter="+",
         gene_universe=genes,
-        check_expression=False,
     )
     if table is not None:
         assignment = {c: s for s in _SPLITS for c in table.get(s, []) if c != GEARS_CONTROL}
