@@ -60,6 +60,10 @@ def test_load_reference_reproduces_cellgears_predictions(adata, preds, tag):
     if tag == "unc":
         # cell-gears reports exp(-mean over genes of the mean log-variance over its 300 cells)
         np.testing.assert_allclose(np.exp(-unc.astype(np.float64)), preds["unc_logvar_sum"], rtol=TOL, atol=0)
+        mu, sd = model.module.uncertainty_stats.numpy()
+        assert sd > 0 and mu != 0  # set from the training cells of the split
+        out = model.predict([str(p) for p in preds["unc_perts"]])
+        np.testing.assert_allclose(out.obs["uncertainty_z"], (out.obs["uncertainty"] - mu) / sd, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tag", ["plain", "unc"])

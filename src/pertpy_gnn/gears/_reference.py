@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -563,6 +564,15 @@ def load_reference(
         train = adata.obs[SPLIT_KEY].astype(str).to_numpy() == TRAIN
         codes = np.unique(col.cat.codes.to_numpy()[train])
         model.seen_genes_ = sorted({g for c in codes for g in sets[c]})
+        if model.module.uncertainty:  # z-scores against the training cells, as for a model trained here
+            table = model._pert_index(sets)
+            known = (table >= 0).sum(1).numpy() == np.array([len(st) for st in sets])
+            cell_codes = col.cat.codes.to_numpy()[train]
+            model._set_uncertainty_stats(
+                SimpleNamespace(
+                    codes=torch.as_tensor(cell_codes[known[cell_codes]], dtype=torch.long), pert_table=table
+                )
+            )
     model.is_trained_ = True
     logger.info(
         "Loaded the cell-gears model of %s (%d genes, %d perturbation-graph genes).",
