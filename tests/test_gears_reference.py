@@ -202,3 +202,13 @@ def test_read_gears_data_written_layout(tmp_path):
         pickle.dump({"train": [np.random.default_rng]}, f)
     with pytest.raises(UnsafePickleError, match="mini_custom_1_0.75.pkl"):
         pg.datasets.read_gears_data(folder, split="custom")
+
+
+def test_loaded_reference_fine_tunes(adata):
+    pg.pp.rank_de_genes(adata)
+    model = pg.gears.GEARS.load_reference(FIX / "model_unc", adata, direction="sign")
+    sets = [c for c in adata.obs[PERT_KEY].cat.categories if c != "control"]
+    before = model.predict(sets).X.copy()
+    model.train(max_epochs=1, progress_bar=False)
+    assert np.isfinite(model.history_["train_loss"]).all()
+    assert np.abs(model.predict(sets).X - before).max() > 1e-3
