@@ -130,6 +130,11 @@ def test_foreign_pickle_is_refused_naming_the_file(adata, tmp_path):
         pickle.dump({"hidden_size": 16, "x": Evil()}, f)
     with pytest.raises(UnsafePickleError, match=r"config\.pkl.*builtins\.print"):
         pg.gears.GEARS.load_reference(dst, adata)
+    # tensors are plain data; a torch object that is not a tensor is not
+    with open(dst / "config.pkl", "wb") as f:
+        pickle.dump({"G_go": torch.zeros(2, 3), "layer": torch.nn.Linear(1, 1)}, f)
+    with pytest.raises(UnsafePickleError, match=r"config\.pkl.*torch\.nn\.modules\.linear\.Linear"):
+        pg.gears.GEARS.load_reference(dst, adata)
 
 
 def test_truncated_or_foreign_weights_fail_clearly(adata, tmp_path):

@@ -195,17 +195,27 @@ class ReferenceGEARSModule(GEARSModule):
 
 
 # ------------------------------------------------------------------------------------------ reading
-_TENSOR_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_tensor"),
-    ("collections", "OrderedDict"),
-    ("torch", "device"),
-}
-
-
 def _storage_from_bytes(b: bytes):
     """A tensor storage pickled by torch (``torch.storage._load_from_bytes``), read with ``weights_only=True``."""
-    return torch.load(io.BytesIO(b), weights_only=True)
+    storage = torch.load(io.BytesIO(b), weights_only=True)
+    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
+        raise TypeError(f"expected a tensor storage, got {type(storage).__name__}")
+    return storage
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+    """``torch._utils._rebuild_tensor_v2`` for plain data: a tensor view of a storage, no hooks or metadata."""
+    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
+        raise TypeError(f"expected a tensor storage, got {type(storage).__name__}")
+    return torch._utils._rebuild_tensor(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+#: the globals a torch tensor pickled by ``pickle`` needs, each mapped to a safe stand-in (``None``: itself)
+_TENSOR_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("collections", "OrderedDict"): None,
+}
 
 
 def read_cellgears_config(path: str | os.PathLike) -> dict:
@@ -215,9 +225,7 @@ def read_cellgears_config(path: str | os.PathLike) -> dict:
     ``torch.load(weights_only=True)``; any other class or function in the pickle is refused
     (:class:`~pertpy_gnn._pickle.UnsafePickleError`, naming the file).
     """
-    extra = dict.fromkeys(_TENSOR_GLOBALS)
-    extra[("torch.storage", "_load_from_bytes")] = _storage_from_bytes
-    config = read_plain_pickle(path, extra_globals=extra)
+    config = read_plain_pickle(path, extra_globals=_TENSOR_GLOBALS)
     if not isinstance(config, dict):
         raise ValueError(
             f"{path}: expected the dict of a cell-gears config.pkl, got {type(config).__name__}."
