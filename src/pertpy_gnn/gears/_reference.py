@@ -176,16 +176,24 @@ class ReferenceGEARSModule(GEARSModule):
             out["logvar"] = self.unc_mlp(h.reshape(k * n, d)).reshape(k, n).T
         return out
 
-    def predict_delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` and log-variance; with ``coexpression='first_cell'`` the published batch mixture."""
+    def _delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
+        return out["zhat"], out["logvar"]
+
+    def predict_delta(self, pert_idx: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``zhat`` and log-variance; with ``coexpression='first_cell'`` the published batch mixture.
+
+        Always the plain ``generative(inference(...))`` path (keyword options of the parent's
+        prediction path, e.g. a shared ``h_gene``, are ignored: the gene states depend on the layout).
+        """
         if self.coexpression == "all":
-            return super().predict_delta(pert_idx)
+            return self._delta(pert_idx)
         enc = self.gene_encoder
         try:
             enc.convolve = True
-            z1, s1 = super().predict_delta(pert_idx)
+            z1, s1 = self._delta(pert_idx)
             enc.convolve = False
-            z0, s0 = super().predict_delta(pert_idx)
+            z0, s0 = self._delta(pert_idx)
         finally:
             enc.convolve = True
         b = self.predict_batch_size
