@@ -156,6 +156,7 @@ def parse_perturbations(
     check_expression: bool = True,
     modality: str | None = None,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Parse the perturbation column into canonical gene sets, validating the data first.
 
@@ -187,6 +188,10 @@ def parse_perturbations(
         Modality of a MuData.
     copy
         Return a copy instead of writing into ``data``.
+    overwrite
+        Replace an earlier parse (``obs['pg_perturbation']``, ``obs['pg_n_genes']``,
+        ``uns['pg_perturbation']``) when writing into ``data``; without it a second parse of the same
+        AnnData is refused (results computed from the first parse would silently no longer match it).
 
     Returns
     -------
@@ -261,6 +266,14 @@ def parse_perturbations(
     elif copy:
         out = adata.copy()
 
+    if out is adata and not overwrite:
+        for where, mapping, key in (("obs", adata.obs, PERT_KEY), ("uns", adata.uns, PERT_UNS_KEY)):
+            if key in mapping:
+                raise ValueError(
+                    f"adata.{where}[{key!r}] already exists: the perturbations were parsed before. Pass "
+                    "`overwrite=True` to parse them again (results computed from the earlier parse, e.g. the "
+                    "split or DE genes, then need recomputing), or `copy=True` to parse into a copy."
+                )
     canon = {c: canonical_name(s) for c, s in sets.items()}
     names = labels.map(canon)
     order = [CONTROL] + sorted(set(names) - {CONTROL}, key=lambda n: (n.count(DELIM), n))

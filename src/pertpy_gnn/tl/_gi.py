@@ -1065,7 +1065,7 @@ def evaluate_gi(
         rand_prec = true_set[draws].mean(axis=1)
         rand_top = in_top_t[draws].mean(axis=1)
         ok = np.isfinite(tv) & np.isfinite(pv)
-        ss_tot = ((tv[ok] - tv[ok].mean()) ** 2).sum()
+        ss_tot = ((tv[ok] - tv[ok].mean()) ** 2).sum() if ok.any() else 0.0
         records.append(
             {
                 "subtype": subtype,
