@@ -63,7 +63,7 @@ def encode(obj, where: str = "checkpoint"):
     if isinstance(obj, pd.Series):
         return {
             "__series__": encode(obj.to_numpy(), where),
-            "index": encode(np.asarray(obj.index), where),
+            "index": encode(obj.index, where),
             "name": None if obj.name is None else str(obj.name),
         }
     if isinstance(obj, pd.Index):
@@ -111,6 +111,13 @@ def read_torch_file(path: str | os.PathLike, *, map_location="cpu", what: str = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No {what} at {path}.")
+    if not zipfile.is_zipfile(path):
+        head = path.read_bytes()[:16]
+        raise CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is not a readable {what}: it is truncated or corrupt (not a "
+            f"torch archive; it begins with {head!r}). Save the model again, or copy the file again from where "
+            "it was written."
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -169,3 +176,115 @@ def load_checkpoint(
             return check_header(ckpt, path, kind=kind)
         return ckpt
     return check_header(read_torch_file(path, map_location=map_location), path, kind=kind)
+
+
+def save_model(
+    model,
+    dir_path,
+    *,
+    kind: str,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    save_anndata: bool = False,
+    **anndata_write_kwargs,
+) -> Path:
+    """Save an scvi-tools model safely: its state dict, var names and ``*_`` attributes, with a header."""
+    dir_path = Path(dir_path)
+    if dir_path.exists() and not overwrite:
+        raise ValueError(f"{dir_path} already exists; pass `overwrite=True` or choose another folder.")
+    dir_path.mkdir(parents=True, exist_ok=True)
+    prefix = prefix or ""
+    if save_anndata:
+        if model.adata is None:
+            raise ValueError(f"This {kind} model holds no AnnData to save; drop `save_anndata=True`.")
+        model.adata.write(dir_path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+    attrs = {name: value for name, value in model._get_user_attributes() if name.endswith("_")}
+    payload = {
+        "model_state_dict": model.module.state_dict(),
+        "var_names": np.asarray(model.get_var_names()).astype(str),
+        "attr_dict": attrs,
+    }
+    path = dir_path / f"{prefix}model.pt"
+    save_checkpoint(payload, path, kind=kind)
+    return path
+
+
+def saved_var_names(dir_path, *, kind: str, prefix: str | None = None) -> np.ndarray:
+    """The genes (in order) of a model saved by :func:`save_model`, read safely."""
+    ckpt = load_checkpoint(Path(dir_path) / f"{prefix or ''}model.pt", kind=kind)
+    return np.asarray(ckpt["var_names"]).astype(str)
+
+
+def load_model(
+    cls,
+    dir_path,
+    adata=None,
+    *,
+    kind: str,
+    uses_adata: bool,
+    accelerator: str = "auto",
+    device="auto",
+    prefix: str | None = None,
+    allow_pickle: bool = False,
+):
+    """Rebuild a model saved by :func:`save_model` (safely; see :func:`load_checkpoint`).
+
+    ``uses_adata``: the model is set up on an AnnData (GEARS), which must then have the saved genes in
+    the saved order; otherwise (GeneCompass) no AnnData is used.
+    """
+    from scvi.model._utils import parse_device_args
+    from scvi.model.base._save_load import _initialize_model
+
+    dir_path = Path(dir_path)
+    prefix = prefix or ""
+    path = dir_path / f"{prefix}model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {path} ({kind}.save writes [prefix]model.pt).")
+    ckpt = load_checkpoint(path, kind=kind, allow_pickle=allow_pickle)
+    try:
+        attr_dict = dict(ckpt["attr_dict"])
+        var_names = np.asarray(ckpt["var_names"]).astype(str)
+        state = ckpt["model_state_dict"]
+        registry = attr_dict.pop("registry_")
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path} lacks the model's {err} entry: it is not a {kind} model file."
+        ) from err
+    state.pop("pyro_param_store", None)  # written by scvi-tools' own save (files read with allow_pickle)
+    if uses_adata:
+        if adata is None:
+            saved = dir_path / f"{prefix}adata.h5ad"
+            if not saved.is_file():
+                raise ValueError(
+                    f"Give the AnnData to load the model onto: {dir_path} holds no saved AnnData "
+                    "(save with save_anndata=True to keep one)."
+                )
+            import anndata
+
+            adata = anndata.read_h5ad(saved)
+        given = np.asarray(adata.var_names).astype(str)
+        if not np.array_equal(given, var_names):
+            same_set = len(given) == len(var_names) and set(given) == set(var_names)
+            detail = (
+                "the same genes, reordered"
+                if same_set
+                else f"{len(given)} genes given, {len(var_names)} in the model, "
+                f"{len(set(var_names) - set(given))} of the model's missing"
+            )
+            raise ValueError(
+                f"adata.var_names are not the model's genes in the model's order ({detail}). Reorder / subset "
+                f"adata first: `adata = adata[:, {cls.__name__}.saved_var_names({str(dir_path)!r})].copy()` "
+                f"(the model's genes begin {list(var_names[:3])}). The graphs are saved with the model: "
+                "recomputing them does not help."
+            )
+        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+    else:
+        adata = None
+    model = _initialize_model(cls, adata, registry, attr_dict, None)
+    model.module.load_state_dict(state)
+    _, _, dev = parse_device_args(
+        accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+    )
+    model.to_device(dev)
+    model.module.eval()
+    return model

@@ -241,8 +241,10 @@ def run_main_job(
     # 6. baselines and evaluation
     steps.set_postfix_str("evaluate")
     baselines = {kind: tl.fit_baseline(adata, kind) for kind in BASELINES}
-    frames = [tl.evaluate(adata, trained[s], subset="test", overwrite=True).assign(seed=s) for s in seeds]
-    frames.append(tl.evaluate(adata, baselines, subset="test", overwrite=True).assign(seed=seeds[0]))
+    # every prediction over the mean of all training control cells: no_change is exactly the control mean
+    kw = {"subset": "test", "overwrite": True, "predict_kwargs": {"n_control": None}}
+    frames = [tl.evaluate(adata, trained[s], **kw).assign(seed=s) for s in seeds]
+    frames.append(tl.evaluate(adata, baselines, **kw).assign(seed=seeds[0]))
     evaluation = pd.concat(frames, ignore_index=True)
     evaluation.to_csv(out / "evaluation_per_perturbation.csv", index=False)
     accuracy_summary(evaluation, metrics=list(METRICS)).to_csv(out / "evaluation_summary.csv", index=False)
@@ -362,7 +364,7 @@ def run_main_job(
         if held_out:
             singles = sorted({g for p in held_out for g in p.split(DELIM)})
             gi_models = {**trained[seeds[0]], **baselines}
-            preds = {name: m.predict(singles + held_out) for name, m in gi_models.items()}
+            preds = {name: m.predict(singles + held_out, n_control=None) for name, m in gi_models.items()}
             # MSE on the most non-additive genes, every model beside the baselines
             na = {name: tl.nonadditive_mse(adata, p, held_out) for name, p in preds.items()}
             na_table = pd.DataFrame({name: f["mse"] for name, f in na.items()})

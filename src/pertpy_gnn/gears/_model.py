@@ -761,34 +761,24 @@ class GEARS(BaseModelClass):
         -------
         ``None``.
         """
-        from pathlib import Path
+        from .._checkpoint import save_model
 
-        from .._checkpoint import save_checkpoint
-
-        dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            raise ValueError(f"{dir_path} already exists; pass `overwrite=True` or choose another folder.")
-        dir_path.mkdir(parents=True, exist_ok=True)
-        prefix = prefix or ""
-        if save_anndata:
-            self.adata.write(dir_path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
-        attrs = {name: value for name, value in self._get_user_attributes() if name.endswith("_")}
-        payload = {
-            "model_state_dict": self.module.state_dict(),
-            "var_names": np.asarray(self.adata.var_names.astype(str)),
-            "attr_dict": attrs,
-        }
-        save_checkpoint(payload, dir_path / f"{prefix}model.pt", kind="GEARS")
+        save_model(
+            self,
+            dir_path,
+            kind="GEARS",
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            **anndata_write_kwargs,
+        )
 
     @staticmethod
     def saved_var_names(dir_path, prefix: str | None = None) -> np.ndarray:
         """The genes (in order) of a model saved by :meth:`save`, read safely from its file."""
-        from pathlib import Path
+        from .._checkpoint import saved_var_names
 
-        from .._checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(Path(dir_path) / f"{prefix or ''}model.pt", kind="GEARS")
-        return np.asarray(ckpt["var_names"]).astype(str)
+        return saved_var_names(dir_path, kind="GEARS", prefix=prefix)
 
     @classmethod
     def load(
@@ -799,77 +789,30 @@ class GEARS(BaseModelClass):
         device: int | str = "auto",
         prefix: str | None = None,
         allow_pickle: bool = False,
-        **kwargs,
     ) -> GEARS:
         """Load a model saved by :meth:`save`, onto ``adata`` (or the AnnData saved with it).
 
         The file is read with ``torch.load(weights_only=True)``; its checkpoint format is checked (a
         file from a newer pertpy-gnn is refused with both versions named), and a truncated or corrupt
-        file raises :class:`pertpy_gnn._checkpoint.CheckpointError` naming it. ``allow_pickle=True``
-        reads a file written by pertpy-gnn before checkpoint format 1 (a pickle: only for files you
-        trust); save it again to get a safe file.
+        file raises :class:`pertpy_gnn._checkpoint.CheckpointError` naming it. ``adata`` must have the
+        model's genes in the model's order (:meth:`saved_var_names`). ``allow_pickle=True`` reads a
+        file written by pertpy-gnn before checkpoint format 1 (a pickle: only for files you trust);
+        save it again to get a safe file.
 
         Returns
         -------
         The model, with its trained weights and attributes.
         """
-        from pathlib import Path
+        from .._checkpoint import load_model
 
-        from scvi.model.base._save_load import _initialize_model
-
-        from .._checkpoint import CheckpointError, load_checkpoint
-
-        if kwargs:
-            raise TypeError(f"GEARS.load got unexpected arguments {sorted(kwargs)}.")
-        dir_path = Path(dir_path)
-        prefix = prefix or ""
-        path = dir_path / f"{prefix}model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"No saved model at {path} (GEARS.save writes [prefix]model.pt).")
-        ckpt = load_checkpoint(path, kind="GEARS", allow_pickle=allow_pickle)
-        try:
-            attr_dict = dict(ckpt["attr_dict"])
-            var_names = np.asarray(ckpt["var_names"]).astype(str)
-            state = ckpt["model_state_dict"]
-        except (KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"{path} lacks the model's {err} entry: it is not a GEARS model file."
-            ) from err
-        if adata is None:
-            saved = dir_path / f"{prefix}adata.h5ad"
-            if not saved.is_file():
-                raise ValueError(
-                    f"Give the AnnData to load the model onto: {dir_path} holds no saved AnnData "
-                    "(save with save_anndata=True to keep one)."
-                )
-            import anndata
-
-            adata = anndata.read_h5ad(saved)
-        given = np.asarray(adata.var_names).astype(str)
-        if not np.array_equal(given, var_names):
-            same_set = len(given) == len(var_names) and set(given) == set(var_names)
-            raise ValueError(
-                "adata.var_names are not the model's genes in the model's order"
-                + (
-                    " (the same genes, reordered): reorder them with `adata = adata[:, saved_genes].copy()`"
-                    if same_set
-                    else f" ({len(given)} genes given, {len(var_names)} in the model, "
-                    f"{len(set(var_names) - set(given))} of them missing): subset to them with "
-                    "`adata = adata[:, saved_genes].copy()`"
-                )
-                + f", with saved_genes = pg.gears.GEARS.saved_var_names({str(dir_path)!r}) "
-                f"(e.g. {list(var_names[:3])} ...). The graphs are saved with the model: recomputing them does "
-                "not help."
-            )
-        registry = attr_dict.pop("registry_")
-        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-        model = _initialize_model(cls, adata, registry, attr_dict, None)
-        model.module.load_state_dict(state)
-        from scvi.model._utils import parse_device_args
-
-        _, _, dev = parse_device_args(
-            accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+        return load_model(
+            cls,
+            dir_path,
+            adata,
+            kind="GEARS",
+            uses_adata=True,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            allow_pickle=allow_pickle,
         )
-        model.to_device(dev)
-        model.module.eval()
-        return model
