@@ -498,6 +498,10 @@ class GEARS(BaseModelClass):
         ``best_epoch_``, ``seen_genes_``, ``train_summary_`` and, with uncertainty, the training
         uncertainty statistics used for z-scores.
         """
+        if int(max_epochs) < 1:
+            raise ValueError(
+                f"`max_epochs` must be at least 1, got {max_epochs}: with no epoch the model stays untrained."
+            )
         seed = self._seed if seed is None else seed
         train, val, control_mean, seen, summary = self._training_data(seed)
         self.module.control_mean.copy_(torch.from_numpy(control_mean))
@@ -548,6 +552,9 @@ class GEARS(BaseModelClass):
         self, pert_idx: torch.Tensor, batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.module.eval()
+        if pert_idx.shape[0] == 0:  # no set: an empty prediction
+            empty = torch.zeros(0, self.module.control_mean.shape[0])
+            return empty, (empty.clone() if self.module.uncertainty else None)
         device = self.module.device
         zs, ss = [], []
         for start in range(0, pert_idx.shape[0], batch_size):
@@ -615,7 +622,7 @@ class GEARS(BaseModelClass):
         ----------
         perturbations
             A set (``"A"``, ``"A+B"``, ``("A", "B", "C")``) or a list of sets; order within a set
-            does not matter.
+            does not matter. An empty list gives an empty prediction (no row), as the baselines do.
         n_control
             Training control cells averaged, drawn at random without replacement (as the
             baselines do); ``None``, or at least their number, uses all of them.
