@@ -204,7 +204,10 @@ class GeneCompass(BaseModelClass):
             mask_seed=seed,
             extra_checkpoint=self._checkpoint_payload(),
         )
-        callbacks = list(trainer_kwargs.pop("callbacks", []))
+        from .._progress import progress
+
+        show_bar, progress_callbacks = progress(progress_bar, max_epochs)
+        callbacks = [*trainer_kwargs.pop("callbacks", []), *progress_callbacks]
         if ckpt_dir is not None:
             callbacks.append(PeriodicCheckpoint(ckpt_dir, every_n_steps=ckpt_every_n_steps))
         if precision is None:
@@ -230,7 +233,7 @@ class GeneCompass(BaseModelClass):
             callbacks=callbacks,
             enable_checkpointing=False,
             simple_progress_bar=False,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=show_bar,
             check_val_every_n_epoch=1 if has_val else None,
             ckpt_path=None if ckpt_path is None else str(ckpt_path),
             **trainer_kwargs,

@@ -486,7 +486,8 @@ class GEARS(BaseModelClass):
         accelerator, devices, strategy
             Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
         progress_bar
-            Show Lightning's progress bar and banner.
+            Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
+            redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
         val_batch_size
             Validation perturbations per forward pass.
         **trainer_kwargs
@@ -508,6 +509,10 @@ class GEARS(BaseModelClass):
         self.module.train()
         plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
         val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
+        from .._progress import progress
+
+        show_bar, progress_callbacks = progress(progress_bar, max_epochs)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), *progress_callbacks]
         with _quiet(progress_bar):
             trainer = pl.Trainer(
                 max_epochs=max_epochs,
@@ -520,7 +525,7 @@ class GEARS(BaseModelClass):
                 enable_checkpointing=False,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
-                enable_progress_bar=progress_bar,
+                enable_progress_bar=show_bar,
                 **trainer_kwargs,
             )
             trainer.fit(plan, make_loader(train, batch_size, shuffle=True, seed=seed), val_loader)
