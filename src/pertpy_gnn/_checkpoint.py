@@ -113,10 +113,14 @@ def read_torch_file(path: str | os.PathLike, *, map_location="cpu", what: str = 
         raise FileNotFoundError(f"No {what} at {path}.")
     if not zipfile.is_zipfile(path):
         head = path.read_bytes()[:16]
+        kind = (
+            "a torch archive cut short"
+            if head.startswith(b"PK")
+            else f"not a torch archive; it begins with {head!r}"
+        )
         raise CheckpointError(
-            f"{path} ({path.stat().st_size} bytes) is not a readable {what}: it is truncated or corrupt (not a "
-            f"torch archive; it begins with {head!r}). Save the model again, or copy the file again from where "
-            "it was written."
+            f"{path} ({path.stat().st_size} bytes) is not a readable {what}: it is truncated or corrupt ({kind}). "
+            "Save the model again, or copy the file again from where it was written."
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -274,7 +278,7 @@ def load_model(
             raise ValueError(
                 f"adata.var_names are not the model's genes in the model's order ({detail}). Reorder / subset "
                 f"adata first: `adata = adata[:, {cls.__name__}.saved_var_names({str(dir_path)!r})].copy()` "
-                f"(the model's genes begin {list(var_names[:3])}). The graphs are saved with the model: "
+                f"(the model's genes begin {[str(g) for g in var_names[:3]]}). The graphs are saved with the model: "
                 "recomputing them does not help."
             )
         cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
