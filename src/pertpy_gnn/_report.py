@@ -76,18 +76,27 @@ def accuracy_summary(
     df = evaluation[evaluation["metric"].isin(list(metrics))].copy()
     if "seed" not in df:
         df["seed"] = 0
+    # a prediction the model could not make and replaced by a fallback (``available`` False) is counted
+    df["fallback"] = ~df["available"].astype(bool) if "available" in df else False
     both = pd.concat([df, df.assign(subgroup="all")], ignore_index=True)
     n_total = both.groupby("subgroup")["perturbation"].nunique()
     per_seed = (
-        both.groupby(["subgroup", "metric", "model", "seed"], sort=False)["value"]
-        .agg(["mean", "count"])
+        both.groupby(["subgroup", "metric", "model", "seed"], sort=False)
+        .agg(mean=("value", "mean"), count=("value", "count"), fallback=("fallback", "sum"))
         .reset_index()
     )
     out = (
         per_seed.groupby(["subgroup", "metric", "model"], sort=False)
-        .agg(mean=("mean", "mean"), sd=("mean", "std"), n_seeds=("seed", "nunique"), n=("count", "min"))
+        .agg(
+            mean=("mean", "mean"),
+            sd=("mean", "std"),
+            n_seeds=("seed", "nunique"),
+            n=("count", "min"),
+            n_fallback=("fallback", "max"),
+        )
         .reset_index()
     )
+    out["n_fallback"] = out["n_fallback"].astype(np.int64)
     out["n_total"] = out["subgroup"].map(n_total).astype(np.int64)
     out["n"] = out["n"].astype(np.int64)
     order = {m: i for i, m in enumerate(pd.unique(evaluation["model"]))}
@@ -110,7 +119,11 @@ def _fmt(mean: float, sd: float, n: int | None = None) -> str:
 
 
 def accuracy_tables(acc: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One table per subgroup: metric rows, model columns, each cell ``mean [± sd over seeds] (n=...)``."""
+    """One table per subgroup: metric rows, model columns, each cell ``mean [± sd over seeds] (n=...)``.
+
+    A model that fell back on some perturbations (``available`` False in the evaluation, e.g. a linear
+    baseline predicting no change for a gene it has no embedding of) says how many: ``[k fell back]``.
+    """
     out = {}
     models = list(pd.unique(acc["model"]))
     for sg in sorted(acc["subgroup"].unique(), key=_subgroup_key):
@@ -121,7 +134,10 @@ def accuracy_tables(acc: pd.DataFrame) -> dict[str, pd.DataFrame]:
             rows.append(
                 {"metric": metric}
                 | {
-                    m: _fmt(r.at[m, "mean"], r.at[m, "sd"], int(r.at[m, "n"])) if m in r.index else "—"
+                    m: _fmt(r.at[m, "mean"], r.at[m, "sd"], int(r.at[m, "n"]))
+                    + (f" [{int(r.at[m, 'n_fallback'])} fell back]" if r.at[m, "n_fallback"] else "")
+                    if m in r.index
+                    else "—"
                     for m in models
                 }
             )
@@ -230,6 +246,9 @@ def verdict(
                 text += "; baselines: " + ", ".join(refs)
             if b in references or b in ("additive", "linear_coexpression", "linear_embedding"):
                 text += f". A baseline (`{b}`) wins here"
+            for m in (b, c["second"]):
+                if m is not None and rows.at[m, "n_fallback"]:
+                    text += f" (`{m}` fell back on {int(rows.at[m, 'n_fallback'])} of them)"
             text += "."
             for m, n in c["partial"].items():
                 means, n_common = _common_mean(evaluation, sg, metric, [m, b])
