@@ -138,12 +138,21 @@ def run_main_job(
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = tqdm(total=9, desc="main job", disable=not progress_bar)
+    from ._progress import interactive
+
+    bar = progress_bar and interactive()
+    steps = tqdm(total=9, desc="main job", disable=not bar)
+
+    def stage(name: str) -> None:
+        steps.set_postfix_str(name)
+        if progress_bar and not bar:  # no terminal: one log line per step instead of a bar
+            logger.info("main job step %d/9: %s", steps.n + 1, name)
+
     summary: dict = {"seed": seed, "n_seeds": n_seeds}
     body: list[str] = []
 
     # 1. data
-    steps.set_postfix_str("data")
+    stage("data")
     if data is None:
         adata = datasets.simulate_perturbseq(seed=seed)
         annotations = adata.uns[GO_ANNOTATIONS_KEY]
@@ -158,7 +167,7 @@ def run_main_job(
     steps.update()
 
     # 2. validate and parse (the job's own copy of the data: an earlier parse is replaced)
-    steps.set_postfix_str("validate")
+    stage("validate")
     parsed = pp.parse_perturbations(
         adata,
         perturbation_key=perturbation_key,
@@ -186,7 +195,7 @@ def run_main_job(
     steps.update()
 
     # 3. DE genes
-    steps.set_postfix_str("DE genes")
+    stage("DE genes")
     pp.rank_de_genes(adata, n_genes=20)
     de = adata.uns["pg_de_genes"]["names"]
     de.to_csv(out / "de_genes_top20.csv")
@@ -195,7 +204,7 @@ def run_main_job(
     steps.update()
 
     # 4. split and graphs
-    steps.set_postfix_str("split and graphs")
+    stage("split and graphs")
     has_doubles = counts["double_perturbations"] > 0
     pp.split_perturbations(adata, kind="simulation" if has_doubles else "single", seed=seed)
     pp.go_graph(adata, annotations=annotations)
@@ -216,7 +225,7 @@ def run_main_job(
     steps.update()
 
     # 5. the models, over the seeds
-    steps.set_postfix_str("train")
+    stage("train")
     n_epochs = epochs if epochs is not None else DEFAULT_EPOCHS
     seeds = [seed + i for i in range(n_seeds)]
     trained: dict[int, dict] = {}
@@ -239,7 +248,7 @@ def run_main_job(
     steps.update()
 
     # 6. baselines and evaluation
-    steps.set_postfix_str("evaluate")
+    stage("evaluate")
     baselines = {kind: tl.fit_baseline(adata, kind) for kind in BASELINES}
     # every prediction over the mean of all training control cells: no_change is exactly the control mean
     kw = {"subset": "test", "overwrite": True, "predict_kwargs": {"n_control": None}}
@@ -319,7 +328,7 @@ def run_main_job(
     steps.update()
 
     # 7. genetic interactions of the measured doubles
-    steps.set_postfix_str("GI scores")
+    stage("GI scores")
     gi_verdict: list[str] = []
     true_gi = (
         tl.gi_scores(adata, overwrite=True) if has_doubles and _has_scorable_doubles(col) else pd.DataFrame()
@@ -481,11 +490,11 @@ def run_main_job(
     steps.update()
 
     # 8. GI map of all pairs of the single genes
-    steps.set_postfix_str("GI map")
+    stage("GI map")
     single_genes = sorted({p for p in col.cat.categories if p != CONTROL and DELIM not in p})
     if len(single_genes) >= 2:
         t_map = time.perf_counter()
-        gimap = tl.gi_map(primary, single_genes, seed=seed, progress_bar=progress_bar)
+        gimap = tl.gi_map(primary, single_genes, seed=seed, progress_bar=bar)
         summary["gi_map"] = {
             "genes": len(single_genes),
             "pairs": int(len(gimap)),
