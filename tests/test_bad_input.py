@@ -26,6 +26,7 @@ from pertpy_gnn.gears import GEARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad_input.md"
+MAX_CHARS = 400
 CLEAR = (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, CheckpointError)
 
 
@@ -60,11 +61,6 @@ class Ctx:
         path = self.tmp / "model"
         self.trained[1].save(path, overwrite=True)
         return path
-
-    @cached_property
-    def evaluation(self):
-        a, m = self.trained
-        return pg.tl.evaluate(a, {"GEARS": m}, overwrite=True)
 
 
 def _with_x(a, x):
@@ -237,8 +233,8 @@ CASES: list[tuple[str, str, object]] = [
     ),
     (
         "options",
-        "plot a metric that was not computed",
-        lambda c: pg.pl.metrics(c.evaluation, metric="accuracy"),
+        "fit a baseline on a split column that does not exist",
+        lambda c: pg.tl.fit_baseline(c.prepared(), "no_change", split_key="my_split"),
     ),
     # prediction
     ("predict", "predict None", lambda c: c.trained[1].predict(None)),
@@ -334,7 +330,10 @@ def outcome(case, ctx: Ctx) -> tuple[str, str]:
     except Exception as err:  # noqa: BLE001 - every outcome is recorded
         msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         msg = msg.replace(str(ctx.tmp), "<dir>").replace(str(ROOT), "<repo>")
-        return type(err).__name__, " ".join(msg.split())
+        msg = " ".join(msg.split())
+        if len(msg) > MAX_CHARS:  # long lists (genes, options) cut at a word
+            msg = msg[:MAX_CHARS].rsplit(" ", 1)[0] + " …"
+        return type(err).__name__, msg
     return "no error", ""
 
 
