@@ -32,7 +32,7 @@ def test_training_logs_each_line_once_and_one_line_per_epoch():
     epochs = [ln for ln in err.splitlines() if "pertpy_gnn epoch " in ln]
     assert len(epochs) == 2, err
     assert epochs[0].startswith("INFO pertpy_gnn epoch 1/2 (")
-    assert "train_loss" in epochs[1] and "val_top20_de_mse" in epochs[1]
+    assert "(epoch mean)" in epochs[1] and "val_top20_de_mse" in epochs[1]
     assert "━" not in err and "it/s" not in err  # no progress bar drawn into a file
 
 

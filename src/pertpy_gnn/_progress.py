@@ -43,20 +43,33 @@ def one_line_per_record() -> None:
 
 
 class EpochLog(Callback):
-    """Log one line per training epoch: ``epoch i/n (s): metric value, ...`` (rank zero only)."""
+    """Log one line per training epoch (rank zero only).
+
+    ``epoch i/n (s): loss <mean over the epoch's batches> (epoch mean), <validation metrics>``.
+    """
 
     def __init__(self, max_epochs: int | None = None):
         self.max_epochs = max_epochs
         self._t0 = time.perf_counter()
+        self._loss, self._n = 0.0, 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        self._loss, self._n = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss += float(loss)
+            self._n += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        parts = []
+        parts = [f"loss {self._loss / self._n:.4g} (epoch mean)"] if self._n else []
         for name, value in trainer.callback_metrics.items():
+            if "val" not in name:  # the training metrics are the last batch's: the epoch mean is above
+                continue
             try:
                 v = float(value)
             except (TypeError, ValueError):
