@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import datasets, pp, tl
 from ._constants import CONTROL, DELIM, GO_ANNOTATIONS_KEY
+from ._prediction import make_prediction_adata
 from ._report import (
     METRIC_LABELS,
     REFERENCE_MODELS,
@@ -33,7 +34,6 @@ from ._report import (
 )
 from ._utils import logger
 from .tl._evaluate import METRICS
-from .tl._prediction import make_prediction_adata
 
 KEY_METRICS = tuple(REPORT_METRICS)
 LOWER_IS_BETTER = tuple(m for m, low in REPORT_METRICS.items() if low)
