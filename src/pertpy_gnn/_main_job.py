@@ -143,10 +143,13 @@ def run_main_job(
     bar = progress_bar and interactive()
     steps = tqdm(total=9, desc="main job", disable=not bar)
 
+    done: list[str] = []
+
     def stage(name: str) -> None:
         steps.set_postfix_str(name)
+        done.append(name)
         if progress_bar and not bar:  # no terminal: one log line per step instead of a bar
-            logger.info("main job step %d/9: %s", steps.n + 1, name)
+            logger.info("main job step %d/9: %s", len(done), name)
 
     summary: dict = {"seed": seed, "n_seeds": n_seeds}
     body: list[str] = []
