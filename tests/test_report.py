@@ -37,7 +37,8 @@ def _frame():
                         "metric": "mse_top20_normalized",
                         "value": value,
                         "seed": seed,
-                        "available": not (model == "train_mean" and pert == "B"),
+                        "available": not (model == "train_mean" and pert == "B")
+                        and not (model == "additive" and pert != "A+B"),
                     }
                 )
     return pd.DataFrame(rows)
@@ -49,6 +50,7 @@ def test_verdict_spread_counts_partial_models_and_fallbacks():
     g = acc.loc[("all", "GEARS")]
     assert g["mean"] == 0.6 and np.isclose(g["sd"], 0.1) and g["n_seeds"] == 3 and g["n"] == 4
     assert acc.loc[("all", "additive"), "n"] == 1  # counts only what it predicts
+    assert acc.loc[("all", "additive"), "n_fallback"] == 0  # NaN (not predicted) is no fallback
     assert acc.loc[("all", "train_mean"), "n_fallback"] == 1
     lines, claims = verdict(ev, accuracy_summary(ev), metrics=("mse_top20_normalized",))
     first = lines[0]

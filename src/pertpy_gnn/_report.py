@@ -77,7 +77,8 @@ def accuracy_summary(
     if "seed" not in df:
         df["seed"] = 0
     # a prediction the model could not make and replaced by a fallback (``available`` False) is counted
-    df["fallback"] = ~df["available"].astype(bool) if "available" in df else False
+    # (a missing prediction, NaN, is not a fallback: it is left out of the mean and of n)
+    df["fallback"] = (~df["available"].astype(bool) & df["value"].notna()) if "available" in df else False
     both = pd.concat([df, df.assign(subgroup="all")], ignore_index=True)
     n_total = both.groupby("subgroup")["perturbation"].nunique()
     per_seed = (
