@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 torch = pytest.importorskip("torch")
 
 import pertpy_gnn as pg  # noqa: E402
+from pertpy_gnn.compass._ds_core import edit_tokens, encode, tokenize_kwargs, tokenized  # noqa: E402
 from pertpy_gnn.pp._compass_vocab import PAD_ID, compass_vocab  # noqa: E402
-from pertpy_gnn.tl._compass_ds_core import edit_tokens, encode, tokenize_kwargs, tokenized  # noqa: E402
 
 N_GENES, N_CELLS, MAX_LEN = 30, 24, 20
 GENES = [f"G{i:02d}" for i in range(N_GENES)]

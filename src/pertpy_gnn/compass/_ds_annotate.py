@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_ANNOT_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     batches,
     cell_states,
     check_cell_embedding,

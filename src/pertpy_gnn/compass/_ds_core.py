@@ -127,7 +127,7 @@ def encode(module, ids, values):
 
 def check_cell_embedding(how: str) -> str:
     """Validate a ``cell_embedding`` option (``'species'`` or ``'mean'``)."""
-    from ..compass._module import CELL_EMBEDDINGS
+    from ._module import CELL_EMBEDDINGS
 
     if how not in CELL_EMBEDDINGS:
         raise ValueError(
@@ -140,7 +140,7 @@ def cell_states(h, ids, how: str):
     """Cell embeddings ``(b, d)`` of encoded sequences ``h`` ``(b, n, d)`` with token ids ``ids``."""
     import torch
 
-    from ..compass._module import cell_embedding
+    from ._module import cell_embedding
 
     return cell_embedding(h, torch.as_tensor(ids, device=h.device), how)
 

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_CELL_KEY, COMPASS_GENE_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     batches,
     cell_states,
     check_cell_embedding,

@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_INSILICO_KEY, COMPASS_SCREEN_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     EDIT_MODES,
     MEDIAN_VALUE,
     batches,
@@ -30,7 +30,7 @@ from ._compass_ds_core import (
     tokenize_kwargs,
     tokenized,
 )
-from ._compass_ds_embed import _embed
+from ._ds_embed import _embed
 
 
 def _check_edit(mode: str, factor, level, min_rank_fraction) -> None:
