@@ -61,7 +61,7 @@ def model_medians(model, gene_medians) -> pd.Series | None:
 def tokenize_kwargs(
     *,
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids=None,
@@ -84,7 +84,9 @@ def tokenized(adata: AnnData, model, *, max_len: int, tok: Mapping, progress_bar
     from ..pp._compass_tokens import compass_tokenize
 
     _, vocab = check_model(model)
-    kw = dict(tok)
+    # the model's tokenization (e.g. the published preprocessing of a published checkpoint), then the caller's
+    kw = {"input_kind": "counts", **getattr(model, "tokenization_", {})}
+    kw.update({k: v for k, v in tok.items() if v is not None or k not in kw})
     kw["gene_medians"] = model_medians(model, kw.get("gene_medians"))
     with tempfile.TemporaryDirectory(prefix="pg_compass_tok_") as tmp:
         corpus = compass_tokenize(

@@ -110,7 +110,7 @@ def in_silico(
     gene_shift: bool = True,
     cell_embedding: str = "species",
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
@@ -363,7 +363,7 @@ def _group_mean_sem(x: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np
 
 
 def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict) -> np.ndarray:
-    from ..pp._compass_vocab import MOUSE_PREFIX, var_tokens
+    from ..pp._compass_vocab import var_tokens
 
     if candidates is None:
         ids, _ = var_tokens(
@@ -371,13 +371,7 @@ def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict
         )
         return np.unique(ids[ids >= 0])
     if isinstance(candidates, str) and candidates == "vocab":
-        names = vocab.tokens.astype(str)
-        gene = np.arange(len(vocab)) >= vocab.n_special
-        mouse = np.char.startswith(names, MOUSE_PREFIX)
-        keep = gene & (
-            mouse | np.isin(np.arange(len(vocab)), vocab.shared_ids) if species == "mouse" else gene & ~mouse
-        )
-        return np.flatnonzero(keep).astype(np.int64)
+        return np.flatnonzero(vocab.species_mask(species)).astype(np.int64)
     return np.unique(gene_tokens(vocab, candidates, species))
 
 
@@ -395,7 +389,7 @@ def in_silico_screen(
     min_rank_fraction: float | None = 0.5,
     cell_embedding: str = "species",
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
