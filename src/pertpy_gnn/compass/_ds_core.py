@@ -38,6 +38,16 @@ def check_model(model):
     return module, vocab
 
 
+def value_scale(model) -> float:
+    """``ln(log_base)`` of the model's token values (1 for natural-log values): ``value * scale`` is ``log1p(x / median)``.
+
+    The in-silico edits work in natural-log units; a model whose values are ``log2(1 + x / median)``
+    (a published checkpoint) has its values scaled before the edit and back after it.
+    """
+    base = getattr(model, "tokenization_", {}).get("log_base")
+    return 1.0 if base is None else float(np.log(base))
+
+
 def model_medians(model, gene_medians) -> pd.Series | None:
     """Corpus medians to tokenize new data with: given, else stored on the model, else ``None``.
 
