@@ -314,6 +314,26 @@ def test_downstream_with_published_checkpoint(official, caplog):
         a, official, a.var_names[1], mode="overexpress", level="median", key_added="oe", progress_bar=False
     )
     assert np.isfinite(a.obs["oe_cos"]).all()
+    # screen, gene-gene network, cell-type annotation (fine-tuning a copy of the published encoder)
+    pg.tl.in_silico_screen(
+        a,
+        official,
+        target=("group", "b"),
+        cells=("group", "a"),
+        candidates=list(a.var_names[:4]),
+        progress_bar=False,
+    )
+    assert len(a.uns["pg_compass_screen"]) == 4
+    assert "pg_compass_gene" in a.varm
+    pg.tl.compass_grn(a, threshold=0.4)
+    assert "pg_compass_grn" in a.varp
+    clf = pg.tl.annotate_compass(
+        a, official, labels_key="group", test=a.obs_names[::4], epochs=2, batch_size=4, progress_bar=False
+    )
+    assert 0 <= a.uns["pg_compass_annotation"]["accuracy"] <= 1
+    assert not any(
+        p is q for p, q in zip(clf.encoder.parameters(), official.module.parameters(), strict=True)
+    )
     # mouse cells: mouse symbols map to the mouse tokens (the homolog index serves the prior look-up)
     m = _fixture_adata(official, species="mouse", seed=1)
     pg.tl.embed_compass(m, official, progress_bar=False)

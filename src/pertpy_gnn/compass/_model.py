@@ -431,6 +431,7 @@ class GeneCompass(BaseModelClass):
             The published ``prior_knowledge/`` folder; the token dictionary
             (``human_mouse_tokens.pickle`` or ``h&m_token1000W.pickle``) and the id-to-symbol dictionary
             (``gene_list/Gene_id_name_dict_human_mouse.pickle``) are taken from it unless given below.
+            Default: ``checkpoint_dir / 'prior_knowledge'`` if it exists (as :meth:`save_official` writes it).
         token_dictionary
             ``{ensembl_id: token_id}`` pickle (required, here or through ``prior_knowledge_dir``).
         id_to_symbol

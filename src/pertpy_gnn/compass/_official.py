@@ -163,6 +163,8 @@ def load_official(
     cfg = _read_config(ckpt / CONFIG)
     state = _read_state(ckpt / WEIGHTS, map_location)
     ours = cfg.get("pertpy_gnn", {})
+    if prior_knowledge_dir is None and (ckpt / "prior_knowledge").is_dir():  # as save_official writes it
+        prior_knowledge_dir = ckpt / "prior_knowledge"
     pk = Path(prior_knowledge_dir) if prior_knowledge_dir is not None else None
     wfile = ckpt / WEIGHTS
     V, H = state["bert.embeddings.word_embeddings.weight"].shape
@@ -260,12 +262,10 @@ def load_official(
     module.tie_weights()
     module.to(map_location)
     medians = _read_medians(gene_medians)
-    if medians is None and (ckpt / "prior_knowledge" / MEDIANS).is_file():
-        medians = _read_medians(ckpt / "prior_knowledge" / MEDIANS)
     if medians is None and pk is not None and (pk / MEDIANS).is_file():
         medians = _read_medians(pk / MEDIANS)
     model.gene_medians_ = medians
-    if medians is None:
+    if medians is None and model.tokenization_.get("missing_median") is not None:
         logger.warning(
             "No gene medians given: new data will be tokenized with median 1 for every gene. Pass gene_medians= "
             "the published median pickles (human_gene_median_after_filter.pickle, ...)."
