@@ -75,7 +75,12 @@ def _read_state(path: Path, map_location: str) -> dict:
             f"{path} not found: a published GeneCompass checkpoint folder holds {CONFIG} and {WEIGHTS}."
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:  # memory-mapped: the weights are not held twice while they are copied into the model
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise
+        except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be mapped: read it whole
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path} could not be loaded with weights_only=True: it holds more than tensors ({e}). Only plain "
@@ -259,6 +264,7 @@ def load_official(
     state.pop("cls.predictions.decoder.bias", None)
     state.pop("cls4value.predictions.decoder.bias", None)
     module.load_state_dict(state, strict=False)
+    del state
     module.tie_weights()
     module.to(map_location)
     medians = _read_medians(gene_medians)
