@@ -88,8 +88,9 @@ def mask_tokens(
 
     Each gene token is selected with probability ``mask_prob``; of the selected, 80% become
     ``<mask>``, 10% a random gene token, 10% stay; the value of a ``<mask>`` or random token is set to
-    ``-1`` (as in the published code). Returns the corrupted ``ids``/``values`` and ``label_ids``
-    (``-100`` where not selected) / ``label_values``.
+    ``-1`` (as in the published code). Ids below ``n_special`` (padding, ``<mask>``, species) are
+    never selected nor drawn; column 0 (the species) never is. Returns the corrupted
+    ``ids``/``values`` and ``label_ids`` (``-100`` where not selected) / ``label_values``.
     """
     dev = ids.device
     gene = (ids >= n_special) & (ids != PAD_ID)
