@@ -2,12 +2,15 @@
 
 A pickle can call any importable function while it loads. The files read here are expected to
 hold only dicts, lists, tuples, sets, strings, numbers and numpy scalars/arrays; :func:`read_plain_pickle`
-refuses anything else before it is built, naming the file and the object it refused.
+refuses anything else before it is built, naming the file and the object it refused. A caller may
+allow a few more named globals (e.g. torch's tensor rebuilders, with a storage reader that uses
+``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 _BUILTINS = frozenset(
@@ -45,11 +48,15 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path):
+    def __init__(self, file, path: Path, extra: Mapping[tuple[str, str], Callable | None]):
         super().__init__(file)
         self._path = path
+        self._extra = extra
 
     def find_class(self, module: str, name: str):
+        if (module, name) in self._extra:
+            sub = self._extra[(module, name)]
+            return super().find_class(module, name) if sub is None else sub
         if (module == "builtins" and name in _BUILTINS) or (module, name) in _NUMPY:
             return super().find_class(module, name)
         if module == "numpy.dtypes" and name.endswith("DType"):  # numpy >= 1.25 dtype classes
@@ -60,8 +67,22 @@ class _PlainUnpickler(pickle.Unpickler):
         )
 
 
-def read_plain_pickle(path: str | Path):
+def read_plain_pickle(
+    path: str | Path, *, extra_globals: Mapping[tuple[str, str], Callable | None] | None = None
+):
     """Unpickle ``path``, accepting only builtins containers/scalars and numpy scalars/arrays.
+
+    Parameters
+    ----------
+    path
+        The pickle file.
+    extra_globals
+        Further ``(module, name)`` globals to accept, each mapped to ``None`` (the real object) or to
+        a callable used in its place.
+
+    Returns
+    -------
+    The unpickled object.
 
     Raises
     ------
@@ -77,7 +98,7 @@ def read_plain_pickle(path: str | Path):
         raise FileNotFoundError(f"{path} does not exist.")
     with open(path, "rb") as fh:
         try:
-            return _PlainUnpickler(fh, path).load()
+            return _PlainUnpickler(fh, path, dict(extra_globals or {})).load()
         except UnsafePickleError:
             raise
         except Exception as e:
