@@ -23,11 +23,17 @@ def _test_sets(adata):
     return [p for p in table.index if p != "control"]
 
 
-def test_untrained_anchored_model_is_its_baseline(toy_anchor):
+def test_anchored_model_starts_at_its_baseline(toy_anchor):
     adata = toy_anchor
     sets = _test_sets(adata) + ["G000+X2"]  # X2 was never perturbed
     model = pg.tl.train_gears(
-        adata, max_epochs=0, hidden_dim=16, anchor="additive", overwrite=True, progress_bar=False
+        adata,
+        max_epochs=1,
+        hidden_dim=16,
+        train_kwargs={"lr": 0.0},
+        anchor="additive",
+        overwrite=True,
+        progress_bar=False,
     )
     assert model.name == "GEARS (anchored: additive)"
     pred = model.predict(sets, n_control=None)
@@ -38,7 +44,13 @@ def test_untrained_anchored_model_is_its_baseline(toy_anchor):
     np.testing.assert_allclose(pred.X[ok], add.X[ok], atol=1e-5)
     np.testing.assert_allclose(pred.X[~ok], mean.X[~ok], atol=1e-5)
     tm = pg.tl.train_gears(
-        adata, max_epochs=0, hidden_dim=16, anchor="train_mean", overwrite=True, progress_bar=False
+        adata,
+        max_epochs=1,
+        hidden_dim=16,
+        train_kwargs={"lr": 0.0},
+        anchor="train_mean",
+        overwrite=True,
+        progress_bar=False,
     )
     np.testing.assert_allclose(tm.predict(sets, n_control=None).X, mean.X, atol=1e-5)
 
@@ -46,7 +58,13 @@ def test_untrained_anchored_model_is_its_baseline(toy_anchor):
 def test_training_anchor_leaves_a_single_out(toy_anchor):
     adata = toy_anchor
     model = pg.tl.train_gears(
-        adata, max_epochs=0, hidden_dim=16, anchor="additive", overwrite=True, progress_bar=False
+        adata,
+        max_epochs=1,
+        hidden_dim=16,
+        train_kwargs={"lr": 0.0},
+        anchor="additive",
+        overwrite=True,
+        progress_bar=False,
     )
     single = sorted(model.module.anchor_row.ge(0).nonzero().squeeze(1).tolist())[:2]
     names = [str(model.go_genes[i]) for i in single]
