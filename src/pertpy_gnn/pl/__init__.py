@@ -4,6 +4,7 @@ from ._compass import in_silico_screen, in_silico_shift
 from ._de import de_genes
 from ._gi import gi_map, gi_scatter, nonadditive_bars
 from ._metrics import metrics
+from ._phenotypes import phenotypes
 
 __all__ = [
     "de_genes",
@@ -11,6 +12,7 @@ __all__ = [
     "gi_map",
     "nonadditive_bars",
     "gi_scatter",
+    "phenotypes",
     "in_silico_shift",
     "in_silico_screen",
 ]

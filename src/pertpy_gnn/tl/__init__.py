@@ -10,6 +10,7 @@ from ._compass_ds_insilico import in_silico, in_silico_screen
 from ._evaluate import evaluate, summarize_evaluation
 from ._gears import predict, train_gears
 from ._gi import evaluate_gi, gi_map, gi_scores, nonadditive_mse
+from ._phenotypes import phenotypes, reference_de
 
 __all__ = [
     # GEARS
@@ -24,6 +25,9 @@ __all__ = [
     "gi_map",
     "evaluate_gi",
     "nonadditive_mse",
+    # phenotype discovery
+    "phenotypes",
+    "reference_de",
     # GeneCompass
     "pretrain_compass",
     "embed_compass",
