@@ -173,6 +173,10 @@ def summarize(runs: dict) -> tuple[dict, str]:
         for metric, label in [
             ("mse_top20_normalized", "normalized top-20 DE MSE (no change = 1; lower is better)"),
             ("pearson_delta", "Pearson r of predicted and true change, all genes (higher is better)"),
+            (
+                "frac_opposite_direction_top20",
+                "share of the top-20 DE genes predicted to move in the wrong direction (lower is better)",
+            ),
         ]:
             sub = agg[(agg["dataset"] == dataset) & (agg["metric"] == metric)]
             cols = [s for s in subgroups if s in set(sub["subgroup"])]
