@@ -39,7 +39,10 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 html_theme = "sphinx_book_theme"
 html_title = "pertpy-gnn"
-html_theme_options = {"repository_url": "https://github.com/pertpy-gnn/pertpy-gnn", "use_repository_button": True}
+html_theme_options = {
+    "repository_url": "https://github.com/pertpy-gnn/pertpy-gnn",
+    "use_repository_button": True,
+}
 # intersphinx needs the internet: on Read the Docs only (this project's machines are offline)
 if os.environ.get("READTHEDOCS"):
     extensions.append("sphinx.ext.intersphinx")
@@ -76,7 +79,11 @@ def _write_api_pages() -> None:
     for page, (title, module) in _API_PAGES.items():
         if module is None:
             entries = []
-            for mod, cls in (("pertpy_gnn.gears", "GEARS"), ("pertpy_gnn.compass", "GeneCompass")):
+            for mod, cls in (
+                ("pertpy_gnn.gears", "GEARS"),
+                ("pertpy_gnn.gears", "ReferenceGEARS"),
+                ("pertpy_gnn.compass", "GeneCompass"),
+            ):
                 try:
                     if hasattr(importlib.import_module(mod), cls):
                         entries.append(f"{mod}.{cls}")
