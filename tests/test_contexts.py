@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import pertpy_gnn as pg
 
@@ -211,3 +212,74 @@ def test_additive_per_context_and_evaluate(parsed):
             },
             overwrite=True,
         )
+
+
+# ----------------------------------------------------------------------------- GEARS with contexts
+@pytest.fixture(scope="module")
+def gears_ready(screen):
+    adata = screen.copy()
+    pg.pp.parse_perturbations(adata, perturbation_key="condition", context_key="context")
+    pg.pp.rank_de_genes(adata)
+    pg.pp.split_perturbations(adata, kind="context", held_out_context="C3", seed=0)
+    pg.pp.go_graph(adata)
+    pg.pp.coexpression_graph(adata)
+    return adata
+
+
+def test_gears_default_has_no_context_parts():
+    from pertpy_gnn.gears import GEARSModule
+
+    ei = torch.tensor([[0, 1], [1, 0]])
+    w = torch.ones(2)
+    plain = GEARSModule(5, 3, ei, w, ei[:, :1] * 0 + torch.tensor([[0], [1]]), torch.ones(1), hidden_dim=4)
+    assert plain.n_contexts == 0
+    assert not any("context" in k for k in plain.state_dict())
+    torch.manual_seed(0)
+    a = GEARSModule(5, 3, ei, w, ei, w, hidden_dim=4)
+    torch.manual_seed(0)
+    b = GEARSModule(5, 3, ei, w, ei, w, hidden_dim=4, n_contexts=2)
+    # the context parts come last: every shared parameter is initialized as without contexts
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v)
+    assert b.context_embedding.shape == (2, 4) and b.context_control_mean.shape == (2, 5)
+
+
+def test_gears_with_contexts(gears_ready, tmp_path):
+    from pertpy_gnn.gears import GEARS
+
+    adata = gears_ready.copy()
+    model = pg.tl.train_gears(adata, max_epochs=1, hidden_dim=8, progress_bar=False)
+    assert model.contexts_ == ["C1", "C2", "C3"] and model.module.n_contexts == 3
+    # each context's control mean is the mean of its training control cells
+    x = adata.X.toarray()
+    obs = adata.obs
+    for i, c in enumerate(model.contexts_):
+        ctrl = x[((obs["context"] == c) & (obs["pg_perturbation"] == "control")).to_numpy()].mean(0)
+        np.testing.assert_allclose(model.module.context_control_mean[i].numpy(), ctrl, atol=1e-5)
+    # partners are control cells of the cell's own context
+    train, *_ = model._training_data_contexts(0)
+    batch = train.__getitems__(list(range(0, len(train), 7)))
+    ctx = obs["pg_context"].cat.codes.to_numpy()
+    rows = {
+        tuple(np.round(x[i], 5)): i for i in np.flatnonzero((obs["pg_perturbation"] == "control").to_numpy())
+    }
+    partner_ctx = [ctx[rows[tuple(np.round(r, 5))]] for r in batch["x_ctrl"].numpy()]
+    np.testing.assert_array_equal(partner_ctx, batch["context"].numpy())
+    test = adata.uns["pg_split"]["table"].query("split == 'test'")["perturbation"].tolist()[:3]
+    pred = model.predict(test, n_control=None)
+    assert list(pred.obs["context"]) == ["C1"] * 3 + ["C2"] * 3 + ["C3"] * 3
+    # the context vector changes the predicted change of the same set
+    d = pred.layers["delta"]
+    assert np.abs(d[:3] - d[6:]).max() > 1e-4
+    np.testing.assert_allclose(
+        pred.X[6:] - d[6:],
+        np.broadcast_to(model.module.context_control_mean[2], (3, adata.n_vars)),
+        atol=1e-5,
+    )
+    one = model.predict(test, context="C3", n_control=None)
+    np.testing.assert_allclose(one.X, pred.X[6:], atol=1e-6)
+    df = pg.tl.evaluate(adata, {"GEARS": model})
+    assert set(df["context"]) == {"C3"} and set(df["subgroup"]) <= {"context_seen", "context_unseen"}
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = GEARS.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(loaded.predict(test, n_control=None).X, pred.X, atol=1e-6)
