@@ -2,7 +2,7 @@
 
 Every baseline is a predictor in the project's contract: ``.name``, ``.seen_genes`` and
 ``.predict(perturbations, *, n_control=300, seed=0)`` returning the AnnData of
-:func:`~pertpy_gnn.tl._prediction.make_prediction_adata`. A baseline predicts a change ``delta``
+:func:`~pertpy_gnn._prediction.make_prediction_adata`. A baseline predicts a change ``delta``
 over the mean of the *training* control cells; ``predict`` adds it to the mean of ``n_control``
 control cells drawn at random (seeded), or of all control cells when ``n_control`` is ``None`` or
 at least their number, so that with all control cells ``no_change`` is exactly the control mean.
@@ -24,7 +24,7 @@ from pertpy_gnn._utils import get_adata, get_matrix, logger, to_dense
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_context, get_parsed, layer_of
 
-from ._prediction import PREDICTION_UNS_KEY, make_prediction_adata
+from .._prediction import PREDICTION_UNS_KEY, make_prediction_adata
 
 #: the kinds understood by :func:`fit_baseline`
 BASELINE_KINDS = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
@@ -158,7 +158,7 @@ class Baseline:
 
         Returns
         -------
-        The prediction AnnData of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`, one row per set
+        The prediction AnnData of :func:`~pertpy_gnn._prediction.make_prediction_adata`, one row per set
         (``X`` mean, ``layers['delta']`` change over the control mean, ``obs`` ``perturbation``,
         ``n_genes``, ``n_unseen``, ``seen`` and baseline-specific columns).
         """

@@ -15,7 +15,7 @@ from pertpy_gnn._utils import check_overwrite, get_adata, get_matrix, logger
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import canonical_name, get_context, get_parsed, layer_of
 
-from ._prediction import PREDICTION_UNS_KEY
+from .._prediction import PREDICTION_UNS_KEY
 
 #: metrics computed by :func:`evaluate`, with what they measure (per perturbation, on mean expression)
 METRICS = {
@@ -262,7 +262,7 @@ def evaluate(
     predictions
         Dict ``name -> predictor or prediction AnnData`` (a list of predictors is named by their
         ``.name``). Predictors are asked to predict the subset's perturbations; a prediction AnnData
-        (the form of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`) must contain them.
+        (the form of :func:`~pertpy_gnn._prediction.make_prediction_adata`) must contain them.
     split_key
         Column of ``obs`` with the train / val / test assignment.
     subset
