@@ -173,7 +173,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", type=Path, default=OUT / "contexts.json")
+    parser.add_argument("--note", default=None, help="closing note of the table (who wins, in words)")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the .md from the .json (with --note)"
+    )
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        record = json.loads(args.out.read_text())
+        if args.note is not None:
+            record["note"] = args.note
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(_markdown(pd.DataFrame(record["summary"]), record))
+        return
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pertpy_gnn").setLevel(logging.ERROR)
     import torch
