@@ -668,7 +668,8 @@ class GEARS(BaseModelClass):
         accelerator, devices, strategy
             Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
         progress_bar
-            Show Lightning's progress bar and banner.
+            Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
+            redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
         val_batch_size
             Validation perturbations per forward pass.
         **trainer_kwargs
@@ -680,6 +681,10 @@ class GEARS(BaseModelClass):
         ``best_epoch_``, ``seen_genes_``, ``train_summary_`` and, with uncertainty, the training
         uncertainty statistics used for z-scores.
         """
+        if int(max_epochs) < 1:
+            raise ValueError(
+                f"`max_epochs` must be at least 1, got {max_epochs}: with no epoch the model stays untrained."
+            )
         seed = self._seed if seed is None else seed
         if self.contexts_:
             train, val, control_mean, seen, summary = self._training_data_contexts(seed)
@@ -689,6 +694,10 @@ class GEARS(BaseModelClass):
         self.module.train()
         plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
         val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
+        from .._progress import progress
+
+        show_bar, progress_callbacks = progress(progress_bar, max_epochs)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), *progress_callbacks]
         with _quiet(progress_bar):
             trainer = pl.Trainer(
                 max_epochs=max_epochs,
@@ -701,7 +710,7 @@ class GEARS(BaseModelClass):
                 enable_checkpointing=False,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
-                enable_progress_bar=progress_bar,
+                enable_progress_bar=show_bar,
                 **trainer_kwargs,
             )
             trainer.fit(plan, make_loader(train, batch_size, shuffle=True, seed=seed), val_loader)
@@ -734,6 +743,9 @@ class GEARS(BaseModelClass):
         self, pert_idx: torch.Tensor, context: torch.Tensor | None = None, batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.module.eval()
+        if pert_idx.shape[0] == 0:  # no set: an empty prediction
+            empty = torch.zeros(0, self.module.control_mean.shape[0])
+            return empty, (empty.clone() if self.module.uncertainty else None)
         device = self.module.device
         zs, ss = [], []
         for start in range(0, pert_idx.shape[0], batch_size):
@@ -808,7 +820,7 @@ class GEARS(BaseModelClass):
         ----------
         perturbations
             A set (``"A"``, ``"A+B"``, ``("A", "B", "C")``) or a list of sets; order within a set
-            does not matter.
+            does not matter. An empty list gives an empty prediction (no row), as the baselines do.
         n_control
             Training control cells averaged, drawn at random without replacement (as the
             baselines do); ``None``, or at least their number, uses all of them.
@@ -1011,3 +1023,78 @@ class GEARS(BaseModelClass):
         if not isinstance(h, pd.DataFrame) or h.empty:
             return math.nan
         return float(h["val_top20_de_mse"].iloc[self.best_epoch_])
+
+    # ------------------------------------------------------------------ save / load (safe, versioned)
+    def save(
+        self,
+        dir_path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path/[prefix]model.pt`` (and the AnnData with ``save_anndata=True``).
+
+        The file holds tensors and plain containers only, with a header (checkpoint format, package
+        version, model kind), so :meth:`load` reads it with ``torch.load(weights_only=True)``: loading a
+        file cannot run code.
+
+        Returns
+        -------
+        ``None``.
+        """
+        from .._checkpoint import save_model
+
+        save_model(
+            self,
+            dir_path,
+            kind="GEARS",
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            **anndata_write_kwargs,
+        )
+
+    @staticmethod
+    def saved_var_names(dir_path, prefix: str | None = None) -> np.ndarray:
+        """The genes (in order) of a model saved by :meth:`save`, read safely from its file."""
+        from .._checkpoint import saved_var_names
+
+        return saved_var_names(dir_path, kind="GEARS", prefix=prefix)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        allow_pickle: bool = False,
+    ) -> GEARS:
+        """Load a model saved by :meth:`save`, onto ``adata`` (or the AnnData saved with it).
+
+        The file is read with ``torch.load(weights_only=True)``; its checkpoint format is checked (a
+        file from a newer pertpy-gnn is refused with both versions named), and a truncated or corrupt
+        file raises :class:`pertpy_gnn._checkpoint.CheckpointError` naming it. ``adata`` must have the
+        model's genes in the model's order (:meth:`saved_var_names`). ``allow_pickle=True`` reads a
+        file written by pertpy-gnn before checkpoint format 1 (a pickle: only for files you trust);
+        save it again to get a safe file.
+
+        Returns
+        -------
+        The model, with its trained weights and attributes.
+        """
+        from .._checkpoint import load_model
+
+        return load_model(
+            cls,
+            dir_path,
+            adata,
+            kind="GEARS",
+            uses_adata=True,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            allow_pickle=allow_pickle,
+        )
