@@ -174,9 +174,25 @@ class GEARS(BaseModelClass):
         get a learned embedding. Saved with the model.
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (only the projection is trained); ``False`` fine-tunes them.
+    use_go_graph
+        Ablation switch (paper Extended Data Fig. 4, "No GO Graph"). ``False`` removes the GNN over
+        the GO graph: every gene perturbed in ``adata`` gets a learned embedding of its own
+        (:class:`~pertpy_gnn.gears._module.LearnedEncoder`), the GO graph is not needed, and sets
+        with a gene not perturbed in training are refused at prediction (a ``ValueError``; dropped
+        with ``skip_unknown=True``), since nothing links such a gene to the trained ones.
+    use_coexpression_graph
+        Ablation switch ("No Co-Express Graph"). ``False`` replaces the GNN over the co-expression
+        graph by a learned embedding per measured gene; the co-expression graph is not needed.
+    cross_gene
+        Ablation switch ("No Cross-gene"). ``False`` removes the cross-gene MLP: each gene's output
+        layer sees only its own effect, ``zhat_u = w_u z_u + b_u``.
+    loss
+        ``'autofocus'`` (paper: autofocus ``|g - g_hat|^(2 + gamma)`` plus ``direction_lambda`` times
+        the direction term) or ``'mse'`` (ablation "MSE Loss": ``(g - g_hat)^2`` alone).
     name
         Name of the predictor (``.name``: model names in :func:`pertpy_gnn.tl.evaluate` tables and
-        in predictions); default ``'GEARS'``, or ``'GEARS+embeddings'`` with ``gene_embeddings``.
+        in predictions); default ``'GEARS'``, ``'GEARS+embeddings'`` with ``gene_embeddings``, and
+        the ablations in brackets, e.g. ``'GEARS[no GO graph]'``.
 
     Notes
     -----
@@ -236,14 +252,32 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         gene_embeddings: np.ndarray | None = None,
         freeze_gene_embeddings: bool = True,
+        use_go_graph: bool = True,
+        use_coexpression_graph: bool = True,
+        cross_gene: bool = True,
+        loss: Literal["autofocus", "mse"] = "autofocus",
         name: str | None = None,
     ):
         super().__init__(adata)
         if gene_embeddings is not None:
             gene_embeddings = _check_gene_embeddings(gene_embeddings, adata)
-        go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
+        if use_go_graph:
+            go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
+        elif isinstance(go_graph, dict) and "genes" in go_graph:  # a saved model: its own gene list
+            go = {
+                "genes": np.asarray(go_graph["genes"]).astype(str),
+                "edge_index": np.zeros((2, 0), dtype=np.int64),
+                "edge_weight": np.zeros(0, dtype=np.float32),
+            }
+        else:  # ablation: one learned embedding per gene perturbed anywhere in adata
+            _, parsed_sets = get_parsed(adata)
+            go = {
+                "genes": np.asarray(sorted({g for s in parsed_sets for g in s}), dtype=str),
+                "edge_index": np.zeros((2, 0), dtype=np.int64),
+                "edge_weight": np.zeros(0, dtype=np.float32),
+            }
         co = None
-        if gene_embeddings is None:
+        if gene_embeddings is None and use_coexpression_graph:
             co = _resolve_graph(adata, coexpression_graph, "co-expression", "pg.pp.coexpression_graph(adata)")
             if len(co["genes"]) != adata.n_vars or not np.array_equal(
                 co["genes"], np.asarray(adata.var_names).astype(str)
@@ -254,6 +288,18 @@ class GEARS(BaseModelClass):
                 )
         if name is None:
             name = "GEARS" if gene_embeddings is None else "GEARS+embeddings"
+            ablated = [
+                label
+                for label, off in (
+                    ("no GO graph", not use_go_graph),
+                    ("no co-expression graph", not use_coexpression_graph and gene_embeddings is None),
+                    ("no cross-gene", not cross_gene),
+                    ("MSE loss", loss == "mse"),
+                )
+                if off
+            ]
+            if ablated:
+                name += f"[{', '.join(ablated)}]"
         self.name = name
         self.init_params_ = self._get_init_params(locals())
         # the graphs and embeddings are saved with the model (init params): loading does not depend on adata.uns
@@ -288,6 +334,10 @@ class GEARS(BaseModelClass):
                 gene_embeddings=None if gene_embeddings is None else torch.from_numpy(gene_embeddings),
                 freeze_gene_embeddings=freeze_gene_embeddings,
                 n_contexts=len(self.contexts_),
+                use_go_graph=use_go_graph,
+                use_coexpression_graph=use_coexpression_graph,
+                cross_gene=cross_gene,
+                loss=loss,
             )
         self.seen_genes_: list[str] = []
         self.train_summary_: dict = {}
@@ -765,6 +815,15 @@ class GEARS(BaseModelClass):
         sets = as_perturbation_sets(perturbations)
         genes = sorted({g for s in sets for g in s})
         unknown = [g for g, i in zip(genes, self._go_index.get_indexer(genes), strict=True) if i < 0]
+        if not self.module.use_go_graph:  # ablation: only genes perturbed in training have an embedding
+            unknown = [g for g in genes if g not in self.seen_genes]
+            if unknown and not skip_unknown:
+                raise ValueError(
+                    f"This GEARS has no GO graph (use_go_graph=False): genes not perturbed in training have no "
+                    f"embedding, so {len(unknown)} genes cannot be predicted: {unknown[:20]}"
+                    f"{' ...' if len(unknown) > 20 else ''}. Pass `skip_unknown=True` to drop the sets containing "
+                    "them, or train with the GO graph to predict unseen genes."
+                )
         if unknown and not skip_unknown:
             raise ValueError(
                 f"{len(unknown)} genes are not in the GO graph, so GEARS cannot embed them: {unknown[:20]}"

@@ -13,6 +13,7 @@ _FUNCTIONS = {
     "gi_map": "._gi",
     "nonadditive_bars": "._gi",
     "gi_scatter": "._gi",
+    "phenotypes": "._phenotypes",
     "in_silico_shift": "._compass",
     "in_silico_screen": "._compass",
 }
