@@ -295,6 +295,11 @@ class GEARSModule(BaseModuleClass):
     anchor_reg
         Weight of the penalty ``mean(r^2)`` (per set, mean over genes; mean over the sets of a
         batch) that pulls the residual toward zero, i.e. the prediction toward the anchor.
+    n_contexts
+        Number of cell contexts (``0``: none, the paper's network). Each context gets a learned
+        vector ``e_c`` (``d``) added to the perturbation embedding of every set in it,
+        ``h_post_u = MLP(ReLU(BN(h_gene_u + h_P + e_c)))``, and its own mean control expression
+        ``context_control_mean[c]`` as the reference of the direction term.
     use_go_graph
         ``False`` (ablation): each perturbable gene gets a learned embedding (:class:`LearnedEncoder`)
         instead of the GNN over the GO graph, so genes not perturbed in training cannot be predicted.
@@ -332,6 +337,7 @@ class GEARSModule(BaseModuleClass):
         freeze_gene_embeddings: bool = True,
         anchor: Literal["additive", "train_mean"] | None = None,
         anchor_reg: float = 10.0,
+        n_contexts: int = 0,
         use_go_graph: bool = True,
         use_coexpression_graph: bool = True,
         cross_gene: bool = True,
@@ -411,6 +417,12 @@ class GEARSModule(BaseModuleClass):
         if uncertainty:
             self.w_unc = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
             self.b_unc = nn.Parameter(torch.zeros(n_genes, 1, 1))
+        # cell contexts (none: the paper's network, unchanged): a learned vector per context added to the
+        # perturbation embedding of every set, and the mean control expression of each context
+        self.n_contexts = int(n_contexts)
+        if self.n_contexts > 0:
+            self.context_embedding = nn.Parameter(torch.randn(self.n_contexts, d) / d**0.5)
+            self.register_buffer("context_control_mean", torch.zeros(self.n_contexts, n_genes))
 
     # --- the anchor ---------------------------------------------------------------------------------
     def set_anchor(self, nodes: torch.Tensor, deltas: torch.Tensor, mean: torch.Tensor) -> None:
@@ -477,18 +489,26 @@ class GEARSModule(BaseModuleClass):
             first = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
             first.scatter_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
             pert_idx = pert_idx[first]
+        if self.n_contexts > 0:
+            context = tensors[K.CONTEXT]
+            return {"pert_idx": pert_idx, "context": context[first] if K.GROUP in tensors else context}
         return {"pert_idx": pert_idx}
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
         return {"h_post": inference_outputs["h_post"]}
 
-    def inference(self, pert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def inference(
+        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Post-perturbation gene embeddings of a batch of perturbation sets.
 
         Parameters
         ----------
         pert_idx
             ``n x max_set`` GO-graph node indices, ``-1`` for padding (all ``-1``: control).
+        context
+            Context index of each set (a model with ``n_contexts > 0``): its context vector is added
+            to the set's perturbation embedding, ``h_P + e_c`` (control sets get ``e_c`` alone).
 
         Returns
         -------
@@ -509,6 +529,10 @@ class GEARSModule(BaseModuleClass):
             if self.anchor is not None:
                 additive = self._anchor(pert_idx, own_out=self.training)[1]
                 h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
+        if self.n_contexts > 0:
+            if context is None:
+                raise ValueError("This GEARS module has contexts: give the context of every set.")
+            h_p = h_p + self.context_embedding[context]
         # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
         # normalization folds into the K + n embeddings before they are broadcast (same values as
         # self.bn_post on the K * n rows, without a pass over them)
@@ -573,7 +597,7 @@ class GEARSModule(BaseModuleClass):
             pert_idx = self._get_inference_input(tensors)["pert_idx"]
             zhat = zhat + self.anchor_delta(pert_idx, own_out=self.training)
         pred = zhat[inverse] + tensors[K.X_CTRL]
-        c = self.control_mean
+        c = self.control_mean if self.n_contexts == 0 else self.context_control_mean[tensors[K.CONTEXT]]
         mse = self.loss_kind == "mse"
         err = (pred - x) ** 2 if mse else (pred - x).abs() ** (2.0 + self.gamma)
         pred_dir = (
@@ -598,12 +622,19 @@ class GEARSModule(BaseModuleClass):
             extra["uncertainty"] = unc.detach()
         return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)
 
+    def control_reference(self, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean control expression the change of each set is relative to: ``K``, or ``n x K`` per context."""
+        return self.control_mean if self.n_contexts == 0 else self.context_control_mean[context]
+
     def sample(self, *args, **kwargs):
         """GEARS is not a generative model of cells; use :meth:`pertpy_gnn.gears.GEARS.predict`."""
         raise NotImplementedError("GEARS does not sample cells; use GEARS.predict.")
 
-    def predict_delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict_delta(
+        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``zhat`` (anchor + residual with an anchor) and log-variance of a batch of sets (call in eval mode)."""
-        out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
+        inf = self.inference(pert_idx) if self.n_contexts == 0 else self.inference(pert_idx, context)
+        out = self.generative(**self._get_generative_input({}, inf))
         zhat = out["zhat"] if self.anchor is None else out["zhat"] + self.anchor_delta(pert_idx)
         return zhat, out["logvar"]

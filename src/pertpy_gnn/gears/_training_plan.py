@@ -71,9 +71,13 @@ class GEARSTrainingPlan(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        zhat, _ = self.module.predict_delta(batch[K.PERT_IDX])
         de = batch[K.DE_IDX]
-        pred = zhat.gather(1, de) + self.module.control_mean[de]
+        if K.CONTEXT in batch:  # each set over the control mean of its context
+            zhat, _ = self.module.predict_delta(batch[K.PERT_IDX], batch[K.CONTEXT])
+            pred = zhat.gather(1, de) + self.module.control_reference(batch[K.CONTEXT]).gather(1, de)
+        else:
+            zhat, _ = self.module.predict_delta(batch[K.PERT_IDX])
+            pred = zhat.gather(1, de) + self.module.control_mean[de]
         mse = ((pred - batch[K.DE_MEAN]) ** 2).mean(1)
         self._val_sums.append(torch.stack([mse.sum(), torch.tensor(float(mse.numel()), device=mse.device)]))
 

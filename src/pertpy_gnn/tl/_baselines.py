@@ -21,7 +21,7 @@ from pertpy_gnn._constants import COEXPR_GRAPH_KEY, GO_GRAPH_KEY, SPLIT_KEY
 from pertpy_gnn._linear import bilinear_ridge, graph_embedding, pca_gene_embedding, relative_penalties
 from pertpy_gnn._training import _Training, _training_data
 from pertpy_gnn._utils import get_adata, logger, to_dense
-from pertpy_gnn.pp._perturbations import as_perturbation_sets
+from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_context
 
 from .._prediction import PREDICTION_UNS_KEY, make_prediction_adata
 
@@ -511,6 +511,7 @@ def fit_baseline(
     split_key: str = SPLIT_KEY,
     layer: str | None = None,
     name: str | None = None,
+    per_context: bool = True,
     modality: str | None = None,
     **kwargs,
 ) -> Baseline:
@@ -543,12 +544,26 @@ def fit_baseline(
             embeddings of the graphs, ``embedding_dim=10``) or a gene x d matrix (e.g. GeneCompass
             gene embeddings); genes without one are embedded from their GO neighbours (``go_graph=``,
             default ``uns['pg_go_graph']``) or as zero (see ``LinearEmbeddingBaseline``).
+        ``'context_transfer'``
+            data with contexts only: the cell-weighted mean change of the same set in the *other*
+            contexts' training cells, over the context's control mean (NaN and
+            ``obs['available'] == False`` where no other context trained the set). The baseline of
+            the held-out-context task.
     split_key
         Column of ``obs`` with the train / val / test assignment.
     layer
         Expression layer; by default the one recorded by ``parse_perturbations``.
     name
         Name of the predictor (default: ``kind``).
+    per_context
+        Data parsed with a ``context_key`` only. ``True`` (default): one baseline per context, fitted
+        on its training cells, predicting over its control mean; a context without training
+        perturbations (a held-out context) gets the pooled training mean change (``train_mean`` and
+        the linear kinds) or pooled single-gene changes (``additive``, also for genes of a set
+        without a single in that context), flagged ``obs['available'] == False``. ``False``
+        (``no_change``, ``train_mean``, ``additive``): the pooled baseline, whose change comes
+        from all contexts' training cells (each relative to its own context's control mean) and
+        is added to each context's control mean.
     modality
         Modality of a MuData.
     **kwargs
@@ -557,10 +572,23 @@ def fit_baseline(
     Returns
     -------
     A fitted ``Baseline`` with ``.name``, ``.seen_genes`` and ``.predict``; nothing is written into ``data``.
+    With contexts a :class:`~pertpy_gnn.tl._contexts.ContextBaseline`, whose ``predict`` takes ``context=``.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"Unknown baseline kind {kind!r}; choose one of {list(BASELINE_KINDS)}.")
     adata = get_adata(data, modality)
+    if kind == "context_transfer" and get_context(adata) is None:
+        raise ValueError("kind='context_transfer' needs data parsed with a `context_key`.")
+    if kind not in _KINDS and kind != "context_transfer":
+        raise ValueError(f"Unknown baseline kind {kind!r}; choose one of {list(BASELINE_KINDS)}.")
+    if get_context(adata) is not None:  # one baseline per context, pooled fallback (tl/_contexts.py)
+        from ._contexts import ContextBaseline
+
+        model = ContextBaseline(
+            adata, kind, split_key=split_key, layer=layer, name=name, per_context=per_context, **kwargs
+        )
+        logger.info("Fitted %s.", model)
+        return model
+    if not per_context:
+        raise ValueError("`per_context=False` needs data parsed with a `context_key`.")
     train = _training_data(adata, split_key, layer)
     model = _KINDS[kind](train, adata, name=name, **kwargs)
     logger.info("Fitted %s on %d training perturbations.", model, len(train.sets))
