@@ -283,3 +283,12 @@ def test_gears_with_contexts(gears_ready, tmp_path):
     model.save(tmp_path / "m", overwrite=True)
     loaded = GEARS.load(tmp_path / "m", adata=adata)
     np.testing.assert_allclose(loaded.predict(test, n_control=None).X, pred.X, atol=1e-6)
+
+
+def test_anchored_gears_refuses_contexts(gears_ready):
+    from pertpy_gnn.gears import GEARS
+
+    adata = gears_ready.copy()
+    GEARS.setup_anndata(adata)
+    with pytest.raises(ValueError, match="several cell contexts"):
+        GEARS(adata, anchor="additive")

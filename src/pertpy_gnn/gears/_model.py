@@ -332,6 +332,12 @@ class GEARS(BaseModelClass):
         ctx = get_context(adata)
         #: contexts of the training data (empty: one context, the paper's model)
         self.contexts_: list[str] = [] if ctx is None else [str(c) for c in ctx.cat.categories]
+        if anchor is not None and len(self.contexts_) > 1:
+            raise ValueError(
+                f"anchor={anchor!r} is not available for data with several cell contexts "
+                f"({len(self.contexts_)} in obs['pg_context']): the anchor pools the contexts. Use anchor=None "
+                "(the context-aware GEARS) or fit a per-context baseline with pg.tl.fit_baseline."
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = self._module_cls(
