@@ -229,6 +229,24 @@ def test_uncertainty_loss_is_minimized_at_log_error():
     assert far > module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt}).loss
 
 
+def test_bf16_autocast_trains_with_float32_statistics():
+    """Under ``torch.autocast(bfloat16)`` a step runs forward and backward; batch-norm buffers stay float32."""
+    losses = []
+    for autocast in (False, True):
+        module = _small_module(uncertainty=True)
+        module.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, _, out = module(_batch(module))
+        out.loss.backward()
+        losses.append(out.loss.detach().float())
+        for bn in (module.bn_post, module.post_mlp[-1], module.cross_gene[1]):
+            assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+            assert torch.isfinite(bn.running_var).all()
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
+
+
 # ----------------------------------------------------------------------------- model
 @pytest.mark.filterwarnings("ignore:Observation names are not unique")
 def test_train_records_run_and_predicts(trained_toy, tmp_path):

@@ -50,9 +50,12 @@ def _bn_moments(
 
     In training mode the batch moments, with the running statistics updated as
     :class:`torch.nn.BatchNorm1d` does (unbiased variance); in eval mode the running statistics.
+    The moments are taken in the dtype of the running buffers (``float32``), also under
+    :func:`torch.autocast`, whose ``bfloat16`` activations would otherwise reach the buffers.
     """
     if not bn.training:
         return bn.running_mean, bn.running_var
+    mean, var = mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
     with torch.no_grad():
         bn.running_mean.lerp_(mean.detach(), bn.momentum)
         bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), bn.momentum)
@@ -136,9 +139,11 @@ class GraphEncoder(nn.Module):
         self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
 
     def propagate(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``A x`` for all nodes, or for the nodes ``rows`` only."""
+        """``A x`` for all nodes, or for the nodes ``rows`` only (in ``float32``, also under autocast)."""
+        x = x.float()
         if rows is None:
-            return torch.sparse.mm(self.adj, x)
+            with torch.autocast(x.device.type, enabled=False):  # sparse.mm has no bfloat16 backward
+                return torch.sparse.mm(self.adj, x)
         start = self.crow[rows]
         counts = self.crow[rows + 1] - start
         seg = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), counts)
