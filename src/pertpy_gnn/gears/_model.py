@@ -550,8 +550,9 @@ class GEARS(BaseModelClass):
         self.module.eval()
         device = self.module.device
         zs, ss = [], []
+        h_gene = self.module.gene_states()  # shared by every batch
         for start in range(0, pert_idx.shape[0], batch_size):
-            z, s = self.module.predict_delta(pert_idx[start : start + batch_size].to(device))
+            z, s = self.module.predict_delta(pert_idx[start : start + batch_size].to(device), h_gene=h_gene)
             zs.append(z.cpu())
             ss.append(s.cpu() if s is not None else None)
         logvar = torch.cat(ss) if self.module.uncertainty else None
@@ -634,6 +635,67 @@ class GEARS(BaseModelClass):
         ``uncertainty`` (mean predicted log-variance over genes) and ``uncertainty_z`` (z-scored
         against the training cells).
         """
+        sets, zhat, base, extra, n_ctrl = self._predict_arrays(
+            perturbations, n_control, seed, batch_size, skip_unknown
+        )
+        return make_prediction_adata(
+            sets,
+            zhat + base[None, :],
+            base,
+            self.adata.var_names,
+            seen_genes=self.seen_genes,
+            obs_extra=extra,
+            model_name=self.name,
+            n_control=n_ctrl,
+        )
+
+    def predict_deltas(
+        self,
+        perturbations,
+        *,
+        n_control: int | None = 300,
+        seed: int = 0,
+        batch_size: int = 512,
+        skip_unknown: bool = False,
+    ) -> tuple[np.ndarray, pd.DataFrame]:
+        """The predicted changes of :meth:`predict` as one array, without building an AnnData.
+
+        For many sets at once (e.g. :func:`pertpy_gnn.tl.gi_map`): the same values as
+        ``predict(...).layers['delta']`` and the same per-set ``obs`` columns.
+
+        Parameters
+        ----------
+        perturbations, n_control, seed, batch_size, skip_unknown
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        ``(delta, obs)``: ``len(sets) x n_vars`` ``float32`` changes over the drawn control cells'
+        mean, and a DataFrame (index: canonical set names) with ``perturbation``, ``n_genes``,
+        ``n_unseen``, ``seen`` and, with uncertainty, ``uncertainty`` and ``uncertainty_z``.
+        """
+        sets, zhat, base, extra, _ = self._predict_arrays(
+            perturbations, n_control, seed, batch_size, skip_unknown
+        )
+        base32 = base.astype(np.float32)
+        delta = (zhat + base[None, :]).astype(np.float32)  # as make_prediction_adata: mean - control mean
+        delta -= base32[None, :]
+        names = [DELIM.join(s) for s in sets]
+        n_unseen = np.array([sum(g not in self.seen_genes for g in s) for s in sets], dtype=np.int64)
+        obs = pd.DataFrame(
+            {
+                "perturbation": names,
+                "n_genes": np.array([len(s) for s in sets], dtype=np.int64),
+                "n_unseen": n_unseen,
+                "seen": n_unseen == 0,
+                **(extra or {}),
+            },
+            index=pd.Index(names),
+        )
+        return delta, obs
+
+    def _predict_arrays(self, perturbations, n_control, seed, batch_size, skip_unknown):
+        """Sets, ``zhat`` (``float32``), the control mean (``float64``), extra obs columns, control count."""
         self._check_trained()
         sets = self._check_sets(perturbations, skip_unknown)
         x = self._matrix()
@@ -653,16 +715,7 @@ class GEARS(BaseModelClass):
             u = logvar.mean(1).numpy()
             mu, sd = self.module.uncertainty_stats.cpu().numpy()
             extra = {"uncertainty": u.astype(np.float32), "uncertainty_z": ((u - mu) / sd).astype(np.float32)}
-        return make_prediction_adata(
-            sets,
-            zhat.numpy() + base[None, :],
-            base,
-            self.adata.var_names,
-            seen_genes=self.seen_genes,
-            obs_extra=extra,
-            model_name=self.name,
-            n_control=ctrl.size,
-        )
+        return sets, zhat.numpy(), base, extra, ctrl.size
 
     def predict_cells(
         self,

@@ -359,6 +359,21 @@ class GEARSModule(BaseModuleClass):
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
         return {"h_post": inference_outputs["h_post"]}
 
+    def _set_embeddings(self, pert_idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``h_P = MLP(sum_i h_pert[P_i])`` of each set (``n x d``; zero for the empty set)."""
+        n, d = pert_idx.shape[0], self.hidden_dim
+        valid = pert_idx >= 0
+        h_p = like.new_zeros(n, d)
+        if valid.any():
+            nodes, node_of = torch.unique(pert_idx[valid], return_inverse=True)
+            h_nodes = self.pert_encoder(rows=nodes)
+            summed = like.new_zeros(n, d).index_add(
+                0, torch.nonzero(valid)[:, 0], h_nodes[node_of].to(like.dtype)
+            )
+            perturbed = torch.nonzero(valid.any(1)).squeeze(1)
+            h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]).to(like.dtype))
+        return h_p
+
     def inference(self, pert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Post-perturbation gene embeddings of a batch of perturbation sets.
 
@@ -374,14 +389,7 @@ class GEARSModule(BaseModuleClass):
         """
         h_gene = self.gene_mlp(self.gene_encoder())
         n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
-        valid = pert_idx >= 0
-        h_p = h_gene.new_zeros(n, d)
-        if valid.any():
-            nodes, node_of = torch.unique(pert_idx[valid], return_inverse=True)
-            h_nodes = self.pert_encoder(rows=nodes)
-            summed = h_gene.new_zeros(n, d).index_add(0, torch.nonzero(valid)[:, 0], h_nodes[node_of])
-            perturbed = torch.nonzero(valid.any(1)).squeeze(1)
-            h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]))
+        h_p = self._set_embeddings(pert_idx, h_gene)
         # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
         # normalization folds into the K + n embeddings before they are broadcast (same values as
         # self.bn_post on the K * n rows, without a pass over them)
@@ -463,7 +471,55 @@ class GEARSModule(BaseModuleClass):
         """GEARS is not a generative model of cells; use :meth:`pertpy_gnn.gears.GEARS.predict`."""
         raise NotImplementedError("GEARS does not sample cells; use GEARS.predict.")
 
-    def predict_delta(self, pert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` and log-variance of a batch of perturbation sets (call in eval mode)."""
-        out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
-        return out["zhat"], out["logvar"]
+    def gene_states(self) -> torch.Tensor:
+        """``h_gene = MLP(GNN(genes))`` (``K x d``): shared by every set, computed once per prediction."""
+        return self.gene_mlp(self.gene_encoder())
+
+    def predict_delta(
+        self, pert_idx: torch.Tensor, *, h_gene: torch.Tensor | None = None, block_rows: int = 8192
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``zhat`` and log-variance of a batch of perturbation sets (``n x K`` each).
+
+        In eval mode the network runs folded and blocked: the batch norms (running statistics) are
+        folded into the adjacent linear layers and the ``K x n`` grid of post-perturbation
+        embeddings is computed a block of genes at a time (about ``block_rows`` rows), straight
+        into the gene-specific decoders, so it is never held whole. Same values as
+        ``generative(inference(pert_idx))`` up to float rounding (tested). ``h_gene`` may be passed
+        from :meth:`gene_states` to share it between batches. In training mode: the plain path.
+        """
+        if self.training:
+            out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
+            return out["zhat"], out["logvar"]
+        return self._predict_folded(pert_idx, self.gene_states() if h_gene is None else h_gene, block_rows)
+
+    def _predict_folded(
+        self, pert_idx: torch.Tensor, h_gene: torch.Tensor, block_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k, n, d = self.n_genes, pert_idx.shape[0], self.hidden_dim
+        h_p = self._set_embeddings(pert_idx, h_gene)
+        bn = self.bn_post
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        g = (h_gene - bn.running_mean) * scale + bn.bias  # K x d
+        hp = h_p * scale  # n x d
+        lin1, bn1, _, lin2, bn_last = self.post_mlp
+        s1 = bn1.weight / torch.sqrt(bn1.running_var + bn1.eps)
+        w1 = lin1.weight * s1[:, None]
+        b1 = (lin1.bias - bn1.running_mean) * s1 + bn1.bias
+        s_last = bn_last.weight / torch.sqrt(bn_last.running_var + bn_last.eps)
+        shift = bn_last.bias - bn_last.running_mean * s_last
+        heads = [(self.w1, self.b1)] + ([(self.w_unc, self.b_unc)] if self.uncertainty else [])
+        folded = [
+            (w * s_last.unsqueeze(1), b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)) for w, b in heads
+        ]
+        outs = [h_gene.new_empty(k, n) for _ in heads]
+        step = max(1, int(block_rows) // max(n, 1))
+        for lo in range(0, k, step):
+            hi = min(k, lo + step)
+            h = (g[lo:hi, None, :] + hp[None, :, :]).relu_().reshape(-1, d)
+            h = F.linear(F.linear(h, w1, b1).relu_(), lin2.weight, lin2.bias).reshape(hi - lo, n, d)
+            for out, (w, b) in zip(outs, folded, strict=True):
+                out[lo:hi] = torch.baddbmm(b[lo:hi], h, w[lo:hi]).squeeze(-1)
+        z = outs[0]  # K x n
+        h_cg = self.cross_gene(z.T)  # n x d
+        zhat = (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+        return zhat, (outs[1].T if self.uncertainty else None)

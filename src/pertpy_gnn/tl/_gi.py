@@ -818,6 +818,32 @@ def gi_scores(
 # ----------------------------------------------------------------------------------------------
 # GI map of all pairs of a gene set, through a predictor
 # ----------------------------------------------------------------------------------------------
+def _predict_in_batches(model, sets, n_control, batch_size: int, seed: int, progress_bar: bool):
+    """Changes over control and obs of ``sets`` from ``model.predict``, ``batch_size`` sets per call."""
+    starts = range(0, len(sets), batch_size)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="Predicting", unit="batch")
+    deltas, obs, var_names = [], [], None
+    for s in starts:
+        chunk = sets[s : s + batch_size]
+        pred = model.predict(chunk, n_control=n_control, seed=seed)
+        d, rows, _ = _deltas_of(pred)
+        names = [DELIM.join(c) for c in chunk]
+        missing = [nm for nm in names if nm not in rows]
+        if missing:
+            raise ValueError(f"model.predict returned no row for {missing[:5]}.")
+        if var_names is None:
+            var_names = pd.Index(pred.var_names)
+        elif not pred.var_names.equals(var_names):
+            raise ValueError("model.predict returned different genes in different batches.")
+        idx = np.array([rows[nm] for nm in names])
+        deltas.append(d[idx])
+        obs.append(pred.obs.iloc[idx].reset_index(drop=True))
+    return np.concatenate(deltas, axis=0), pd.concat(obs, ignore_index=True)
+
+
 def gi_map(
     model,
     genes: Sequence[str],
@@ -863,7 +889,8 @@ def gi_map(
     n_control
         Control cells averaged per prediction (passed to ``model.predict``).
     batch_size
-        Perturbation sets per call of ``model.predict``.
+        Perturbation sets per call of ``model.predict`` or, for a model with ``predict_deltas``
+        (GEARS: all sets in one call, no AnnData per batch), per forward pass.
     seed
         Seed of the control cells drawn by ``model.predict`` (the same for every batch, so singles
         and doubles are relative to the same control mean) and of the Theil-Sen subsets.
@@ -906,29 +933,14 @@ def gi_map(
     resolve_gi_thresholds(thresholds)
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
-    starts = range(0, len(sets), int(batch_size))
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="Predicting", unit="batch")
-    deltas, obs, var_names = [], [], None
-    for s in starts:
-        chunk = sets[s : s + int(batch_size)]
-        pred = model.predict(chunk, n_control=n_control, seed=seed)
-        d, rows, _ = _deltas_of(pred)
-        names = [DELIM.join(c) for c in chunk]
-        missing = [nm for nm in names if nm not in rows]
-        if missing:
-            raise ValueError(f"model.predict returned no row for {missing[:5]}.")
-        if var_names is None:
-            var_names = pd.Index(pred.var_names)
-        elif not pred.var_names.equals(var_names):
-            raise ValueError("model.predict returned different genes in different batches.")
-        idx = np.array([rows[nm] for nm in names])
-        deltas.append(d[idx])
-        obs.append(pred.obs.iloc[idx].reset_index(drop=True))
-    delta = np.concatenate(deltas, axis=0)
-    obs = pd.concat(obs, ignore_index=True)
+    if callable(getattr(model, "predict_deltas", None)):  # one pass, no AnnData per batch (GEARS)
+        delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=int(batch_size))
+        names = [DELIM.join(c) for c in sets]
+        if list(obs.index) != names:
+            raise ValueError("model.predict_deltas returned rows that are not the requested sets.")
+        obs = obs.reset_index(drop=True)
+    else:
+        delta, obs = _predict_in_batches(model, sets, n_control, int(batch_size), seed, progress_bar)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
     df = _score_table(
