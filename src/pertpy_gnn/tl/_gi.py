@@ -316,7 +316,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
 
     With ``r^v_i = mean_j |x^v_i - x^v_j|`` (row means of the distance matrix of row ``v``):
     ``mixed[p, t] = sum_ij |x^u_i - x^u_j| |x^w_i - x^w_j|`` for every task ``t = (u, w)``,
-    ``gram[p, v, w] = sum_i r^v_i r^w_i`` and ``sums[p, v] = sum_i r^v_i``. ``orders`` holds the
+    ``gram[p, v, w] = sum_i r^v_i r^w_i``, ``sums[p, v] = sum_i r^v_i`` and ``sq[p, v] = 2 var(x^v)``. ``orders`` holds the
     argsort of every row. A mixed sum runs over the genes in increasing ``x^w`` with a Fenwick
     tree over the ranks of ``x^u``: O(n log n).
     """
@@ -325,6 +325,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
     mixed = np.zeros((n_pairs, n_tasks))
     gram = np.zeros((n_pairs, n_rows, n_rows))
     sums = np.zeros((n_pairs, n_rows))
+    sq = np.zeros((n_pairs, n_rows))
     for p in _prange(n_pairs):
         rank = np.empty((n_rows, n), np.int64)
         rmean = np.empty((n_rows, n))
@@ -335,6 +336,11 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
             for k in range(n):
                 rank[v, o[k]] = k + 1
                 total += x[o[k]]
+            mu = total / n
+            acc = 0.0
+            for k in range(n):
+                acc += (x[k] - mu) * (x[k] - mu)
+            sq[p, v] = 2.0 * acc / n  # mean_ij (x_i - x_j)^2
             before = 0.0
             for k in range(n):
                 xk = x[o[k]]
@@ -390,7 +396,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
                 cy += yi
                 cxy += xi * yi
             mixed[p, t] = 2.0 * acc
-    return mixed, gram, sums
+    return mixed, gram, sums, sq
 
 
 @functools.cache
@@ -486,8 +492,8 @@ def distance_correlations(
     tasks = [(v, 0) for v in one_d + [v for v in proj if v not in one_d]]
     tasks += list(itertools.combinations(proj, 2))
     xs = np.stack(rows, axis=1)  # (P, V, n)
-    mixed, gram, sums = _dcov_kernel()(xs, np.argsort(xs, axis=2), np.array(tasks, dtype=np.int64))
-    ss = 2.0 * xs.var(axis=2)  # mean_ij (x_i - x_j)^2 = mixed sum of a row with itself / n^2
+    # ss: mean_ij (x_i - x_j)^2 = mixed sum of a row with itself / n^2 = 2 var(x)
+    mixed, gram, sums, ss = _dcov_kernel()(xs, np.argsort(xs, axis=2), np.array(tasks, dtype=np.int64))
     m = sums / n  # grand means of the distance matrices
     task = {t: i for i, t in enumerate(tasks)}
 
@@ -875,9 +881,9 @@ def gi_map(
     training uncertainty); ``uncertainty_quantile=0.5`` instead keeps the lower half of those pairs,
     as the paper reports them.
 
-    Scale: scoring the 5,460 pairs of 105 genes over 5,000 genes takes ~45 CPU-seconds with the
-    defaults (numba-parallel over pairs; ``benchmarks/gi_map_scale.py``), on top of the model's
-    predictions of 5,565 sets; ``n_projections=4`` is ~25% faster (similarity within 1e-2).
+    Scale: a GEARS map of the 5,460 pairs of 105 genes over 5,000 genes (5,565 sets predicted in
+    one pass, then scored numba-parallel over pairs) is measured by ``benchmarks/gi_map_scale.py``;
+    the effect of each scoring setting on time and scores by ``benchmarks/gi_scoring_knobs.py``.
 
     Parameters
     ----------
@@ -901,7 +907,12 @@ def gi_map(
         uncertainty is above this quantile of theirs.
     drop_uncertain
         Drop the flagged pairs instead of flagging them.
-    thresholds, n_subsamples, subsample_size, n_projections, model_fit
+    n_projections
+        As in :func:`gi_scores`, but ``'auto'`` is exact up to 500 genes, else 4 projections (not
+        6): a third less scoring time, similarity within 7e-3 of the 6-projection value on
+        Norman-sized maps (``benchmarks/results/gi_scoring_knobs.json``; 6 projections are within
+        2e-3 of the exact value).
+    thresholds, n_subsamples, subsample_size, model_fit
         As in :func:`gi_scores`.
     progress_bar
         Show progress bars.
@@ -943,6 +954,8 @@ def gi_map(
         delta, obs = _predict_in_batches(model, sets, n_control, int(batch_size), seed, progress_bar)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
+    if n_projections == "auto":
+        n_projections = None if delta.shape[1] <= _EXACT_SIMILARITY_MAX_GENES else 4
     df = _score_table(
         delta,
         {DELIM.join(c): i for i, c in enumerate(sets)},
