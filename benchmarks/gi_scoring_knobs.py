@@ -23,7 +23,16 @@ import numpy as np
 from _common import cpu_seconds, machine, peak_rss_gib, versions, write_record
 from gi_map_scale import StandIn
 
-SCORES = ("c_a", "c_b", "magnitude", "model_fit", "similarity", "equality_of_contribution", "dcor_a", "dcor_b")
+SCORES = (
+    "c_a",
+    "c_b",
+    "magnitude",
+    "model_fit",
+    "similarity",
+    "equality_of_contribution",
+    "dcor_a",
+    "dcor_b",
+)
 SETTINGS = {
     "defaults (10,000 subsets of 1,000 genes, 6 projections)": {},
     "4 projections": {"n_projections": 4},
@@ -42,7 +51,9 @@ def main() -> None:
     parser.add_argument("--exact-pairs", type=int, default=60, help="pairs for the O(n^2) exact similarity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gi_scoring_knobs.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "gi_scoring_knobs.json"
+    )
     args = parser.parse_args()
 
     import numba
@@ -53,13 +64,20 @@ def main() -> None:
     numba.set_num_threads(args.threads)
     load_start = os.getloadavg()
     adata = pg.datasets.simulate_perturbseq(
-        n_genes=5000, n_singles=105, n_doubles=131, n_cells_per_perturbation=20, n_control=1000,
-        counts_layer=False, seed=args.seed,
+        n_genes=5000,
+        n_singles=105,
+        n_doubles=131,
+        n_cells_per_perturbation=20,
+        n_control=1000,
+        counts_layer=False,
+        seed=args.seed,
     )
     genes = sorted(p for p in adata.uns["simulation"]["true_delta"].index if p != "control" and "+" not in p)
     pairs = list(itertools.combinations(genes, 2))
     rng = np.random.default_rng(args.seed)
-    pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), size=min(args.pairs, len(pairs)), replace=False))]
+    pairs = [
+        pairs[i] for i in np.sort(rng.choice(len(pairs), size=min(args.pairs, len(pairs)), replace=False))
+    ]
     sets = [(g,) for g in genes] + pairs
     pred = StandIn(adata, seed=args.seed).predict(sets)
     delta = np.asarray(pred.layers["delta"])
@@ -69,13 +87,20 @@ def main() -> None:
     results, base = {}, None
     for name, kw in SETTINGS.items():
         use = pairs[: args.exact_pairs] if kw.get("n_projections", 6) is None else pairs
-        opts = {"n_subsamples": 10_000, "subsample_size": 1000, "n_projections": 6, "model_fit": "pearson"} | kw
+        opts = {
+            "n_subsamples": 10_000,
+            "subsample_size": 1000,
+            "n_projections": 6,
+            "model_fit": "pearson",
+        } | kw
         c0, t0 = cpu_seconds(), time.perf_counter()
         df = _score_table(delta, rows, use, thresholds=None, seed=args.seed, **opts)
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
         if base is None:
             base = df
-        diff = {s: float(np.nanmax(np.abs(df[s].to_numpy() - base.loc[df.index, s].to_numpy()))) for s in SCORES}
+        diff = {
+            s: float(np.nanmax(np.abs(df[s].to_numpy() - base.loc[df.index, s].to_numpy()))) for s in SCORES
+        }
         flips = int(sum((df[t] != base.loc[df.index, t]).sum() for t in pg.tl._gi.DEFAULT_GI_THRESHOLDS))
         results[name] = {
             "settings": opts,

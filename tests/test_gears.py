@@ -557,3 +557,62 @@ def test_predict_deltas_and_gi_map_fast_path_match_predict(trained_toy):
     fast = pg.tl.gi_map(model, genes, batch_size=3, **kwargs)
     slow = pg.tl.gi_map(PredictOnly(), genes, batch_size=3, **kwargs)
     pd.testing.assert_frame_equal(fast, slow)
+
+
+# ----------------------------------------------------------------------------- set batches
+def test_set_batches_draw_whole_sets_evenly():
+    from pertpy_gnn.gears._data import SetBatches
+
+    codes = np.repeat([0, 1, 2, 3, 4], [50, 3, 10, 40, 7])  # 110 cells of 5 sets
+    sampler = SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0)
+    # an epoch draws about as many cells as there are: mean drawn per set (8+3+8+8+7)/5 = 6.8
+    assert len(sampler) == int(np.ceil(110 / (2 * 6.8)))
+    seen = np.zeros(5, dtype=int)
+    for _ in range(3):
+        for batch in sampler:
+            sets, counts = np.unique(codes[batch], return_counts=True)
+            assert len(sets) == 2 and len(set(batch)) == len(batch)
+            assert (counts == np.minimum([50, 3, 10, 40, 7], 8)[sets]).all()
+            seen[sets] += 1
+    assert seen.max() - seen.min() <= 2  # every set equally often (a permutation stream)
+    again = SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0)
+    assert list(again) == list(SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0))
+    whole = next(iter(SetBatches(codes, sets_per_batch=5, cells_per_set=None, seed=1)))
+    assert sorted(whole) == list(range(110))
+    with pytest.raises(ValueError, match="sets_per_batch"):
+        SetBatches(codes, sets_per_batch=0, cells_per_set=8, seed=0)
+
+
+def test_set_batch_loss_equals_per_cell_loss(toy):
+    """A set batch runs the network once per set; its loss is the per-cell loss of its cells run one by one."""
+    from pertpy_gnn.gears._data import make_set_loader
+
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=8, uncertainty=True, seed=0)
+    train, *_ = model._training_data(0)
+    batch = next(iter(make_set_loader(train, sets_per_batch=3, cells_per_set=5, seed=0)))
+    assert len(batch[K.GROUP].unique()) == 3 and batch[K.X].shape[0] > 3
+    module = model.module.eval()
+    module.control_mean.copy_(torch.rand(module.n_genes))
+    with torch.no_grad():
+        loss = module(batch)[2].loss
+        per_set: dict[int, list] = {}
+        for i in range(batch[K.X].shape[0]):  # one network pass per cell
+            zhat, s = module.predict_delta(batch[K.PERT_IDX][i : i + 1])
+            pred, x, m = zhat[0] + batch[K.X_CTRL][i], batch[K.X][i], batch[K.MASK][i].float()
+            err = (pred - x).abs() ** 4
+            dirn = (torch.sign(x - module.control_mean) - torch.tanh((pred - module.control_mean) / 0.1)) ** 2
+            cell = err + 0.1 * dirn + torch.exp(-s[0]) * err + s[0]
+            per_set.setdefault(int(batch[K.GROUP][i]), []).append((cell * m).sum() / m.sum())
+    expected = torch.stack([torch.stack(v).mean() for v in per_set.values()]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_train_with_set_batches(toy):
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=16, seed=0)
+    model.train(max_epochs=2, batching="sets", sets_per_batch=4, cells_per_set=8, progress_bar=False)
+    assert len(model.history_) == 2 and np.isfinite(model.history_["train_loss"]).all()
+    assert np.isfinite(model.best_val)
+    with pytest.raises(ValueError, match="batching"):
+        model.train(max_epochs=1, batching="genes")

@@ -33,7 +33,7 @@ from .._utils import check_overwrite, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
 from ..tl._prediction import make_prediction_adata
 from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
-from ._data import ExpressionRows, TensorDict, TrainCells, make_loader
+from ._data import ExpressionRows, TensorDict, TrainCells, make_loader, make_set_loader
 from ._module import GEARSModule
 from ._training_plan import GEARSTrainingPlan
 
@@ -465,6 +465,9 @@ class GEARS(BaseModelClass):
         strategy: str = "auto",
         progress_bar: bool = True,
         val_batch_size: int = 64,
+        batching: Literal["cells", "sets"] = "cells",
+        sets_per_batch: int = 8,
+        cells_per_set: int | None = 32,
         **trainer_kwargs,
     ) -> None:
         """Train on the ``train`` cells, select the epoch with the lowest validation top-20-DE MSE.
@@ -489,6 +492,14 @@ class GEARS(BaseModelClass):
             Show Lightning's progress bar and banner.
         val_batch_size
             Validation perturbations per forward pass.
+        batching
+            ``'cells'``: minibatches of ``batch_size`` random cells (the paper's). ``'sets'``: each
+            step draws ``sets_per_batch`` perturbation sets and up to ``cells_per_set`` cells of
+            each (:class:`~pertpy_gnn.gears._data.SetBatches`); the network runs once per set
+            and the same per-cell loss is applied to every drawn cell. An epoch draws as many
+            cells as there are training cells either way.
+        sets_per_batch, cells_per_set
+            Sizes of the set batches (``cells_per_set=None``: all cells of each drawn set).
         **trainer_kwargs
             Further :class:`lightning.pytorch.Trainer` arguments.
 
@@ -498,6 +509,8 @@ class GEARS(BaseModelClass):
         ``best_epoch_``, ``seen_genes_``, ``train_summary_`` and, with uncertainty, the training
         uncertainty statistics used for z-scores.
         """
+        if batching not in ("cells", "sets"):
+            raise ValueError(f"`batching` must be 'cells' or 'sets', got {batching!r}.")
         seed = self._seed if seed is None else seed
         train, val, control_mean, seen, summary = self._training_data(seed)
         self.module.control_mean.copy_(torch.from_numpy(control_mean))
@@ -519,7 +532,11 @@ class GEARS(BaseModelClass):
                 enable_progress_bar=progress_bar,
                 **trainer_kwargs,
             )
-            trainer.fit(plan, make_loader(train, batch_size, shuffle=True, seed=seed), val_loader)
+            if batching == "sets":
+                loader = make_set_loader(train, sets_per_batch, cells_per_set, seed=seed)
+            else:
+                loader = make_loader(train, batch_size, shuffle=True, seed=seed)
+            trainer.fit(plan, loader, val_loader)
         if plan.best_state is not None:
             self.module.load_state_dict(plan.best_state)
         self.module.to(trainer.strategy.root_device)
