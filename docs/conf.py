@@ -74,7 +74,11 @@ def _write_api_pages() -> None:
     for page, (title, module) in _API_PAGES.items():
         if module is None:
             entries = []
-            for mod, cls in (("pertpy_gnn.gears", "GEARS"), ("pertpy_gnn.compass", "GeneCompass")):
+            for mod, cls in (
+                ("pertpy_gnn.gears", "GEARS"),
+                ("pertpy_gnn.gears", "ReferenceGEARS"),
+                ("pertpy_gnn.compass", "GeneCompass"),
+            ):
                 try:
                     if hasattr(importlib.import_module(mod), cls):
                         entries.append(f"{mod}.{cls}")

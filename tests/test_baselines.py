@@ -4,6 +4,7 @@ import pytest
 from anndata import AnnData
 
 import pertpy_gnn as pg
+from pertpy_gnn._linear import bilinear_ridge, graph_embedding
 from pertpy_gnn.tl._baselines import BASELINE_KINDS
 
 from .conftest import additive_screen
@@ -119,7 +120,7 @@ def test_linear_coexpression_flags_unmeasured_genes(synth):
 
 
 def test_linear_embedding_closed_form(synth):
-    model = pg.tl.fit_baseline(synth, "linear_embedding", pca_dim=4, ridge=0.1)
+    model = pg.tl.fit_baseline(synth, "linear_embedding", pca_dim=4, ridge=0.1, normalize=False)
     train_sets = [(), ("G0",), ("G1",), ("G2",), ("G3",), ("G5",), ("G0", "G4"), ("G1", "G5")]
     ctrl = _train_mean(synth, "control")
     pseudo = np.vstack([_train_mean(synth, "+".join(s) or "control") for s in train_sets])
@@ -208,3 +209,148 @@ def test_norman_all_baselines(norman):
     assert sources["TMSB4X"] == "measured"
     assert sources["IER5L"] == "none"  # no GO annotation
     assert (sources == "go").sum() >= 5
+
+
+def test_bilinear_ridge_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    g, y, p = rng.normal(size=(40, 3)), rng.normal(size=(40, 7)), rng.normal(size=(7, 2))
+    lam_g, lam_p = np.array([0.0, 0.5, 10.0]), np.array([0.1, 2.0, 0.0])
+    ws = bilinear_ridge(g, y, p, lam_g, lam_p)
+    for i in range(3):
+        hand = (
+            np.linalg.inv(g.T @ g + lam_g[i] * np.eye(3))
+            @ g.T
+            @ y
+            @ p
+            @ np.linalg.inv(p.T @ p + lam_p[i] * np.eye(2))
+        )
+        np.testing.assert_allclose(ws[i], hand, rtol=1e-8, atol=1e-10)
+
+
+def test_graph_embedding_separates_two_cliques():
+    # two 4-cliques {a0..a3}, {b0..b3} joined by one weak edge a0 - b0: the first component splits them
+    genes = [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)]
+    edges = [(i, j) for c in (range(4), range(4, 8)) for i in c for j in c if i != j] + [(0, 4)]
+    src, tgt = np.array(edges).T
+    w = np.where((src == 0) & (tgt == 4), 0.1, 1.0)
+    emb = graph_embedding({"genes": np.array(genes), "edge_index": np.stack([src, tgt]), "edge_weight": w}, 2)
+    assert list(emb.index) == genes and emb.shape == (8, 2)
+    first = emb.iloc[:, 0].to_numpy()
+    assert np.sign(first[:4]).tolist() == [np.sign(first[0])] * 4
+    assert np.sign(first[4:]).tolist() == [-np.sign(first[0])] * 4
+    np.testing.assert_allclose(first[1:4], first[1], rtol=1e-6)  # a1..a3 are symmetric
+
+
+def _cv_by_hand(adata, sets, deltas, ctrl, pred_fn_alpha, alphas, n_folds, seed=0):
+    """Per-alpha mean squared error of leaving out each fold, with explicit loops."""
+    n = len(sets)
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
+    err = np.zeros((len(alphas), n))
+    for held in folds:
+        keep = [i for i in range(n) if i not in set(held)]
+        for a, alpha in enumerate(alphas):
+            for h in held:
+                err[a, h] = ((pred_fn_alpha(keep, alpha, sets[h]) - deltas[h]) ** 2).sum()
+    return err
+
+
+def test_linear_embedding_cross_validated_ridge_by_hand(synth):
+    alphas = [1e-3, 1e-1, 10.0]
+    model = pg.tl.fit_baseline(synth, "linear_embedding", pca_dim=3, alphas=alphas, cv_rule="min", cv_folds=7)
+    train_sets = [("G0",), ("G1",), ("G2",), ("G3",), ("G5",), ("G0", "G4"), ("G1", "G5")]
+    ctrl = _train_mean(synth, "control")
+    means = np.vstack([_train_mean(synth, "+".join(s)) for s in train_sets])
+    idx = {f"G{i}": i for i in range(30)}
+
+    def fit(keep, alpha):
+        pseudo = np.vstack([ctrl] + [means[i] for i in keep])
+        m = pseudo.T - pseudo.T.mean(axis=0)
+        u, s, _ = np.linalg.svd(m, full_matrices=False)
+        g = u[:, :3] * s[:3]
+        unit = g / np.linalg.norm(g, axis=1, keepdims=True)
+
+        def emb(st):
+            return sum((unit[idx[x]] for x in st), np.zeros(3))
+
+        p = np.vstack([np.zeros(3)] + [emb(train_sets[i]) for i in keep])
+        y = (pseudo - ctrl).T
+        b = y.mean(axis=1, keepdims=True)
+        lg, lp = alpha * (g * g).sum() / 3, alpha * (p * p).sum() / 3
+        w = (
+            np.linalg.inv(g.T @ g + lg * np.eye(3))
+            @ g.T
+            @ (y - b)
+            @ p
+            @ np.linalg.inv(p.T @ p + lp * np.eye(3))
+        )
+        return g, w, b.ravel(), emb
+
+    def predict(keep, alpha, st):
+        g, w, b, emb = fit(keep, alpha)
+        return g @ w @ emb(st) + b
+
+    err = _cv_by_hand(synth, train_sets, means - ctrl, ctrl, predict, alphas, 7)
+    np.testing.assert_allclose(model.cv_error, err.mean(axis=1), rtol=1e-4)
+    best = alphas[int(np.argmin(err.mean(axis=1)))]
+    assert model.cv_alpha == best
+    g, w, b, emb = fit(list(range(7)), best)
+    pred = model.predict(["G4", "G2+G3"], n_control=None)
+    np.testing.assert_allclose(
+        pred.layers["delta"], np.vstack([g @ w @ emb(s) + b for s in [("G4",), ("G2", "G3")]]), atol=1e-4
+    )
+    # the one-standard-error rule takes the strongest penalty within one SE of the best
+    se_model = pg.tl.fit_baseline(synth, "linear_embedding", pca_dim=3, alphas=alphas, cv_folds=7)
+    mean = err.mean(axis=1)
+    k = int(np.argmin(mean))
+    within = mean <= mean[k] + err[k].std(ddof=1) / np.sqrt(7)
+    assert se_model.cv_alpha == alphas[int(np.flatnonzero(within).max())]
+
+
+def test_linear_embedding_external_embeddings(synth):
+    # a DataFrame gene embedding (e.g. GeneCompass's): G4 shares G3's row -> the same prediction
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(6, 5)), index=[f"G{i}" for i in range(6)])
+    table.loc["G4"] = table.loc["G3"]
+    model = pg.tl.fit_baseline(synth, "linear_embedding", perturbation_embedding=table)
+    pred = model.predict(["G4", "G3", "G20"], n_control=None)
+    np.testing.assert_allclose(pred.X[0], pred.X[1], rtol=1e-6)
+    assert pred.obs["embedding_source"].tolist() == ["embedded", "embedded", "none"]
+    assert pred.obs["available"].tolist() == [True, True, False]
+    np.testing.assert_allclose(pred.layers["delta"][2], model.b, atol=1e-6)
+    assert pred.uns["pg_prediction"]["fallback"].startswith("b (the mean training change)")
+    # an n_vars x d array aligned to var_names (NaN rows: no embedding), the form of compass_gene_embeddings
+    arr = np.full((30, 5), np.nan)
+    arr[:6] = table.to_numpy()
+    again = pg.tl.fit_baseline(synth, "linear_embedding", perturbation_embedding=arr)
+    np.testing.assert_allclose(again.predict(["G4", "G3"], n_control=None).X, pred.X[:2], rtol=1e-5)
+    # graph embeddings
+    synth.uns["pg_coexpression_graph"] = _hand_graph(synth)
+    co = pg.tl.fit_baseline(synth, "linear_embedding", perturbation_embedding="coexpression", embedding_dim=2)
+    assert np.isfinite(co.predict(["G4", "G0+G1"]).X).all()
+    with pytest.raises(KeyError, match="pg.pp.go_graph"):
+        pg.tl.fit_baseline(synth, "linear_embedding", perturbation_embedding="go")
+    with pytest.raises(ValueError, match="n_vars x d"):
+        pg.tl.fit_baseline(synth, "linear_embedding", perturbation_embedding=np.ones((3, 2)))
+
+
+def test_linear_embedding_no_longer_explodes_on_norman_seed0(norman):
+    # the benchmark's cells: perturbations with a gene outside GO dropped (IER5L), simulation split seed 0;
+    # TMSB4X (test, measured, a G row far longer than any GO-neighbour embedding) made the old fit explode
+    ann = pg.datasets.go_annotations()
+    adata = pg.pp.parse_perturbations(
+        norman, perturbation_key="condition", gene_universe=set(ann["gene"]), drop_unknown=True, copy=True
+    )
+    pg.pp.rank_de_genes(adata)
+    perturbed = {g for c in adata.obs["pg_perturbation"].unique() for g in str(c).split("+")}
+    pg.pp.go_graph(adata, annotations=ann[ann["gene"].isin(set(adata.var_names) | perturbed)])
+    pg.pp.split_perturbations(adata, kind="simulation", seed=0)
+    models = {
+        "old": pg.tl.fit_baseline(adata, "linear_embedding", ridge=0.1, normalize=False),
+        "new": pg.tl.fit_baseline(adata, "linear_embedding"),
+        "train_mean": pg.tl.fit_baseline(adata, "train_mean"),
+    }
+    df = pg.tl.evaluate(adata, models)
+    nmse = df[df["metric"] == "mse_top20_normalized"].groupby(["model", "subgroup"])["value"].mean().unstack()
+    assert nmse.loc["old"].max() > 5  # the explosion this guards against
+    assert nmse.loc["new"].max() < 1.5
+    assert nmse.loc["new"].mean() < 1.1

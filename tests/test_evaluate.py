@@ -7,7 +7,14 @@ from scipy.stats import pearsonr, spearmanr, ttest_ind
 
 import pertpy_gnn as pg
 from pertpy_gnn.tl._baselines import BASELINE_KINDS
-from pertpy_gnn.tl._evaluate import METRICS, _group_quantiles
+from pertpy_gnn.tl._evaluate import (
+    METRICS,
+    _group_quantiles,
+    de_weights,
+    discrimination,
+    top_overlap,
+    weighted_r2,
+)
 from pertpy_gnn.tl._prediction import make_prediction_adata
 
 from .conftest import additive_screen
@@ -83,6 +90,9 @@ def test_metrics_match_a_per_perturbation_reference(synth):
     ctrl_cells = x[pert == "control"]
     ctrl = ctrl_cells.mean(axis=0)
     p32 = pred.astype(np.float32).astype(np.float64)
+    perturbed = [c for c in pert_names(synth) if c != "control"]
+    centroid = np.mean([x[pert == c].mean(axis=0) for c in perturbed], axis=0)
+    truths = np.vstack([x[pert == n].mean(axis=0) for n in names])
     for i, n in enumerate(names):
         cells = x[pert == n]
         true = cells.mean(axis=0)
@@ -110,9 +120,51 @@ def test_metrics_match_a_per_perturbation_reference(synth):
             "frac_in_25_75_top20": np.mean(((p[de] >= q[25]) & (p[de] <= q[75]))[expressed]),
             "mean_abs_zscore_top20": np.mean(np.abs(p[de] - tr[de])[sd > 0] / sd[sd > 0]),
         }
+        # calibrated metrics: weights from Welch t against every other perturbed cell
+        rest = x[(pert != n) & (pert != "control")]
+        t_rest = np.nan_to_num(ttest_ind(cells, rest, equal_var=False).statistic)
+        a = np.abs(t_rest)
+        w = ((a - a.min()) / (a.max() - a.min())) ** 2
+        w /= w.sum()
+        dt, dp = tr - centroid, p - centroid
+        ref["mse_de_weighted"] = np.sum(w * (p - tr) ** 2)
+        ref["r2_delta_de_weighted"] = 1 - np.sum(w * (dp - dt) ** 2) / np.sum(w * (dt - np.sum(w * dt)) ** 2)
+        ref["pearson_delta_centroid"] = pearsonr(dp, dt)[0]
+        dist = np.array([np.abs(p - truths[j]).sum() for j in range(len(names))])
+        closer = sum(dist[j] < dist[i] for j in range(len(names)) if j != i)
+        ref["perturbation_discrimination"] = 1 - closer / (len(names) - 1)
+        for k, true_top in ((20, de), (100, top100)):
+            pred_top = np.argsort(-np.abs(p - c), kind="stable")[:k]
+            ref[f"de_overlap_top{k}"] = len(set(pred_top) & set(true_top)) / k
         assert set(ref) == set(METRICS)
         for m, v in ref.items():
             assert _value(df, "noisy", n, m) == pytest.approx(v, rel=1e-4, abs=1e-6), (n, m)
+
+
+def pert_names(adata: AnnData) -> list[str]:
+    return list(adata.obs["pg_perturbation"].cat.categories)
+
+
+def test_new_metrics_on_hand_computed_examples():
+    # DE weights: |t| = (0, 1, 2) -> min-max (0, .5, 1) -> squared (0, .25, 1) -> / 1.25
+    np.testing.assert_allclose(de_weights(np.array([[0.0, -1.0, 2.0]])), [[0.0, 0.2, 0.8]])
+    np.testing.assert_allclose(de_weights(np.array([[3.0, -3.0]])), [[0.5, 0.5]])
+    assert np.isnan(de_weights(np.zeros((1, 2)))).all()
+    # weighted R^2: true (1, 3), weights (.5, .5): mean 2, SS_tot = 1; pred (1, 2): SS_res = .5 -> R^2 = .5
+    assert weighted_r2(np.array([[1.0, 2.0]]), np.array([[1.0, 3.0]]), np.array([[0.5, 0.5]]))[
+        0
+    ] == pytest.approx(0.5)
+    # discrimination: three true profiles 0, 1, 3 (one gene); predictions 0.9 (own 0: distance .9, profile 1 is
+    # closer -> 1 of 2 -> 0.5), 1 (own: closest -> 1), 0 (own 3 is the farthest -> 0)
+    true = np.array([[0.0], [1.0], [3.0]])
+    np.testing.assert_allclose(discrimination(np.array([[0.9], [1.0], [0.0]]), true), [0.5, 1.0, 0.0])
+    # a tie counts one half: prediction 0.5 is as far from 0 as from 1
+    np.testing.assert_allclose(discrimination(np.array([[0.5], [1.0], [3.0]]), true)[0], 0.75)
+    # top-k overlap: predicted |change| ranks genes 3, 0 first; true top-2 are 0, 1 -> 1 of 2
+    d = np.array([[0.5, 0.1, 0.0, -0.9]])
+    assert top_overlap(d, np.array([[0, 1]]))[0] == 0.5
+    # a zero change is never a predicted DE gene
+    assert top_overlap(np.zeros((1, 4)), np.array([[0, 1]]))[0] == 0.0
 
 
 def test_group_quantiles_match_numpy():
@@ -129,7 +181,7 @@ def test_group_quantiles_match_numpy():
 def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
     models = {k: pg.tl.fit_baseline(synth, k) for k in ("no_change", "train_mean", "additive")}
     df = pg.tl.evaluate(synth, models)
-    assert list(df.columns) == ["model", "perturbation", "subgroup", "metric", "value"]
+    assert list(df.columns) == ["model", "perturbation", "subgroup", "metric", "value", "available"]
     assert len(df) == 3 * 4 * len(METRICS)
     sub = df.drop_duplicates("perturbation").set_index("perturbation")["subgroup"]
     assert sub.to_dict() == {
@@ -141,13 +193,17 @@ def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
     # additive: NaN for sets without both singles in train (G4 alone, G4+G5), values otherwise
     add = df[(df["model"] == "additive") & (df["metric"] == "mse_top20")].set_index("perturbation")["value"]
     assert np.isnan(add["G4"]) and np.isnan(add["G4+G5"]) and np.isfinite(add["G0+G1"])
+    flags = df[(df["model"] == "additive") & (df["metric"] == "mse_top20")].set_index("perturbation")[
+        "available"
+    ]
+    assert flags.to_dict() == {"G4": False, "G0+G1": True, "G2+G3": True, "G4+G5": False}
     # on additive synthetic data the additive baseline beats no change
     assert add["G0+G1"] < _value(df, "no_change", "G0+G1", "mse_top20")
 
     stored = synth.uns["pg_evaluation"]
     pd.testing.assert_frame_equal(stored["results"], df)
     summary = stored["summary"]
-    assert list(summary.columns) == ["model", "subgroup", "metric", "mean", "sem", "n"]
+    assert list(summary.columns) == ["model", "subgroup", "metric", "mean", "sem", "n", "n_unavailable"]
     assert set(summary["subgroup"]) == {"unseen_single", "combo_seen2", "combo_seen1", "all"}
     row = summary[
         (summary.model == "additive") & (summary.subgroup == "all") & (summary.metric == "mse_top20")
@@ -205,11 +261,21 @@ def test_norman_baselines(norman):
     test = ["KLF1+MAP2K6", "MAPK1+TGFBR2", "KLF1+TGFBR2", "FOXO4", "CBL+CNN1"]
     pert = norman.obs["pg_perturbation"].astype(str)
     norman.obs["pg_split"] = pd.Categorical(np.where(pert.isin(test), "test", "train"))
+    pg.pp.coexpression_graph(norman)
     models = {
-        k: pg.tl.fit_baseline(norman, k) for k in ("no_change", "train_mean", "additive", "linear_embedding")
+        k: pg.tl.fit_baseline(norman, k)
+        for k in ("no_change", "train_mean", "additive", "linear_embedding", "linear_coexpression")
     }
     df = pg.tl.evaluate(norman, models)
-    assert len(df) == 4 * 5 * len(METRICS)
+    assert len(df) == 5 * 5 * len(METRICS)
+    # linear_coexpression cannot place these perturbed genes (none is measured): the table says so
+    avail = df[df["metric"] == "mse_all"].pivot(index="perturbation", columns="model", values="available")
+    assert not avail["linear_coexpression"].any() and avail["no_change"].all()
+    summary = norman.uns["pg_evaluation"]["summary"]
+    row = summary[
+        (summary.model == "linear_coexpression") & (summary.subgroup == "all") & (summary.metric == "mse_all")
+    ]
+    assert row["n_unavailable"].item() == 5
     nmse = df[df["metric"] == "mse_top20_normalized"].pivot(
         index="perturbation", columns="model", values="value"
     )

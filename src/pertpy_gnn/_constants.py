@@ -32,6 +32,8 @@ SIMULATION_KEY = "simulation"
 GEARS_UNS_KEY = "pg_gears"
 #: ``adata.layers`` entry: GEARS per-cell predictions (``GEARS.predict_cells`` / ``pg.tl.predict(..., adata=)``)
 GEARS_PRED_LAYER = "pg_gears_prediction"
+#: ``adata.uns`` entry: where a cell-gears data folder was read from (``datasets.read_gears_data``)
+GEARS_DATA_KEY = "pg_gears_data"
 #: ``adata.uns`` entry: evaluation table
 EVAL_KEY = "pg_evaluation"
 #: ``adata.uns`` entry: genetic-interaction scores

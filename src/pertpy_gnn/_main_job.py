@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from . import datasets, pl, pp, tl
 from ._constants import CONTROL, GO_ANNOTATIONS_KEY
+from ._prediction import make_prediction_adata
 from ._utils import logger
-from .tl._prediction import make_prediction_adata
 
 KEY_METRICS = (
     "mse_top20_normalized",

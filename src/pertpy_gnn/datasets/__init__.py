@@ -1,5 +1,6 @@
 """Datasets: the simulated screen, remote loaders and readers."""
 
+from ._gears_data import read_gears_data
 from ._go import EVIDENCE_GROUPS as EVIDENCE_GROUPS  # re-exported, not in the API pages
 from ._go import go_annotations, read_gaf
 from ._read import read_perturbation_h5ad
@@ -21,6 +22,7 @@ __all__: list[str] = [
     "dixit_2016",
     "replogle_2022_k562_essential",
     "read_perturbation_h5ad",
+    "read_gears_data",
     "go_annotations",
     "read_gaf",
     "get_cache_dir",

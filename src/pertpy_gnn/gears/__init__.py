@@ -6,7 +6,12 @@ not pay for Lightning and scvi-tools.
 
 import importlib
 
-_LAZY = {"GEARS": "._model", "GEARSModule": "._module", "GEARSTrainingPlan": "._training_plan"}
+_LAZY = {
+    "GEARS": "._model",
+    "GEARSModule": "._module",
+    "GEARSTrainingPlan": "._training_plan",
+    "ReferenceGEARS": "._reference",
+}
 
 __all__ = list(_LAZY)
 

@@ -29,9 +29,9 @@ from .._constants import (
     PERT_KEY,
     SPLIT_KEY,
 )
+from .._prediction import make_prediction_adata
 from .._utils import check_overwrite, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
-from ..tl._prediction import make_prediction_adata
 from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
 from ._data import ExpressionRows, TensorDict, TrainCells, make_loader, make_set_loader
 from ._module import GEARSModule
@@ -296,6 +296,76 @@ class GEARS(BaseModelClass):
                 f", gene embeddings d={gene_embeddings.shape[1]} "
                 f"({'frozen' if freeze_gene_embeddings else 'fine-tuned'}, {n_missing} genes without one learned)"
             )
+
+    # ------------------------------------------------------------------ cell-gears models
+    @classmethod
+    def load_reference(
+        cls,
+        path,
+        adata: AnnData,
+        *,
+        pert_genes: Sequence[str] | None = None,
+        data_path=None,
+        coexpression: Literal["all", "first_cell"] = "all",
+        predict_batch_size: int = 300,
+        direction: Literal["tanh", "sign"] = "tanh",
+        layer: str | None = None,
+        name: str = "GEARS (cell-gears)",
+    ):
+        """Load a model trained and saved by the published GEARS code (PyPI ``cell-gears``, ``save_model``).
+
+        ``config.pkl`` is read by a restricted unpickler (plain data, and torch tensors read with
+        ``weights_only=True``; anything else is refused with an error naming the file), ``model.pt``
+        with ``torch.load(weights_only=True)``. The weights are mapped into our module with the
+        published gene embedding and uncertainty head
+        (:class:`~pertpy_gnn.gears._reference.ReferenceGEARSModule`).
+
+        Parameters
+        ----------
+        path
+            Folder written by cell-gears' ``GEARS.save_model`` (``model.pt``, ``config.pkl``).
+        adata
+            The data the model was trained on, with cell-gears' genes in its order: best
+            :func:`pertpy_gnn.datasets.read_gears_data` of its data folder (perturbations parsed,
+            cell-gears' split in ``obs['pg_split']``).
+        pert_genes
+            Genes of the model's perturbation (GO) graph, in cell-gears' order. Default: from
+            ``data_path``.
+        data_path
+            cell-gears data folder with ``gene2go_all.pkl`` and ``essential_all_data_pert_genes.pkl``
+            (its default perturbation graph); default the one recorded by ``read_gears_data``.
+        coexpression
+            ``'all'`` (the paper, default): every set gets the co-expression convolution.
+            ``'first_cell'``: the published code, where only the first cell of a batch gets it; with
+            ``predict_batch_size`` this reproduces cell-gears' ``predict`` (prediction only).
+        predict_batch_size
+            Cells per batch of cell-gears' ``predict`` (300 control cells, one batch).
+        direction
+            Direction term for fine-tuning: ``'tanh'`` (default) or ``'sign'`` (published, no gradient).
+        layer
+            Layer with the expression (as in :meth:`setup_anndata`).
+        name
+            Name of the predictor.
+
+        Returns
+        -------
+        A trained :class:`~pertpy_gnn.gears._reference.ReferenceGEARS` (a :class:`GEARS`) registered
+        on ``adata``. ``predict`` gives ``zhat`` + the mean of drawn control cells, as cell-gears;
+        with ``coexpression='first_cell'`` and the same control cells, cell-gears' own numbers.
+        """
+        from ._reference import load_reference
+
+        return load_reference(
+            path,
+            adata,
+            pert_genes=pert_genes,
+            data_path=data_path,
+            coexpression=coexpression,
+            predict_batch_size=predict_batch_size,
+            direction=direction,
+            layer=layer,
+            name=name,
+        )
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -646,7 +716,7 @@ class GEARS(BaseModelClass):
 
         Returns
         -------
-        AnnData in the form of :func:`pertpy_gnn.tl._prediction.make_prediction_adata`: one row per
+        AnnData in the form of :func:`pertpy_gnn._prediction.make_prediction_adata`: one row per
         set, ``X`` the predicted mean, ``layers['delta']`` the predicted change ``zhat`` over the mean
         of the drawn control cells (``uns['pg_prediction']['control_mean']``), ``obs`` ``perturbation``, ``n_genes``, ``n_unseen``, ``seen`` and, with uncertainty,
         ``uncertainty`` (mean predicted log-variance over genes) and ``uncertainty_z`` (z-scored

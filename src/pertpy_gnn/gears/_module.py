@@ -384,8 +384,9 @@ class GEARSModule(BaseModuleClass):
 
         Returns
         -------
-        ``h_gene`` (``K x d``, computed once and shared by every set) and ``h_post``
-        (``K x n x d``, gene-major so that the gene-specific decoders are batched matrix products).
+        ``h_gene`` (``K x d``, computed once and shared by every set), ``h_post``
+        (``K x n x d``, gene-major so that the gene-specific decoders are batched matrix products) and
+        ``h`` (``K x n x d``, ``ReLU(BN(h_gene + h_P))``, the input of ``post_mlp``).
         """
         h_gene = self.gene_mlp(self.gene_encoder())
         n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
@@ -404,7 +405,7 @@ class GEARSModule(BaseModuleClass):
         g = (h_gene - mean) * scale + bn.bias
         h = (g.unsqueeze(1) + (h_p * scale).unsqueeze(0)).relu_()
         h_post = self.post_mlp(h.reshape(k * n, d), last_norm=False).reshape(k, n, d)
-        return {"h_gene": h_gene, "h_post": h_post}
+        return {"h_gene": h_gene, "h_post": h_post, "h": h}
 
     def _gene_linear(
         self, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor

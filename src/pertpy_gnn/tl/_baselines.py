@@ -2,7 +2,7 @@
 
 Every baseline is a predictor in the project's contract: ``.name``, ``.seen_genes`` and
 ``.predict(perturbations, *, n_control=300, seed=0)`` returning the AnnData of
-:func:`~pertpy_gnn.tl._prediction.make_prediction_adata`. A baseline predicts a change ``delta``
+:func:`~pertpy_gnn._prediction.make_prediction_adata`. A baseline predicts a change ``delta``
 over the mean of the *training* control cells; ``predict`` adds it to the mean of ``n_control``
 control cells drawn at random (seeded), or of all control cells when ``n_control`` is ``None`` or
 at least their number, so that with all control cells ``no_change`` is exactly the control mean.
@@ -19,11 +19,12 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from pertpy_gnn._constants import COEXPR_GRAPH_KEY, CONTROL, GO_GRAPH_KEY, SPLIT_KEY
+from pertpy_gnn._linear import bilinear_ridge, graph_embedding, pca_gene_embedding, relative_penalties
 from pertpy_gnn._utils import get_adata, get_matrix, logger, to_dense
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_parsed, layer_of
 
-from ._prediction import make_prediction_adata
+from .._prediction import PREDICTION_UNS_KEY, make_prediction_adata
 
 #: the kinds understood by :func:`fit_baseline`
 BASELINE_KINDS = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
@@ -115,6 +116,8 @@ class Baseline:
     """
 
     kind = ""
+    #: what a row with ``obs['available'] == False`` holds (recorded in ``uns['pg_prediction']['fallback']``)
+    fallback = ""
 
     def __init__(self, train: _Training, *, name: str | None = None):
         self.name = self.kind if name is None else name
@@ -155,14 +158,14 @@ class Baseline:
 
         Returns
         -------
-        The prediction AnnData of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`, one row per set
+        The prediction AnnData of :func:`~pertpy_gnn._prediction.make_prediction_adata`, one row per set
         (``X`` mean, ``layers['delta']`` change over the control mean, ``obs`` ``perturbation``,
         ``n_genes``, ``n_unseen``, ``seen`` and baseline-specific columns).
         """
         sets = as_perturbation_sets(perturbations)
         base, n_used = self._control_base(n_control, seed)
         delta, extra = self._delta(sets)
-        return make_prediction_adata(
+        out = make_prediction_adata(
             sets,
             base[None, :] + delta,
             base,
@@ -172,6 +175,10 @@ class Baseline:
             model_name=self.name,
             n_control=n_used,
         )
+        if "available" in out.obs:
+            out.uns[PREDICTION_UNS_KEY]["fallback"] = self.fallback
+            out.uns[PREDICTION_UNS_KEY]["n_unavailable"] = int((~out.obs["available"].astype(bool)).sum())
+        return out
 
 
 class NoChangeBaseline(Baseline):
@@ -208,6 +215,7 @@ class AdditiveBaseline(Baseline):
     """
 
     kind = "additive"
+    fallback = "NaN (no prediction)"
 
     def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
         super().__init__(train, name=name)
@@ -237,10 +245,13 @@ class LinearCoexpressionBaseline(Baseline):
     perturbations whose genes are all measured, :math:`s = \sum \langle x_\theta, \delta\rangle /
     \sum \langle x_\theta, x_\theta\rangle`, unless ``scale`` is given (``s = 1`` with a warning when
     no training perturbation has measured genes). A set with a gene outside ``var_names`` cannot be
-    placed on the graph: its row is the control mean and ``obs['available']`` is ``False``.
+    placed on the graph: its row is the control mean and ``obs['available']`` is ``False``
+    (``uns['pg_prediction']['fallback']`` says so, and :func:`pertpy_gnn.tl.evaluate` carries the
+    flag into its ``available`` column and warns).
     """
 
     kind = "linear_coexpression"
+    fallback = "no_change (the control mean)"
 
     def __init__(
         self,
@@ -294,7 +305,28 @@ class LinearCoexpressionBaseline(Baseline):
         delta = np.zeros((len(sets), len(self.var_names)))
         if available.any():
             delta[available] = self.scale * self._propagate(ind[available])
+        if not available.all():
+            logger.warning(
+                "linear_coexpression: %d of %d sets have a gene outside var_names; their rows are the control "
+                "mean (obs['available'] is False).",
+                int((~available).sum()),
+                len(sets),
+            )
         return delta, {"available": available}
+
+
+#: perturbation embeddings understood by ``LinearEmbeddingBaseline`` (besides a gene x d matrix)
+PERTURBATION_EMBEDDINGS = ("pca", "go", "coexpression")
+#: default grid of relative ridge strengths searched by cross-validation
+RIDGE_ALPHAS = np.logspace(-6, 3, 19)
+
+
+def _graph_of(adata: AnnData, graph) -> dict | None:
+    if isinstance(graph, str):
+        if graph not in adata.uns:
+            return None
+        graph = adata.uns[graph]
+    return graph
 
 
 class LinearEmbeddingBaseline(Baseline):
@@ -304,17 +336,49 @@ class LinearEmbeddingBaseline(Baseline):
     control itself (a zero column); ``G`` (genes x k) is the PCA of the training pseudobulk
     (genes as observations, conditions as features, each condition centred), ``b`` the mean of ``Y``
     over conditions and ``W`` the closed-form ridge solution
-    :math:`W = (G^T G + \lambda I)^{-1} G^T (Y - b) P (P^T P + \lambda I)^{-1}` (their published
-    defaults ``k = 10``, ``lambda = 0.1``). A perturbation's embedding ``P`` is the sum over its genes
-    of: the gene's row of ``G`` when it is measured (as in the paper, where every perturbed gene is
-    a read-out gene); otherwise the edge-weighted mean of the ``G`` rows of its measured neighbours in
-    the GO graph (our extension, for perturbed genes outside ``var_names``); otherwise zero, so that
-    the prediction falls back to ``b``, the average training change. Control has ``P = 0``.
-    ``obs['embedding_source']`` lists per gene ``measured``, ``go`` or ``none``; ``obs['available']``
-    is ``False`` when a gene has no embedding.
+    :math:`W = (G^T G + \lambda_G I)^{-1} G^T (Y - b) P (P^T P + \lambda_P I)^{-1}`.
+
+    A perturbation's embedding ``P`` is the sum over its genes of a per-gene embedding ``e_g``
+    (``perturbation_embedding``):
+
+    ``'pca'``
+        the gene's row of ``G`` (the paper's default; only for measured genes);
+    ``'go'``
+        a spectral embedding of the GO graph (``go_graph``, :func:`pertpy_gnn._linear.graph_embedding`);
+    ``'coexpression'``
+        a spectral embedding of the co-expression graph (``coexpression_graph``; measured genes);
+    a DataFrame (genes x d, index gene names) or an array (``n_vars x d`` aligned to ``var_names``, ``NaN``
+    rows for genes without one)
+        any gene embedding, e.g. GeneCompass's (:func:`pertpy_gnn.tl.compass_gene_embeddings`).
+
+    A gene without its own embedding gets the edge-weighted mean of the embeddings of its GO
+    neighbours that have one (our extension, for perturbed genes outside ``var_names``), else zero,
+    so that the prediction falls back to ``b``, the average training change. With ``normalize``
+    (default) every per-gene embedding is scaled to unit length first, so that no gene's embedding
+    is far outside those seen in training (a measured, highly variable gene has a ``G`` row tens of
+    times longer than a GO-neighbour average, which made the unnormalized fit explode on some
+    splits). Control has ``P = 0``.
+
+    The penalty: ``ridge`` a number gives :math:`\lambda_G = \lambda_P = ` ``ridge`` (the paper:
+    0.1). ``ridge='cv'`` (default) chooses a scale-free strength ``alpha`` from ``alphas`` by
+    ``cv_folds``-fold cross-validation over the training perturbations (leave-one-perturbation-out
+    when there are fewer), :math:`\lambda_G = \alpha\,\mathrm{tr}(G^TG)/k`,
+    :math:`\lambda_P = \alpha\,\mathrm{tr}(P^TP)/d`: for each fold ``G``, ``P`` and ``b`` are
+    recomputed without the held-out perturbations, ``W`` is solved for the whole grid at once
+    (:func:`pertpy_gnn._linear.bilinear_ridge`) and the squared error of the held-out changes over
+    all genes is summed; the smallest error wins (ties: the stronger penalty). A large ``alpha``
+    shrinks ``W`` to zero and the prediction to ``b``: when the embedding carries no signal the
+    model becomes the training mean change instead of exploding.
+
+    ``obs['embedding_source']`` lists per gene ``measured`` (``'pca'``), ``embedded`` (other
+    embeddings), ``go`` (GO neighbours) or ``none``; ``obs['available']`` is ``False`` when a gene
+    has no embedding (such a gene adds nothing: a set of such genes is predicted as ``b``).
+    Attributes after fitting: ``gene_embedding`` (``G``), ``W``, ``b``, ``ridge_`` (the penalties
+    used), ``cv_alpha`` and ``cv_error`` (mean held-out error per ``alphas``).
     """
 
     kind = "linear_embedding"
+    fallback = "b (the mean training change) plus the part of the set's genes that have an embedding"
 
     def __init__(
         self,
@@ -322,62 +386,164 @@ class LinearEmbeddingBaseline(Baseline):
         adata: AnnData,
         *,
         pca_dim: int = 10,
-        ridge: float = 0.1,
+        ridge: float | str = "cv",
         go_graph: dict | str | None = GO_GRAPH_KEY,
+        perturbation_embedding: str | pd.DataFrame | np.ndarray = "pca",
+        embedding_dim: int = 10,
+        coexpression_graph: dict | str = COEXPR_GRAPH_KEY,
+        normalize: bool = True,
+        cv_folds: int = 10,
+        cv_rule: str = "1se",
+        alphas: Sequence[float] | None = None,
+        seed: int = 0,
         name: str | None = None,
     ):
         super().__init__(train, name=name)
-        if isinstance(go_graph, str):
-            if go_graph not in adata.uns:
-                logger.info(
-                    "linear_embedding: adata.uns[%r] not found; unmeasured genes get a zero embedding.",
-                    go_graph,
-                )
-            go_graph = adata.uns.get(go_graph)
-        if pca_dim < 1 or ridge < 0:
-            raise ValueError(f"Need pca_dim >= 1 and ridge >= 0, got pca_dim={pca_dim}, ridge={ridge}.")
-        self._go_nodes, self._go_adj = None, None
-        if go_graph is not None:  # GO neighbour -> measured gene weights, nodes x var_names
-            self._go_nodes = pd.Index(np.asarray(go_graph["genes"]).astype(str))
-            src, tgt = np.asarray(go_graph["edge_index"], dtype=np.int64)
-            src_var = self.var_names.get_indexer(self._go_nodes[src])
-            ok = src_var >= 0
-            w = np.asarray(go_graph["edge_weight"], dtype=np.float64)[ok]
-            self._go_adj = sp.csr_matrix(
-                (w, (tgt[ok], src_var[ok])), shape=(len(self._go_nodes), len(self.var_names))
+        if pca_dim < 1 or embedding_dim < 1:
+            raise ValueError(f"Need pca_dim >= 1 and embedding_dim >= 1, got {pca_dim}, {embedding_dim}.")
+        if isinstance(ridge, str):
+            if ridge != "cv":
+                raise ValueError(f"`ridge` must be a number >= 0 or 'cv', got {ridge!r}.")
+        elif ridge < 0:
+            raise ValueError(f"Need ridge >= 0, got ridge={ridge}.")
+        if isinstance(go_graph, str) and go_graph not in adata.uns:
+            logger.info(
+                "linear_embedding: adata.uns[%r] not found; genes without an embedding get a zero one.",
+                go_graph,
             )
-        pseudobulk = np.vstack([train.control_mean[None, :], train.means])  # conditions x genes
-        m = pseudobulk.T - pseudobulk.T.mean(axis=0, keepdims=True)
-        k = int(min(pca_dim, *m.shape))
-        # PCA scores U S = m V from the small conditions x conditions Gram matrix (no genes x genes work)
-        _, v = np.linalg.eigh(m.T @ m)
-        self.gene_embedding = m @ v[:, ::-1][:, :k]  # genes x k
-        p, _ = self._embed([()] + list(train.sets))  # conditions x k
-        y = np.vstack([np.zeros((1, len(self.var_names))), train.deltas]).T  # genes x conditions
-        self.b = y.mean(axis=1)
-        g = self.gene_embedding
-        eye = np.eye(k)
-        left = np.linalg.solve(g.T @ g + ridge * eye, g.T @ (y - self.b[:, None]) @ p)
-        self.W = np.linalg.solve((p.T @ p + ridge * eye).T, left.T).T
+        go_graph = _graph_of(adata, go_graph)
+        self.pca_dim = int(pca_dim)
+        self.normalize = bool(normalize)
+        self._go_graph = go_graph
+        self._go_cache: dict = {}
+        pe = perturbation_embedding
+        if isinstance(pe, str):
+            if pe not in PERTURBATION_EMBEDDINGS:
+                raise ValueError(
+                    f"Unknown perturbation_embedding {pe!r}; choose one of {list(PERTURBATION_EMBEDDINGS)} "
+                    "or pass a genes x d DataFrame (e.g. GeneCompass gene embeddings)."
+                )
+            self.perturbation_embedding = pe
+            if pe == "pca":
+                self._external = None
+            else:
+                graph = go_graph if pe == "go" else _graph_of(adata, coexpression_graph)
+                if graph is None:
+                    fix = "pg.pp.go_graph(adata)" if pe == "go" else "pg.pp.coexpression_graph(adata)"
+                    raise KeyError(
+                        f"perturbation_embedding={pe!r} needs the {pe} graph: build it first with {fix}, "
+                        "or pass the graph dict."
+                    )
+                self._external = graph_embedding(graph, int(embedding_dim))
+        else:
+            self.perturbation_embedding = "matrix"
+            if isinstance(pe, pd.DataFrame):
+                ext = pe.copy()
+                ext.index = ext.index.astype(str)
+            else:
+                arr = np.asarray(pe, dtype=np.float64)
+                if arr.ndim != 2 or arr.shape[0] != len(self.var_names):
+                    raise ValueError(
+                        f"A perturbation_embedding array must be n_vars x d ({len(self.var_names)} rows, aligned to "
+                        f"var_names), got shape {arr.shape}; pass a DataFrame indexed by gene for other genes."
+                    )
+                ext = pd.DataFrame(arr, index=self.var_names)
+            ext = ext.astype(np.float64)
+            ext = ext[np.isfinite(ext.to_numpy()).all(axis=1)]
+            if ext.empty:
+                raise ValueError("The perturbation_embedding matrix has no finite row.")
+            self._external = ext[~ext.index.duplicated()]
 
-    def _embed(self, sets: Sequence[tuple[str, ...]]) -> tuple[np.ndarray, list[str]]:
-        genes = pd.Index(sorted({g for s in sets for g in s}))
-        emb = np.zeros((len(genes), self.gene_embedding.shape[1]))
+        sets = list(train.sets)
+        n = len(sets)
+        self.cv_alpha, self.cv_error = None, None
+        if ridge == "cv":
+            grid = RIDGE_ALPHAS if alphas is None else np.asarray(alphas, dtype=np.float64)
+            if n >= 3:
+                err = np.zeros((len(grid), n))  # squared error per alpha and held-out perturbation
+                folds = np.array_split(np.random.default_rng(seed).permutation(n), min(int(cv_folds), n))
+                for held in folds:
+                    keep = np.setdiff1d(np.arange(n), held)
+                    g, p, yc, b = self._design(train.control_mean, train.means[keep], [sets[i] for i in keep])
+                    lam_g, lam_p = relative_penalties(g, p, grid)
+                    ws = bilinear_ridge(g, yc, p, lam_g, lam_p)
+                    ph, _ = self._embed([sets[i] for i in held], g)
+                    pred = np.einsum("gk,lkm,hm->lhg", g, ws, ph, optimize=True) + b[None, None, :]
+                    err[:, held] = ((pred - train.deltas[held][None]) ** 2).sum(axis=2)
+                mean = err.mean(axis=1)
+                best = int(np.argmin(mean))
+                if cv_rule == "1se":  # the strongest penalty within one standard error of the best
+                    se = err[best].std(ddof=1) / np.sqrt(n)
+                    best = int(np.flatnonzero(mean <= mean[best] + se).max())
+                elif cv_rule != "min":
+                    raise ValueError(f"`cv_rule` must be '1se' or 'min', got {cv_rule!r}.")
+                self.cv_alpha, self.cv_error = float(grid[best]), mean
+            else:
+                logger.warning(
+                    "linear_embedding: %d training perturbations are too few to cross-validate; alpha = 1.", n
+                )
+                self.cv_alpha = 1.0
+        g, p, yc, b = self._design(train.control_mean, train.means, sets)
+        if ridge == "cv":
+            lam_g, lam_p = relative_penalties(g, p, [self.cv_alpha])
+        else:
+            lam_g, lam_p = np.array([float(ridge)]), np.array([float(ridge)])
+        self.ridge_ = (float(lam_g[0]), float(lam_p[0]))
+        self.gene_embedding, self.b = g, b
+        self.W = bilinear_ridge(g, yc, p, lam_g, lam_p)[0]
+
+    def _design(self, control_mean, means, sets):
+        """``G``, ``P`` (control first), centred ``Y`` and ``b`` of a set of training conditions."""
+        pseudobulk = np.vstack([control_mean[None, :], means])  # conditions x genes
+        g = pca_gene_embedding(pseudobulk, self.pca_dim)
+        p, _ = self._embed([()] + list(sets), g)
+        y = (pseudobulk - control_mean[None, :]).T  # genes x conditions, control column zero
+        b = y.mean(axis=1)
+        return g, p, y - b[:, None], b
+
+    def _table(self, g: np.ndarray) -> tuple[pd.Index, np.ndarray, str]:
+        if self._external is None:
+            return self.var_names, g, "measured"
+        return self._external.index, self._external.to_numpy(), "embedded"
+
+    def _go_adjacency(self, index: pd.Index):
+        """GO neighbour -> embedded gene weights (GO nodes x ``index``), cached per index."""
+        key = id(index)
+        if key not in self._go_cache:
+            nodes = pd.Index(np.asarray(self._go_graph["genes"]).astype(str))
+            src, tgt = np.asarray(self._go_graph["edge_index"], dtype=np.int64)
+            col = index.get_indexer(nodes[src])
+            ok = col >= 0
+            w = np.asarray(self._go_graph["edge_weight"], dtype=np.float64)[ok]
+            adj = sp.csr_matrix((w, (tgt[ok], col[ok])), shape=(len(nodes), len(index)))
+            self._go_cache[key] = (nodes, adj)
+        return self._go_cache[key]
+
+    def _embed(
+        self, sets: Sequence[tuple[str, ...]], g: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        index, table, direct = self._table(self.gene_embedding if g is None else g)
+        genes = pd.Index(sorted({x for s in sets for x in s}))
+        emb = np.zeros((len(genes), table.shape[1]))
         source = np.full(len(genes), "none", dtype=object)
-        measured = self.var_names.get_indexer(genes)
-        emb[measured >= 0] = self.gene_embedding[measured[measured >= 0]]
-        source[measured >= 0] = "measured"
-        todo = np.flatnonzero(measured < 0)
-        if self._go_adj is not None and todo.size:
-            rows = self._go_nodes.get_indexer(genes[todo])
-            sub = self._go_adj[np.where(rows >= 0, rows, 0)]
+        pos = index.get_indexer(genes)
+        emb[pos >= 0] = table[pos[pos >= 0]]
+        source[pos >= 0] = direct
+        todo = np.flatnonzero(pos < 0)
+        if self._go_graph is not None and todo.size:
+            nodes, adj = self._go_adjacency(index)
+            rows = nodes.get_indexer(genes[todo])
+            sub = adj[np.where(rows >= 0, rows, 0)]
             wsum = np.asarray(sub.sum(axis=1)).ravel() * (rows >= 0)
             has = wsum > 0
-            emb[todo[has]] = np.asarray(sub[has] @ self.gene_embedding) / wsum[has, None]
+            emb[todo[has]] = np.asarray(sub[has] @ table) / wsum[has, None]
             source[todo[has]] = "go"
+        if self.normalize:
+            norm = np.linalg.norm(emb, axis=1, keepdims=True)
+            emb = np.where(norm > 0, emb / np.where(norm > 0, norm, 1.0), 0.0)
         ind, _ = _indicator(sets, genes)
         by_gene = dict(zip(genes, source, strict=True))
-        names = [",".join(by_gene[g] for g in s) for s in sets]
+        names = [",".join(by_gene[x] for x in s) for s in sets]
         return np.asarray(ind @ emb), names
 
     def _delta(self, sets):
@@ -430,10 +596,14 @@ def fit_baseline(
             ``uns['pg_coexpression_graph']``), scaled by one least-squares scalar (``scale=`` fixes it);
             genes must be in ``var_names``, else the row is the control mean (``obs['available']``);
         ``'linear_embedding'``
-            Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` with PCA gene embeddings (``pca_dim=10``)
-            and a closed-form ridge fit (``ridge=0.1``); unmeasured genes are embedded from their GO
-            neighbours (``go_graph=``, default ``uns['pg_go_graph']``) or as zero (see
-            ``LinearEmbeddingBaseline``).
+            Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` with PCA read-out gene embeddings
+            (``pca_dim=10``) and a closed-form ridge fit whose penalty is cross-validated over the
+            training perturbations (``ridge='cv'``, ``cv_folds=10``, ``cv_rule='1se'``, ``alphas=``;
+            ``ridge=0.1, normalize=False`` is the paper's fit); perturbation embeddings
+            (``perturbation_embedding=``) ``'pca'``, ``'go'``, ``'coexpression'`` (spectral
+            embeddings of the graphs, ``embedding_dim=10``) or a gene x d matrix (e.g. GeneCompass
+            gene embeddings); genes without one are embedded from their GO neighbours (``go_graph=``,
+            default ``uns['pg_go_graph']``) or as zero (see ``LinearEmbeddingBaseline``).
     split_key
         Column of ``obs`` with the train / val / test assignment.
     layer

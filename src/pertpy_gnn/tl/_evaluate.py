@@ -15,6 +15,8 @@ from pertpy_gnn._utils import check_overwrite, get_adata, get_matrix, logger
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import canonical_name, get_parsed, layer_of
 
+from .._prediction import PREDICTION_UNS_KEY
+
 #: metrics computed by :func:`evaluate`, with what they measure (per perturbation, on mean expression)
 METRICS = {
     "mse_top20_normalized": "MSE on the top-20 DE genes / MSE of the control mean (no-change model) there",
@@ -31,6 +33,13 @@ METRICS = {
     "frac_in_40_60_top20": "fraction of top-20 DE genes predicted within the 40-60th percentile of the true cells",
     "frac_in_25_75_top20": "fraction of top-20 DE genes predicted within the 25-75th percentile of the true cells",
     "mean_abs_zscore_top20": "mean over top-20 DE genes of |prediction - true mean| / true cells' SD",
+    "mse_de_weighted": "MSE over all genes weighted by DE strength against the other perturbed cells (Mejia et al. 2025)",
+    "r2_delta_de_weighted": "DE-weighted R^2 of the change relative to the perturbed centroid (Mejia et al. 2025)",
+    "pearson_delta_centroid": "Pearson r of predicted vs true change relative to the perturbed centroid (Systema)",
+    "perturbation_discrimination": "1 - normalized rank of the true profile among all evaluated ones by L1 distance "
+    "to the prediction (1: closest, 0.5: chance; Virtual Cell Challenge)",
+    "de_overlap_top20": "fraction of the true top-20 DE genes among the 20 genes of largest predicted |change|",
+    "de_overlap_top100": "fraction of the true top-100 DE genes among the 100 genes of largest predicted |change|",
 }
 _N_TOP = 20
 
@@ -81,8 +90,75 @@ def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return r
 
 
+def de_weights(t: np.ndarray) -> np.ndarray:
+    """Per-gene weights of the DE-weighted metrics from DE statistics (rows: perturbations).
+
+    ``w = ((|t| - min |t|) / (max |t| - min |t|))^2``, normalized to sum 1 per row (Mejia et al. 2025);
+    a row of equal ``|t|`` gets uniform weights, a row of zeros gets NaN.
+    """
+    a = np.abs(t)
+    lo, hi = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(hi > lo, (a - lo) / np.where(hi > lo, hi - lo, 1.0), np.where(hi > 0, 1.0, np.nan)) ** 2
+        return w / w.sum(axis=1, keepdims=True)
+
+
+def weighted_r2(pred: np.ndarray, true: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Row-wise weighted R^2 (``w`` rows sum to 1): ``1 - sum w (pred - true)^2 / sum w (true - sum w true)^2``."""
+    mu = (w * true).sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1.0 - (w * (pred - true) ** 2).sum(axis=1) / (w * (true - mu) ** 2).sum(axis=1)
+
+
+def discrimination(pred: np.ndarray, true: np.ndarray, *, chunk_elements: int = 1 << 24) -> np.ndarray:
+    """Perturbation discrimination of each prediction among the true profiles (Virtual Cell Challenge).
+
+    ``1 - r_i / (N - 1)`` with ``r_i`` the number of other true profiles ``j`` closer to prediction ``i``
+    (L1 distance) than its own true profile ``i`` (ties count one half). NaN for NaN rows or ``N < 2``.
+    """
+    n = pred.shape[0]
+    out = np.full(n, np.nan)
+    if n < 2:
+        return out
+    step = max(1, chunk_elements // max(true.size, 1))
+    for i0 in range(0, n, step):  # blocks of predictions, all true profiles at once
+        d = np.abs(pred[i0 : i0 + step, None, :] - true[None, :, :]).sum(axis=2)
+        rows = np.arange(d.shape[0])
+        own = d[rows, i0 + rows][:, None]
+        closer = (d < own).sum(axis=1) + 0.5 * ((d == own).sum(axis=1) - 1)
+        out[i0 : i0 + step] = 1.0 - closer / (n - 1)
+    out[np.isnan(pred).any(axis=1)] = np.nan
+    return out
+
+
+def top_overlap(d_pred: np.ndarray, true_top: np.ndarray) -> np.ndarray:
+    """Fraction of ``true_top`` (rows of gene indices, k each) among the k genes of largest ``|d_pred|``.
+
+    Genes with a predicted change of exactly 0 never count as predicted.
+    """
+    k = true_top.shape[1]
+    a = np.abs(np.nan_to_num(d_pred, nan=0.0))
+    top = (
+        np.argpartition(-a, k - 1, axis=1)[:, :k]
+        if k < a.shape[1]
+        else np.tile(np.arange(a.shape[1]), (len(a), 1))
+    )
+    picked = np.zeros(a.shape, dtype=bool)
+    np.put_along_axis(picked, top, True, axis=1)
+    picked &= a > 0
+    return np.take_along_axis(picked, true_top, axis=1).sum(axis=1) / k
+
+
 def _is_predictor(obj) -> bool:
     return hasattr(obj, "predict") and not isinstance(obj, AnnData)
+
+
+def _prediction_rows(pred: AnnData, names: Sequence[str]) -> np.ndarray:
+    """Row of ``pred`` of each perturbation of ``names`` (by canonical name; -1 where absent)."""
+    labels = pred.obs["perturbation"] if "perturbation" in pred.obs else pd.Series(pred.obs_names)
+    canon = [canonical_name(str(lab).split(DELIM)) for lab in labels]
+    first = {nm: i for i, nm in reversed(list(enumerate(canon)))}
+    return np.array([first.get(nm, -1) for nm in names], dtype=np.int64)
 
 
 def prediction_matrix(
@@ -93,10 +169,7 @@ def prediction_matrix(
     Rows are matched by ``obs['perturbation']`` (else ``obs_names``) after canonicalizing
     (``B+A`` = ``A+B``). Raises a clear error when perturbations or genes are missing.
     """
-    labels = pred.obs["perturbation"] if "perturbation" in pred.obs else pd.Series(pred.obs_names)
-    canon = [canonical_name(str(lab).split(DELIM)) for lab in labels]
-    first = {nm: i for i, nm in reversed(list(enumerate(canon)))}
-    rows = np.array([first.get(nm, -1) for nm in names], dtype=np.int64)
+    rows = _prediction_rows(pred, names)
     if (rows < 0).any():
         missing = [n for n, r in zip(names, rows, strict=True) if r < 0]
         raise ValueError(
@@ -163,6 +236,18 @@ def evaluate(
     the true cells (population SD; genes with SD 0 left out). Correlations of a constant vector are
     0 (GEARS's convention); a NaN prediction row (e.g. ``additive`` without both singles) gives NaN.
 
+    Beside the paper's metrics, those the field uses now (formulas in ``docs/methods.md``): with
+    ``m`` the perturbed centroid (the mean over all perturbations of the data, all splits, of their mean
+    profiles) and DE weights ``w_pg = ((|t_pg| - min|t_p|) / (max|t_p| - min|t_p|))^2`` normalized to sum
+    1, ``t_pg`` the Welch t of perturbation ``p`` against all other perturbed cells (Mejia et al. 2025):
+    ``mse_de_weighted = sum_g w_pg (pred - true)^2``; ``r2_delta_de_weighted``, the ``w``-weighted R^2
+    of ``pred - m`` against ``true - m``; ``pearson_delta_centroid``, Pearson r of ``pred - m`` and
+    ``true - m`` (Vinas Torne et al. 2025); ``perturbation_discrimination = 1 - r / (N - 1)``, ``r`` the
+    number of other evaluated perturbations whose true profile is closer (L1) to the prediction than
+    its own (ties one half; Virtual Cell Challenge; 1 best, 0.5 chance); ``de_overlap_top20`` / ``_top100``,
+    the fraction of the true top-k DE genes among the k genes of largest predicted ``|change|``
+    (a change of exactly 0 never counts).
+
     The top-20 DE genes are those of ``uns[de_key]`` (:func:`pertpy_gnn.pp.rank_de_genes`); the top
     100 / 200 are ranked here by the same Welch t. The control mean is the mean of all control cells;
     a predictor averaging a random subset of them (``n_control=300``) carries that sampling noise.
@@ -177,7 +262,7 @@ def evaluate(
     predictions
         Dict ``name -> predictor or prediction AnnData`` (a list of predictors is named by their
         ``.name``). Predictors are asked to predict the subset's perturbations; a prediction AnnData
-        (the form of :func:`~pertpy_gnn.tl._prediction.make_prediction_adata`) must contain them.
+        (the form of :func:`~pertpy_gnn._prediction.make_prediction_adata`) must contain them.
     split_key
         Column of ``obs`` with the train / val / test assignment.
     subset
@@ -197,8 +282,10 @@ def evaluate(
 
     Returns
     -------
-    Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``
-    (one row per model x perturbation x metric). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
+    Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``,
+    ``available`` (one row per model x perturbation x metric; ``available`` is ``False`` where the
+    prediction's ``obs['available']`` says the model fell back, e.g. ``linear_coexpression`` on a gene
+    outside ``var_names``, and a warning is logged). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
     that frame, ``'summary':`` :func:`summarize_evaluation` of it, ``'params': {...}}``.
     """
     adata = get_adata(data, modality)
@@ -290,6 +377,32 @@ def evaluate(
     d_true = true - ctrl[None, :]
     nochange_mse = ((ctrl20 - true20) ** 2).mean(axis=1)
 
+    # the perturbed centroid (mean of every perturbation's mean, all splits) and DE against the other
+    # perturbed cells, for the calibrated metrics
+    all_codes = col.cat.codes.to_numpy().astype(np.int64)
+    all_codes = np.where(is_ctrl, -1, all_codes)
+    n_all, mean_all, var_all = group_moments(x, all_codes, len(col.cat.categories))
+    has = n_all > 0
+    centroid = mean_all[has].mean(axis=0)
+    s1 = (n_all[:, None] * mean_all)[has].sum(axis=0)
+    s2 = (np.nan_to_num(var_all) * np.maximum(n_all - 1, 0)[:, None] + n_all[:, None] * mean_all**2)[has].sum(
+        axis=0
+    )
+    own = pd.Index(col.cat.categories).get_indexer(names)
+    n_rest = n_all[has].sum() - n_all[own]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m_rest = (s1[None, :] - n_all[own, None] * mean_all[own]) / n_rest[:, None]
+        ss_rest = s2[None, :] - (
+            np.nan_to_num(var_all[own]) * np.maximum(n_all[own] - 1, 0)[:, None]
+            + n_all[own, None] * mean_all[own] ** 2
+        )
+        v_rest = np.maximum(ss_rest - n_rest[:, None] * m_rest**2, 0) / (n_rest[:, None] - 1)
+        se = np.sqrt(np.nan_to_num(var[:c] / n[:c, None]) + np.nan_to_num(v_rest / n_rest[:, None]))
+        t_rest = (mean[:c] - m_rest) / se
+    t_rest = np.where(np.isfinite(t_rest), t_rest, 0.0)
+    weights = de_weights(t_rest)
+    d_true_c = true - centroid[None, :]
+
     subgroups = _subgroups(adata, names, split_key, col)
     sets = [tuple(nm.split(DELIM)) for nm in names]
     kwargs = {} if predict_kwargs is None else dict(predict_kwargs)
@@ -321,18 +434,43 @@ def evaluate(
                 "frac_in_25_75_top20": (((pred20 >= q25) & (pred20 <= q75)) & expressed).sum(axis=1)
                 / expressed.sum(axis=1),
                 "mean_abs_zscore_top20": np.nansum(z, axis=1) / (~np.isnan(z)).sum(axis=1),
+                "mse_de_weighted": (weights * (pred - true) ** 2).sum(axis=1),
+                "r2_delta_de_weighted": weighted_r2(pred - centroid[None, :], d_true_c, weights),
+                "pearson_delta_centroid": _rowwise_pearson(pred - centroid[None, :], d_true_c),
+                "perturbation_discrimination": discrimination(pred, true),
+                "de_overlap_top20": top_overlap(d_pred, top20),
+                "de_overlap_top100": top_overlap(d_pred, tops[100]),
             }
         nan_rows = np.isnan(pred).any(axis=1)
         for k in values:
             values[k] = np.where(nan_rows, np.nan, values[k]).astype(np.float64)
+        available = np.ones(len(names), dtype=bool)
+        if "available" in pred_ad.obs:
+            rows = _prediction_rows(pred_ad, names)
+            available = pred_ad.obs["available"].to_numpy().astype(bool)[rows]
+        if not available.all():
+            fallback = pred_ad.uns.get(PREDICTION_UNS_KEY, {}).get("fallback", "a fallback")
+            logger.warning(
+                "%s could not predict %d of %d perturbations and gave %s for them (column 'available' is False).",
+                model,
+                int((~available).sum()),
+                len(names),
+                fallback,
+            )
         wide = pd.DataFrame(values)
+        wide.insert(0, "available", available)
         wide.insert(0, "subgroup", subgroups)
         wide.insert(0, "perturbation", names)
         wide.insert(0, "model", model)
         frames.append(
-            wide.melt(id_vars=["model", "perturbation", "subgroup"], var_name="metric", value_name="value")
+            wide.melt(
+                id_vars=["model", "perturbation", "subgroup", "available"],
+                var_name="metric",
+                value_name="value",
+            )
         )
     df = pd.concat(frames, ignore_index=True)
+    df = df[["model", "perturbation", "subgroup", "metric", "value", "available"]]
     for k in ("model", "perturbation", "subgroup", "metric"):
         df[k] = df[k].astype(str)
     adata.uns[key_added] = {
@@ -365,7 +503,8 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     Returns
     -------
     Long DataFrame with columns ``model``, ``subgroup``, ``metric``, ``mean``, ``sem``, ``n`` (number of
-    perturbations with a finite value; NaN values are left out of the mean), or the wide table.
+    perturbations with a finite value; NaN values are left out of the mean) and, when ``df`` has the
+    ``available`` column, ``n_unavailable`` (perturbations the model fell back on), or the wide table.
     """
     need = {"model", "perturbation", "subgroup", "metric", "value"}
     if not need <= set(df.columns):
@@ -378,6 +517,11 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     g = both.groupby(["model", "subgroup", "metric"], sort=False)["value"]
     out = pd.DataFrame({"mean": g.mean(), "sem": g.sem(), "n": g.count()}).reset_index()
     out["n"] = out["n"].astype(np.int64)
+    if "available" in both:
+        unavailable = (~both["available"].astype(bool)).groupby(
+            [both["model"], both["subgroup"], both["metric"]], sort=False
+        )
+        out["n_unavailable"] = unavailable.sum().to_numpy().astype(np.int64)
     if wide:
         return out.pivot(index=["subgroup", "metric"], columns="model", values="mean")[
             list(pd.unique(df["model"]))

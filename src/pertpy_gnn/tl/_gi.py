@@ -14,9 +14,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import CONTROL, DELIM, GI_KEY, PERT_KEY
+from .._prediction import DELTA_LAYER
 from .._utils import check_overwrite, get_adata, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, canonical_name, get_parsed, layer_of
-from ._prediction import DELTA_LAYER
 
 #: the GI scores, in the order of the columns of :func:`gi_scores`
 GI_SCORES = ("magnitude", "model_fit", "similarity", "equality_of_contribution", "dominance")
