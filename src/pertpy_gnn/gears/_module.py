@@ -139,8 +139,8 @@ class GraphEncoder(nn.Module):
         self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
 
     def propagate(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``A x`` for all nodes, or for the nodes ``rows`` only (in ``float32``, also under autocast)."""
-        x = x.float()
+        """``A x`` for all nodes, or for the nodes ``rows`` only (in the graph's dtype, also under autocast)."""
+        x = x.to(self.weight.dtype)
         if rows is None:
             with torch.autocast(x.device.type, enabled=False):  # sparse.mm has no bfloat16 backward
                 return torch.sparse.mm(self.adj, x)
