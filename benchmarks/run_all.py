@@ -60,6 +60,18 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
             "--accelerator",
             "gpu" if gpu else "cpu",
         ],
+        "compass_official_parity": [PY, "benchmarks/compass_official_parity.py"],
+        "compass_official_scale": [
+            PY,
+            "benchmarks/compass_official_scale.py",
+            "--device",
+            device,
+            *(
+                ["--cells", "512", "--out", "benchmarks/results/compass_official_scale_gpu.json"]
+                if gpu
+                else []
+            ),
+        ],
     }
 
 

@@ -37,7 +37,10 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 html_theme = "sphinx_book_theme"
 html_title = "pertpy-gnn"
-html_theme_options = {"repository_url": "https://github.com/pertpy-gnn/pertpy-gnn", "use_repository_button": True}
+html_theme_options = {
+    "repository_url": "https://github.com/pertpy-gnn/pertpy-gnn",
+    "use_repository_button": True,
+}
 # intersphinx needs the internet: on Read the Docs only (this project's machines are offline)
 if os.environ.get("READTHEDOCS"):
     extensions.append("sphinx.ext.intersphinx")

@@ -70,9 +70,25 @@ def test_presets_and_module():
     torch.manual_seed(0)
     prior = torch.randn(60, 5)
     m = CompassModule(60, 10, priors={"grn": prior}, **TINY)
-    assert set(m.prior_proj) == {"grn"} and set(m.prior_learned) == {"promoter", "family", "coexpression"}
-    assert m.gene_embedding.weight[1:].std().item() == pytest.approx(0.02, rel=0.1)
-    assert all(ln.eps == 1e-12 for ln in m.modules() if isinstance(ln, torch.nn.LayerNorm))
+    emb = m.bert.embeddings
+    # a given prior is a fixed buffer, the others learned matrices; all in the published concatenation order
+    assert emb.priors == ("promoter", "co_exp", "gene_family", "peca_grn") and emb.fixed == {"peca_grn"}
+    buffers = dict(m.named_buffers())
+    assert torch.equal(buffers["bert.embeddings.peca_grn_knowledge"], prior)
+    assert {"bert.embeddings.promoter_knowledge", "bert.embeddings.co_exp_knowledge"} <= dict(
+        m.named_parameters()
+    ).keys()
+    # concat width: word (d) + value (1) + 4 priors (d each)
+    assert emb.concat_embeddings.cat_fc.in_features == 5 * 64 + 1
+    assert emb.word_embeddings.weight[1:].std().item() == pytest.approx(0.02, rel=0.1)
+    # the id decoder is the word embedding; cat_ln keeps PyTorch's eps, every other LayerNorm the config's
+    assert m.cls.predictions.decoder.weight is emb.word_embeddings.weight
+    assert emb.concat_embeddings.cat_ln.eps == 1e-5
+    assert all(
+        ln.eps == 1e-12
+        for ln in m.modules()
+        if isinstance(ln, torch.nn.LayerNorm) and ln is not emb.concat_embeddings.cat_ln
+    )
     m.eval()
     ids = torch.tensor([[2, 10, 11, 12, 0, 0], [3, 20, 21, 22, 23, 24]])
     values = torch.rand(2, 6)
@@ -83,7 +99,7 @@ def test_presets_and_module():
     v2[0, 4:] = 5.0
     assert torch.allclose(m.encode(ids, v2)[0, :4], h[0, :4], atol=1e-5)
     # the GRN prior is used: changing a gene's prior row changes its embedding
-    m.prior_grn[10] += 1.0
+    m.bert.embeddings.peca_grn_knowledge[10] += 1.0
     assert not torch.allclose(m.encode(ids, values)[0, 1], h[0, 1])
     t = mask_tokens(ids, values, vocab_size=60, mask_prob=0.5, generator=torch.Generator().manual_seed(1))
     inf, gen, loss = m(t)

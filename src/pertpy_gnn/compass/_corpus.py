@@ -6,7 +6,7 @@ Layout of a corpus folder (written by :func:`pertpy_gnn.pp.compass_tokenize`)::
     vocab.json                 the CompassVocab
     gene_medians.tsv           token, median (non-zero normalized value), n_nonzero
     shard_00000_ids.npy        int32  (n_cells_in_shard, seq_len)  gene token ids, 0 = pad
-    shard_00000_values.npy     float16 (n_cells_in_shard, seq_len) log1p(x / median)
+    shard_00000_values.npy     float16 or float32 (n_cells_in_shard, seq_len) log1p(x / median)
     ...
 
 Row ``i`` of a shard is one cell: the species token, then up to ``max_len`` genes in decreasing
@@ -32,7 +32,15 @@ FORMAT = "pertpy_gnn.compass_corpus"
 
 
 def write_manifest(
-    path: Path, *, n_cells: int, seq_len: int, vocab_size: int, shards: list, sources: list, params: dict
+    path: Path,
+    *,
+    n_cells: int,
+    seq_len: int,
+    vocab_size: int,
+    shards: list,
+    sources: list,
+    params: dict,
+    value_dtype: str = "float16",
 ) -> None:
     """Write the corpus manifest (the layout above) of a folder of shards, ``vocab.json`` and ``gene_medians.tsv``."""
     manifest = {
@@ -43,7 +51,7 @@ def write_manifest(
         "max_len": int(seq_len) - 1,
         "pad_id": 0,
         "id_dtype": "int32",
-        "value_dtype": "float16",
+        "value_dtype": value_dtype,
         "vocab": "vocab.json",
         "vocab_size": int(vocab_size),
         "gene_medians": "gene_medians.tsv",
@@ -88,13 +96,14 @@ class CompassCorpus:
             )
         self.n_cells = int(self.manifest["n_cells"])
         self.seq_len = int(self.manifest["seq_len"])
+        self.value_dtype = np.dtype(self.manifest.get("value_dtype", "float16"))
         self._starts = np.array(
             [s["start"] for s in self.manifest["shards"]] + [self.n_cells], dtype=np.int64
         )
         self._files = []
         for s in self.manifest["shards"]:
             entry = []
-            for key, dtype in (("ids", np.int32), ("values", np.float16)):
+            for key, dtype in (("ids", np.int32), ("values", self.value_dtype)):
                 p = self.path / s[key]
                 offset, shape, dt = _npy_offset(p)
                 if shape != (s["n_cells"], self.seq_len) or dt != dtype:
@@ -148,7 +157,7 @@ class CompassCorpus:
         return h
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids (int32) and values (float16) of cells ``indices``, each ``(len(indices), seq_len)``."""
+        """Token ids (int32) and values (float16 or float32) of cells ``indices``, each ``(len(indices), seq_len)``."""
         idx = np.asarray(indices, dtype=np.int64).ravel()
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
             raise IndexError(f"cell indices must be in [0, {self.n_cells}).")
@@ -156,7 +165,10 @@ class CompassCorpus:
         srt = idx[order]
         shard = np.searchsorted(self._starts, srt, side="right") - 1
         local = srt - self._starts[shard]
-        out = (np.empty((idx.size, self.seq_len), np.int32), np.empty((idx.size, self.seq_len), np.float16))
+        out = (
+            np.empty((idx.size, self.seq_len), np.int32),
+            np.empty((idx.size, self.seq_len), self.value_dtype),
+        )
         # runs of consecutive rows of one shard are read with one call each
         brk = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) != 1)) + 1
         bounds = np.concatenate([[0], brk, [idx.size]])

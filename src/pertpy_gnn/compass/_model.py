@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,7 @@ class GeneCompass(BaseModelClass):
         seq_len: int,
         priors: Mapping[str, CompassPrior | dict] | None = None,
         preset: str = "cpu",
+        tokenization: Mapping | None = None,
         **model_kwargs,
     ):
         if adata is not None:
@@ -104,15 +105,26 @@ class GeneCompass(BaseModelClass):
                 mats[name] = torch.zeros(len(vocab), int(p["dim"]))
         self.config_ = resolve_config(preset, **model_kwargs)
         self.vocab = vocab
+        #: how new data is tokenized for this model (options of :func:`~pertpy_gnn.pp.compass_tokenize`:
+        #: ``input_kind``, ``log_base``, ``missing_median``, ``value_dtype``); empty: our defaults
+        self.tokenization_ = dict(tokenization or {})
         self.priors_ = meta
         #: corpus medians (token name -> median of the non-zero normalized values) of the corpus the model
         #: was last trained on; the downstream tools tokenize new data with them
         self.gene_medians_: pd.Series | None = None
         self.seq_len = int(seq_len)
-        self.module = CompassModule(len(vocab), self.seq_len, priors=mats, **self.config_)
+        self.module = CompassModule(
+            len(vocab),
+            self.seq_len,
+            priors=mats,
+            species_tokens=vocab.species_ids,
+            n_special=vocab.n_special,
+            **self.config_,
+        )
+        self.module.bert.embeddings.homologous_index.copy_(torch.from_numpy(vocab.homologous_index()))
         n_par = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
-            f"GeneCompass ({preset}: {self.config_['n_layers']} layers x {self.config_['d_model']}, "
+            f"GeneCompass ({preset if not model_kwargs else 'custom'}: {self.config_['n_layers']} layers x {self.config_['d_model']}, "
             f"{self.config_['n_heads']} heads, {n_par / 1e6:.1f}M parameters; vocab {len(vocab)}, "
             f"priors {sorted(meta) or 'none'} (others learned))"
         )
@@ -292,7 +304,14 @@ class GeneCompass(BaseModelClass):
         n = 0
         for batch in make_dataloader(corpus, idx, batch_size=batch_size, shuffle=False):
             ids, values = batch["ids"].to(dev), batch["values"].to(dev)
-            t = mask_tokens(ids, values, vocab_size=module.vocab_size, mask_prob=mask_prob, generator=gen)
+            t = mask_tokens(
+                ids,
+                values,
+                vocab_size=module.vocab_size,
+                mask_prob=mask_prob,
+                generator=gen,
+                n_special=module.n_special,
+            )
             if control == "shuffled":
                 keys = torch.rand(ids.shape, device=dev, generator=gen_control)
                 keys[:, 0] = -1.0  # species token first
@@ -387,3 +406,87 @@ class GeneCompass(BaseModelClass):
             "loaded GeneCompass from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step")
         )
         return model
+
+    # ------------------------------------------------------------------------ published format
+    @classmethod
+    def load_official(
+        cls,
+        checkpoint_dir: str | Path,
+        *,
+        prior_knowledge_dir: str | Path | None = None,
+        token_dictionary: str | Path | None = None,
+        id_to_symbol: str | Path | None = None,
+        gene_medians: str | Path | Sequence[str | Path] | None = None,
+        map_location: str = "cpu",
+    ) -> GeneCompass:
+        """Load a checkpoint in the published GeneCompass format (e.g. the released GeneCompass_Base).
+
+        Parameters
+        ----------
+        checkpoint_dir
+            Folder holding ``config.json`` and ``pytorch_model.bin`` (read with
+            ``torch.load(weights_only=True)``). The prior-knowledge matrices and the homolog index are
+            stored in it, so the prior pickles are not needed.
+        prior_knowledge_dir
+            The published ``prior_knowledge/`` folder; the token dictionary
+            (``human_mouse_tokens.pickle`` or ``h&m_token1000W.pickle``) and the id-to-symbol dictionary
+            (``gene_list/Gene_id_name_dict_human_mouse.pickle``) are taken from it unless given below.
+            Default: ``checkpoint_dir / 'prior_knowledge'`` if it exists (as :meth:`save_official` writes it).
+        token_dictionary
+            ``{ensembl_id: token_id}`` pickle (required, here or through ``prior_knowledge_dir``).
+        id_to_symbol
+            ``{ensembl_id: symbol}`` pickle, so that data with gene symbols maps (optional: without
+            it only Ensembl ids map).
+        gene_medians
+            One or several ``{ensembl_id: median}`` pickles (e.g. ``human_gene_median_after_filter.pickle``
+            and the mouse one) used to tokenize new data; genes without a median use 1, as published.
+        map_location
+            Device the weights are loaded to.
+
+        Every pickle is read with a restricted unpickler that accepts only plain data; a file that is
+        missing, truncated, corrupt, of another model, or holding anything else fails with an error
+        naming it.
+
+        Returns
+        -------
+        The :class:`GeneCompass` (``eval`` mode), tokenizing new data as the published preprocessing does
+        (raw counts divided by the gene medians, ``log2(1 + x)``, float32 values).
+        """
+        from ._official import load_official
+
+        return load_official(
+            cls,
+            checkpoint_dir,
+            prior_knowledge_dir=prior_knowledge_dir,
+            token_dictionary=token_dictionary,
+            id_to_symbol=id_to_symbol,
+            gene_medians=gene_medians,
+            map_location=map_location,
+        )
+
+    def save_official(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model in the published GeneCompass layout.
+
+        Writes ``config.json`` and ``pytorch_model.bin`` (a flat state dict with the published keys,
+        priors and homolog index included) and, under ``prior_knowledge/``, the token dictionary
+        (``human_mouse_tokens.pickle``), the id-to-symbol dictionary
+        (``gene_list/Gene_id_name_dict_human_mouse.pickle``), the homolog map
+        (``homologous_hm_token.pickle``) and the gene medians (``gene_medians.pickle``) as pickles of
+        plain dicts. :meth:`load_official` on ``path`` (with ``prior_knowledge_dir=path /
+        'prior_knowledge'``) gives the same outputs. A model trained without some prior source
+        stores its learned matrix there in place of the prior.
+
+        Parameters
+        ----------
+        path
+            Folder to write.
+        overwrite
+            Replace the files of an existing folder.
+
+        Returns
+        -------
+        ``path``.
+        """
+        from ._official import save_official
+
+        return save_official(self, path, overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -17,6 +18,14 @@ PRESETS: dict[str, dict] = {
     "cpu": {"n_layers": 2, "d_model": 128, "n_heads": 4},
     "small": {"n_layers": 6, "d_model": 256, "n_heads": 4},
     "base": {"n_layers": 12, "d_model": 768, "n_heads": 12},
+}
+#: our prior names in the published concatenation order, and the published names
+PRIOR_ORDER = ("promoter", "coexpression", "family", "grn")
+OFFICIAL_PRIOR_NAMES = {
+    "promoter": "promoter",
+    "coexpression": "co_exp",
+    "family": "gene_family",
+    "grn": "peca_grn",
 }
 #: ids/values key of a batch and of masked-LM labels
 IDS, VALUES, LABEL_IDS, LABEL_VALUES = "ids", "values", "label_ids", "label_values"
@@ -35,7 +44,9 @@ def cell_embedding(hidden: torch.Tensor, ids: torch.Tensor, how: str = "species"
     if how == "species":
         return hidden[:, 0]
     if how == "mean":
-        gene = (ids >= len(SPECIAL_TOKENS)).unsqueeze(-1).to(hidden.dtype)
+        gene = ids != PAD_ID
+        gene[:, 0] = False  # the species column
+        gene = gene.unsqueeze(-1).to(hidden.dtype)
         return (hidden * gene).sum(1) / gene.sum(1).clamp(min=1.0)
     raise ValueError(f"cell_embedding must be one of {CELL_EMBEDDINGS}, got {how!r}.")
 
@@ -49,7 +60,10 @@ def resolve_config(preset: str = "cpu", **overrides) -> dict:
         "init_std": 0.02,
         "layer_norm_eps": 1e-12,
         "ff_mult": 4,
+        "d_ff": None,
         "beta": 0.8,
+        "use_values": True,
+        "use_priors": PRIOR_NAMES,
         **PRESETS[preset],
     }
     unknown = set(overrides) - set(cfg)
@@ -68,22 +82,25 @@ def mask_tokens(
     vocab_size: int,
     mask_prob: float = 0.15,
     generator: torch.Generator | None = None,
+    n_special: int = len(SPECIAL_TOKENS),
 ) -> dict[str, torch.Tensor]:
     """BERT masking of gene tokens (never the species token or padding).
 
     Each gene token is selected with probability ``mask_prob``; of the selected, 80% become
     ``<mask>``, 10% a random gene token, 10% stay; the value of a ``<mask>`` or random token is set to
-    ``-1`` (as in the published code). Returns the corrupted ``ids``/``values`` and ``label_ids``
-    (``-100`` where not selected) / ``label_values``.
+    ``-1`` (as in the published code). Ids below ``n_special`` (padding, ``<mask>``, species) are
+    never selected nor drawn; column 0 (the species) never is. Returns the corrupted
+    ``ids``/``values`` and ``label_ids`` (``-100`` where not selected) / ``label_values``.
     """
     dev = ids.device
-    gene = (ids >= len(SPECIAL_TOKENS)) & (ids != PAD_ID)
+    gene = (ids >= n_special) & (ids != PAD_ID)
+    gene[:, 0] = False  # the species column
     u = torch.rand(ids.shape, device=dev, generator=generator)
     selected = gene & (u < mask_prob)
     v = torch.rand(ids.shape, device=dev, generator=generator)
     to_mask = selected & (v < 0.8)
     to_random = selected & (v >= 0.8) & (v < 0.9)
-    rand_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape, device=dev, generator=generator)
+    rand_ids = torch.randint(n_special, vocab_size, ids.shape, device=dev, generator=generator)
     new_ids = torch.where(to_mask, torch.full_like(ids, MASK_ID), torch.where(to_random, rand_ids, ids))
     new_values = torch.where(to_mask | to_random, torch.full_like(values, -1.0), values)
     return {
@@ -94,51 +111,245 @@ def mask_tokens(
     }
 
 
-class _EncoderLayer(nn.Module):
-    """Post-LN BERT layer; attention through ``F.scaled_dot_product_attention``."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)`` (the activation of GeneCompass's ``cat_gelu``)."""
 
-    def __init__(self, d: int, heads: int, ff: int, dropout: float, eps: float):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _Linear1(nn.Module):
+    """Holder of one prior's projection (state-dict name ``<prior>_embeddings.linear1``)."""
+
+    def __init__(self, dim_in: int, d: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim_in, d)
+
+
+class _EmbWarmup(nn.Module):
+    """``alpha`` (scale of the four projected priors) and ``steps``, stored as in the published checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(1.0))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+
+class _Embeddings(nn.Module):
+    """Knowledge embedding: ``concat(word, value, alpha * Linear_k(prior_k[ids]) ...)`` -> MLP -> + position -> LN."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_positions: int,
+        d: int,
+        *,
+        priors: Mapping[str, torch.Tensor],
+        use_priors: tuple[str, ...],
+        use_values: bool,
+        eps: float,
+        dropout: float,
+    ):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, d, padding_idx=PAD_ID)
+        self.position_embeddings = nn.Embedding(max_positions, d)
+        self.token_type_embeddings = nn.Embedding(2, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_positions).unsqueeze(0))
+        self.use_values = bool(use_values)
+        self.priors = tuple(OFFICIAL_PRIOR_NAMES[n] for n in PRIOR_ORDER if n in use_priors)
+        self.fixed = set()
+        for name in PRIOR_ORDER:
+            if name not in use_priors:
+                continue
+            key = OFFICIAL_PRIOR_NAMES[name]
+            if name in priors:
+                mat = torch.as_tensor(priors[name], dtype=torch.float32)
+                if mat.ndim != 2 or mat.shape[0] != vocab_size:
+                    raise ValueError(
+                        f"Prior {name!r} has shape {tuple(mat.shape)}, expected ({vocab_size}, dim) (one row per token)."
+                    )
+                self.register_buffer(f"{key}_knowledge", mat.clone())
+                self.fixed.add(key)
+            else:  # learned in place of a fixed prior
+                self.register_parameter(f"{key}_knowledge", nn.Parameter(torch.zeros(vocab_size, d)))
+            dim = getattr(self, f"{key}_knowledge").shape[1]
+            setattr(self, f"{key}_embeddings", _Linear1(dim, d))
+        self.register_buffer("homologous_index", torch.arange(vocab_size))
+        width = d * (1 + len(self.priors)) + int(self.use_values)
+        self.concat_embeddings = nn.Sequential(
+            OrderedDict(
+                cat_fc=nn.Linear(width, d),
+                cat_ln=nn.LayerNorm(d),  # PyTorch default eps (1e-5), as published
+                cat_gelu=QuickGELU(),
+                cat_proj=nn.Linear(d, d),
+            )
+        )
+
+    def forward(
+        self, ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None, alpha: torch.Tensor
+    ) -> torch.Tensor:
+        parts = [self.word_embeddings(ids)]
+        if self.use_values:
+            parts.append(values.unsqueeze(-1).to(parts[0].dtype))
+        # prior rows: mouse cells look their genes up through the homolog index (word embedding: own id)
+        pid = (
+            ids if species is None else torch.where(species.view(-1, 1) == 1, self.homologous_index[ids], ids)
+        )
+        for key in self.priors:
+            e = getattr(self, f"{key}_embeddings").linear1(getattr(self, f"{key}_knowledge")[pid])
+            parts.append(alpha.to(e.dtype) * e)
+        x = self.concat_embeddings(torch.cat(parts, dim=-1))
+        x = x + self.token_type_embeddings.weight[0]
+        x = x + self.position_embeddings(self.position_ids[:, : ids.shape[1]])
+        return self.dropout(self.LayerNorm(x))
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+
+class _AddNorm(nn.Module):
+    """``LayerNorm(residual + dropout(dense(x)))`` (BERT's ``*.output`` blocks)."""
+
+    def __init__(self, d_in: int, d: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, eps: float, dropout: float):
+        super().__init__()
+        self.self = _SelfAttention(d)
+        self.output = _AddNorm(d, d, eps, dropout)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.dense = nn.Linear(d, d_ff)
+
+
+class _EncoderLayer(nn.Module):
+    """Post-LN BERT layer (BERT's parameter names); attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d: int, heads: int, d_ff: int, dropout: float, eps: float):
         super().__init__()
         self.heads, self.p = heads, dropout
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ln1 = nn.LayerNorm(d, eps=eps)
-        self.ff1 = nn.Linear(d, ff)
-        self.ff2 = nn.Linear(ff, d)
-        self.ln2 = nn.LayerNorm(d, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.attention = _Attention(d, eps, dropout)
+        self.intermediate = _Intermediate(d, d_ff)
+        self.output = _AddNorm(d_ff, d, eps, dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        sa = self.attention.self
+
+        def split(t):
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0
+            split(sa.query(x)),
+            split(sa.key(x)),
+            split(sa.value(x)),
+            attn_mask=attn_mask,
+            dropout_p=self.p if self.training else 0.0,
         )
-        x = self.ln1(x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d))))
-        return self.ln2(x + self.drop(self.ff2(F.gelu(self.ff1(x)))))
+        x = self.attention.output(a.transpose(1, 2).reshape(b, n, d), x)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, n_layers: int, d: int, heads: int, d_ff: int, dropout: float, eps: float):
+        super().__init__()
+        self.layer = nn.ModuleList([_EncoderLayer(d, heads, d_ff, dropout, eps) for _ in range(n_layers)])
+
+
+class _Bert(nn.Module):
+    def __init__(self, embeddings: _Embeddings, encoder: _Encoder, d: int):
+        super().__init__()
+        self.embeddings = embeddings
+        self.cls_embedding = nn.Embedding(2, d)  # row 0 human, row 1 mouse
+        self.encoder = encoder
+
+
+class _Transform(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class _Predictions(nn.Module):
+    """BERT prediction head: transform, then a decoder whose bias is the head's ``bias``."""
+
+    def __init__(self, d: int, n_out: int, eps: float):
+        super().__init__()
+        self.transform = _Transform(d, eps)
+        self.decoder = nn.Linear(d, n_out, bias=False)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class _Head(nn.Module):
+    def __init__(self, d: int, n_out: int, eps: float):
+        super().__init__()
+        self.predictions = _Predictions(d, n_out, eps)
 
 
 class CompassModule(BaseModuleClass):
-    """GeneCompass network.
+    """GeneCompass network, the architecture of the published GeneCompass (Yang et al. 2024).
 
-    Token embedding = MLP(concat(gene-id embedding, value embedding, promoter, GRN, family,
-    co-expression embeddings)) + rank position embedding, then a BERT encoder and two heads on the
-    masked positions (gene id: cross-entropy over the vocabulary; value: MSE). A prior given as a
-    fixed ``(vocab_size, dim)`` matrix goes through a linear layer; an absent prior is a learned
-    ``nn.Embedding`` in its place.
+    Token embedding: ``concat(word embedding, value, alpha * Linear(promoter), alpha * Linear(co-expression),
+    alpha * Linear(gene family), alpha * Linear(GRN))`` (the value appended as one raw scalar; a prior
+    row looked up through the homolog index for mouse cells), then ``Linear -> LayerNorm(eps 1e-5) ->
+    QuickGELU -> Linear``, plus token-type-0 and rank-position embeddings, ``LayerNorm``, dropout. The
+    species (CLS) embedding is prepended after that LayerNorm, without a position embedding; a post-LN
+    BERT encoder follows. Heads act on the gene positions: gene id (decoder tied to the word
+    embeddings) and value. Parameter and buffer names are the published checkpoint's
+    (``bert.embeddings.*``, ``bert.cls_embedding``, ``bert.encoder.layer.N.*``, ``cls.predictions.*``,
+    ``cls4value.predictions.*``, ``emb_warmup.*``), so the state dict loads in both directions.
+
+    A prior given as a fixed ``(vocab_size, dim)`` matrix is a buffer (as published); a prior not
+    given is a learned ``(vocab_size, d_model)`` matrix in its place (our departure: a model trained
+    without that prior source).
+
+    Token sequences (``ids``, ``values``) hold the species in column 0 (``species_tokens``: the ids
+    meaning human and mouse there) and then the genes; :meth:`encode` returns ``(b, 1 + L, d)`` states,
+    the species (CLS) state first.
 
     Parameters
     ----------
     vocab_size
         Number of tokens.
     seq_len
-        Maximum sequence length (species token + genes).
+        Maximum sequence length (species + genes); the model has ``seq_len - 1`` gene positions.
     priors
         ``{name: (vocab_size, dim) tensor}`` for the priors given (names in ``PRIOR_NAMES``).
-    n_layers, d_model, n_heads, ff_mult, dropout, init_std, layer_norm_eps
-        Encoder size and regularization (paper: GELU, dropout 0.02, init std 0.02, eps 1e-12).
+    n_layers, d_model, n_heads, ff_mult, d_ff, dropout, init_std, layer_norm_eps
+        Encoder size and regularization (paper: GELU, dropout 0.02, init std 0.02, eps 1e-12);
+        ``d_ff`` (default ``ff_mult * d_model``) is the feed-forward width.
     beta
-        Loss weight: ``(1 - beta) * L_id + beta * L_value``.
+        Loss weight: ``(1 - beta) * L_id + beta * L_value`` (published: 0.8).
+    use_values, use_priors
+        Which inputs enter the token embedding (published: the value and all four priors).
+    species_tokens
+        Ids in column 0 meaning human and mouse.
+    n_special
+        Number of special tokens (ids below it are never masked or drawn as random tokens).
     """
 
     def __init__(
@@ -151,50 +362,52 @@ class CompassModule(BaseModuleClass):
         d_model: int = 128,
         n_heads: int = 4,
         ff_mult: int = 4,
+        d_ff: int | None = None,
         dropout: float = 0.02,
         init_std: float = 0.02,
         layer_norm_eps: float = 1e-12,
         beta: float = 0.8,
+        use_values: bool = True,
+        use_priors: tuple[str, ...] = PRIOR_NAMES,
+        species_tokens: tuple[int, int] = (2, 3),
+        n_special: int = len(SPECIAL_TOKENS),
     ):
         super().__init__()
         priors = dict(priors or {})
-        unknown = set(priors) - set(PRIOR_NAMES)
+        unknown = (set(priors) | set(use_priors)) - set(PRIOR_NAMES)
         if unknown:
             raise ValueError(f"Unknown priors {sorted(unknown)}; names are {PRIOR_NAMES}.")
         self.vocab_size, self.seq_len, self.beta, self.init_std = vocab_size, seq_len, beta, init_std
-        d = d_model
-        self.gene_embedding = nn.Embedding(vocab_size, d, padding_idx=PAD_ID)
-        self.value_embedding = nn.Linear(1, d)
+        self.d_model, self.n_special = d_model, int(n_special)
         self.prior_names = PRIOR_NAMES
-        self.prior_proj = nn.ModuleDict()
-        self.prior_learned = nn.ModuleDict()
-        for name in PRIOR_NAMES:
-            if name in priors:
-                mat = torch.as_tensor(priors[name], dtype=torch.float32)
-                if mat.shape[0] != vocab_size:
-                    raise ValueError(
-                        f"Prior {name!r} has {mat.shape[0]} rows, the vocabulary {vocab_size} tokens."
-                    )
-                self.register_buffer(f"prior_{name}", mat)
-                self.prior_proj[name] = nn.Linear(mat.shape[1], d)
-            else:
-                self.prior_learned[name] = nn.Embedding(vocab_size, d)
-        self.token_mlp = nn.Sequential(
-            nn.Linear(d * (2 + len(PRIOR_NAMES)), d),
-            nn.LayerNorm(d, eps=layer_norm_eps),
-            nn.GELU(),
-            nn.Linear(d, d),
+        self.register_buffer(
+            "species_tokens", torch.as_tensor(species_tokens, dtype=torch.int64), persistent=False
         )
-        self.position_embedding = nn.Embedding(seq_len, d)
-        self.embed_norm = nn.LayerNorm(d, eps=layer_norm_eps)
-        self.embed_drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            [_EncoderLayer(d, n_heads, ff_mult * d, dropout, layer_norm_eps) for _ in range(n_layers)]
+        d = d_model
+        embeddings = _Embeddings(
+            vocab_size,
+            seq_len - 1,
+            d,
+            priors=priors,
+            use_priors=tuple(use_priors),
+            use_values=use_values,
+            eps=layer_norm_eps,
+            dropout=dropout,
         )
-        self.head_transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=layer_norm_eps))
-        self.id_head = nn.Linear(d, vocab_size)
-        self.value_head = nn.Linear(d, 1)
+        encoder = _Encoder(n_layers, d, n_heads, d_ff or ff_mult * d, dropout, layer_norm_eps)
+        self.bert = _Bert(embeddings, encoder, d)
+        self.cls = _Head(d, vocab_size, layer_norm_eps)
+        self.cls4value = _Head(d, 1, layer_norm_eps)
+        self.emb_warmup = _EmbWarmup()
         self.apply(self._init)
+        for key in embeddings.priors:
+            if key not in embeddings.fixed:
+                nn.init.normal_(getattr(embeddings, f"{key}_knowledge"), std=init_std)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Tie the id decoder to the word embeddings (as published)."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -207,33 +420,62 @@ class CompassModule(BaseModuleClass):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, _Predictions):
+            nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------------------ network
-    def embed(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Input embeddings ``(b, n, d)`` of token ids and values."""
-        parts = [
-            self.gene_embedding(ids),
-            self.value_embedding(values.unsqueeze(-1).to(self.value_embedding.weight.dtype)),
-        ]
-        for name in PRIOR_NAMES:
-            if name in self.prior_proj:
-                parts.append(self.prior_proj[name](getattr(self, f"prior_{name}")[ids]))
-            else:
-                parts.append(self.prior_learned[name](ids))
-        x = self.token_mlp(torch.cat(parts, dim=-1))
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.embed_drop(self.embed_norm(x + self.position_embedding(pos)))
+    @property
+    def max_genes(self) -> int:
+        """Gene positions of the model (``seq_len - 1``)."""
+        return self.seq_len - 1
+
+    def species_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Species index (0 human, 1 mouse) of token sequences from their column 0."""
+        return (ids[:, 0] == self.species_tokens[1]).long()
+
+    def encode_genes(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        species: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hidden_states: list | None = None,
+    ) -> torch.Tensor:
+        """States ``(b, 1 + L, d)`` of gene tokens ``(b, L)`` in the published model's calling convention.
+
+        ``species`` ``(b,)`` or ``(b, 1)`` (0 human, 1 mouse; ``None``: the human species row and no
+        homolog remapping, as the published sequence classifier calls it); ``attention_mask``
+        ``(b, L)`` (1 = attend; ``None``: every position). A list given as ``hidden_states``
+        receives the embedding output and every layer's output (as published ``hidden_states``).
+        """
+        if input_ids.shape[1] > self.max_genes:
+            raise ValueError(f"Sequences of {input_ids.shape[1]} genes exceed the model's {self.max_genes}.")
+        sp = None if species is None else species.reshape(-1).long()
+        x = self.bert.embeddings(input_ids, values, sp, self.emb_warmup.alpha)
+        cls_ids = torch.zeros(input_ids.shape[0], dtype=torch.long, device=x.device) if sp is None else sp
+        x = torch.cat([self.bert.cls_embedding(cls_ids).unsqueeze(1).to(x.dtype), x], dim=1)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            keep = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], 1).bool()
+            mask = keep[:, None, None, :]
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for layer in self.bert.encoder.layer:
+            x = layer(x, mask)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
 
     def encode(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Last-layer token states ``(b, n, d)``; padding is not attended to."""
+        """Last-layer states ``(b, n, d)`` of token sequences (species in column 0); padding is not attended to."""
         if ids.shape[1] > self.seq_len:
             raise ValueError(f"Sequences of {ids.shape[1]} tokens exceed the model's {self.seq_len}.")
-        pad = ids == PAD_ID
-        attn_mask = (~pad)[:, None, None, :] if bool(pad.any()) else None
-        x = self.embed(ids, values)
-        for layer in self.layers:
-            x = layer(x, attn_mask)
-        return x
+        genes = ids[:, 1:]
+        return self.encode_genes(genes, values[:, 1:], self.species_of(ids), genes != PAD_ID)
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gene-id logits ``(..., vocab_size)`` and value predictions ``(...)`` of token states ``(..., d)``."""
+        return self.cls.predictions(hidden), self.cls4value.predictions(hidden).squeeze(-1)
 
     # ----------------------------------------------------------------- scvi-tools module API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -252,8 +494,8 @@ class CompassModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor]:
         """Heads on the selected (masked) positions (all positions when ``selected`` is None)."""
         h = hidden[selected] if selected is not None else hidden
-        h = self.head_transform(h)
-        return {"id_logits": self.id_head(h), "value_pred": self.value_head(h).squeeze(-1)}
+        logits, value = self.heads(h)
+        return {"id_logits": logits, "value_pred": value}
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """``(1 - beta) * CE(masked ids) + beta * MSE(masked values)``."""

@@ -69,6 +69,7 @@ class CompassTrainingPlan(TrainingPlan):
             batch["ids"],
             batch["values"],
             vocab_size=self.module.vocab_size,
+            n_special=self.module.n_special,
             mask_prob=self.mask_prob,
             generator=generator,
         )

@@ -207,6 +207,9 @@ def compass_tokenize(
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
     gene_medians: pd.Series | None = None,
+    missing_median: float | None = None,
+    log_base: float | None = None,
+    value_dtype: str = "float16",
     max_len: int = 2048,
     target_sum: float = 1e4,
     chunk_size: int = 512,
@@ -246,6 +249,14 @@ def compass_tokenize(
         when tokenizing new data for a pre-trained model; tokens it lacks get this corpus's medians.
         ``None``: computed from this corpus (one extra pass; a log-space histogram per token, so
         memory does not grow with the number of cells).
+    missing_median
+        Median used for the tokens ``gene_medians`` lacks instead of this corpus's (the published
+        preprocessing uses 1).
+    log_base
+        Base of the value's logarithm, ``log(1 + x / median) / log(log_base)``; ``None``: natural
+        logarithm (ours); ``2``: as published.
+    value_dtype
+        ``'float16'`` (compact) or ``'float32'`` (the published precision) values on disk.
     max_len
         Gene tokens kept per cell (the top ``max_len`` by value); sequences are ``max_len + 1`` long
         with the species token first and padding (token 0, value 0) at the end.
@@ -270,6 +281,12 @@ def compass_tokenize(
 
     if max_len < 1 or chunk_size < 1 or shard_size < 1:
         raise ValueError("max_len, chunk_size and shard_size must be positive.")
+    if value_dtype not in ("float16", "float32"):
+        raise ValueError(f"value_dtype must be 'float16' or 'float32', got {value_dtype!r}.")
+    if log_base is not None and not (log_base > 0 and log_base != 1):
+        raise ValueError(f"log_base must be positive and not 1 (or None), got {log_base!r}.")
+    if missing_median is not None and not missing_median > 0:
+        raise ValueError(f"missing_median must be positive, got {missing_median!r}.")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -337,6 +354,9 @@ def compass_tokenize(
             given = pd.Series(gene_medians, dtype=float)
             med = given.reindex(vocab.tokens[all_tokens]).to_numpy()
         missing = ~(np.isfinite(med) & (med > 0))
+        if missing_median is not None:
+            med[missing] = float(missing_median)
+            missing[:] = False
         if missing.any():
             hist = np.zeros((all_tokens.size, _NB), dtype=np.int64)
             bar = tqdm(total=n_chunks, desc="gene medians", disable=not progress_bar)
@@ -362,7 +382,7 @@ def compass_tokenize(
         files, shards = [], []
         for k, n in enumerate(shard_n):
             entry = []
-            for key, dtype in (("ids", np.int32), ("values", np.float16)):
+            for key, dtype in (("ids", np.int32), ("values", np.dtype(value_dtype))):
                 name = f"shard_{k:05d}_{key}.npy"
                 mm = np.lib.format.open_memmap(out / name, mode="w+", dtype=dtype, shape=(int(n), seq_len))
                 offset = mm.offset
@@ -388,13 +408,15 @@ def compass_tokenize(
                 nrow = xm.shape[0]
                 rows = np.repeat(np.arange(nrow), np.diff(xm.indptr))
                 val = np.log1p(xm.data / med_used[xm.indices])
+                if log_base is not None:
+                    val = val / np.log(log_base)
                 tok = used[xm.indices]
                 order = np.lexsort((tok, -val, rows))  # by cell, then value descending, then token id
                 rank = np.arange(order.size) - xm.indptr[rows[order]]
                 keep = order[rank < max_len]
                 rank = rank[rank < max_len]
                 ids = np.zeros((nrow, seq_len), dtype=np.int32)
-                values = np.zeros((nrow, seq_len), dtype=np.float16)
+                values = np.zeros((nrow, seq_len), dtype=value_dtype)
                 ids[:, 0] = vocab.species_token(spec["species"])
                 ids[rows[keep], rank + 1] = tok[keep]
                 values[rows[keep], rank + 1] = val[keep]
@@ -417,6 +439,7 @@ def compass_tokenize(
         n_cells=n_cells,
         seq_len=seq_len,
         vocab_size=len(vocab),
+        value_dtype=value_dtype,
         shards=shards,
         sources=[
             {
@@ -445,6 +468,8 @@ def compass_tokenize(
             "chunk_size": chunk_size,
             "shard_size": shard_size,
             "medians_given": gene_medians is not None,
+            "missing_median": missing_median,
+            "log_base": log_base,
         },
     )
     corpus = CompassCorpus(out)

@@ -171,46 +171,89 @@ def gene_id_table(table: str | Path | pd.DataFrame) -> pd.Series:
 class CompassVocab:
     """The GeneCompass token vocabulary of human and mouse genes.
 
-    Build it with :func:`pertpy_gnn.pp.compass_vocab`. Token ids: ``0`` ``<pad>``, ``1`` ``<mask>``,
-    ``2`` ``<human>``, ``3`` ``<mouse>``, then human genes (named by their symbol; shared with their
-    1:1 mouse ortholog), then mouse genes without a 1:1 human ortholog (named ``mouse:<Symbol>``).
+    Two layouts exist. Ours (build it with :func:`pertpy_gnn.pp.compass_vocab`): ``0`` ``<pad>``,
+    ``1`` ``<mask>``, ``2`` ``<human>``, ``3`` ``<mouse>``, then human genes (named by their symbol;
+    shared with their 1:1 mouse ortholog), then mouse genes without a 1:1 human ortholog (named
+    ``mouse:<Symbol>``). The published one (``GeneCompass.load_official`` reads it): ``0`` ``<pad>``,
+    ``1`` ``<mask>``, then genes named by Ensembl id (``ENSG...`` human, ``ENSMUSG...`` mouse), each
+    species its own tokens, with ``symbols`` (id -> symbol) and ``homologs`` (mouse token -> human
+    token, used for the prior look-ups of mouse cells).
 
     Parameters
     ----------
     tokens
         Token names in id order (special tokens first).
     mouse_shared
-        Mouse symbol -> human token name for mouse genes with a 1:1 human ortholog.
+        Mouse symbol -> human token name for mouse genes with a 1:1 human ortholog (our layout).
+    symbols
+        Ensembl id -> gene symbol (published layout).
+    homologs
+        Mouse token id -> human token id (published layout).
     """
 
-    def __init__(self, tokens: Sequence[str], mouse_shared: dict[str, str]):
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        mouse_shared: dict[str, str] | None = None,
+        *,
+        symbols: dict[str, str] | None = None,
+        homologs: dict[int, int] | None = None,
+    ):
         tokens = [str(t) for t in tokens]
-        if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise ValueError(f"The first tokens must be the special tokens {SPECIAL_TOKENS}.")
+        if tuple(tokens[: len(SPECIAL_TOKENS)]) == SPECIAL_TOKENS:
+            self.layout = "pertpy"
+        elif tuple(tokens[:2]) == (PAD, MASK) and all(_ENSEMBL.match(t) for t in tokens[2:]):
+            self.layout = "official"
+        else:
+            raise ValueError(
+                f"The first tokens must be the special tokens {SPECIAL_TOKENS} (our vocabulary), or {(PAD, MASK)} "
+                "followed by Ensembl gene ids (the published GeneCompass token dictionary)."
+            )
         if len(set(tokens)) != len(tokens):
             raise ValueError("Token names must be unique.")
         self.tokens = np.asarray(tokens, dtype=object)
-        self.mouse_shared = dict(mouse_shared)
+        self.mouse_shared = dict(mouse_shared or {})
+        self.symbols = {str(k): str(v) for k, v in (symbols or {}).items()}
+        self.homologs = {int(k): int(v) for k, v in (homologs or {}).items()}
         index = {t: i for i, t in enumerate(tokens)}
         self._index = index
-        human = {
-            t.upper(): i
-            for i, t in enumerate(tokens)
-            if i >= len(SPECIAL_TOKENS) and not t.startswith(MOUSE_PREFIX)
-        }
-        mouse = {
-            t[len(MOUSE_PREFIX) :].upper(): i for i, t in enumerate(tokens) if t.startswith(MOUSE_PREFIX)
-        }
-        mouse.update({m.upper(): index[h] for m, h in self.mouse_shared.items()})
+        if self.layout == "pertpy":
+            human = {
+                t.upper(): i
+                for i, t in enumerate(tokens)
+                if i >= len(SPECIAL_TOKENS) and not t.startswith(MOUSE_PREFIX)
+            }
+            mouse = {
+                t[len(MOUSE_PREFIX) :].upper(): i for i, t in enumerate(tokens) if t.startswith(MOUSE_PREFIX)
+            }
+            mouse.update({m.upper(): index[h] for m, h in self.mouse_shared.items()})
+            #: ids of the human tokens shared with a 1:1 mouse ortholog
+            self.shared_ids = np.array(sorted({index[h] for h in self.mouse_shared.values()}), dtype=np.int64)
+            self._mouse_mask = np.array([t.startswith(MOUSE_PREFIX) for t in tokens])
+        else:
+            self._mouse_mask = np.array([t.startswith("ENSMUSG") for t in tokens])
+            self._mouse_mask[:2] = False
+            human, mouse = {}, {}
+            for i, t in enumerate(tokens[2:], start=2):
+                table = mouse if self._mouse_mask[i] else human
+                sym = self.symbols.get(t)
+                if sym:
+                    table.setdefault(sym.upper(), i)
+            for i, t in enumerate(tokens[2:], start=2):  # ids win over symbols
+                (mouse if self._mouse_mask[i] else human)[t.upper()] = i
+            self.shared_ids = np.array(sorted(set(self.homologs.values())), dtype=np.int64)
         self._lookup = {"human": human, "mouse": mouse}
-        #: ids of the human tokens shared with a 1:1 mouse ortholog
-        self.shared_ids = np.array(sorted({index[h] for h in self.mouse_shared.values()}), dtype=np.int64)
 
     # ----------------------------------------------------------------------------------- basics
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __repr__(self) -> str:
+        if self.layout == "official":
+            return (
+                f"CompassVocab(published layout, {len(self)} tokens: {self.n_human} human, "
+                f"{self.n_mouse_specific} mouse, {len(self.homologs)} mouse genes with a human homolog)"
+            )
         return (
             f"CompassVocab({len(self)} tokens: {self.n_human} human-or-shared, {self.n_mouse_specific} "
             f"mouse-specific, {len(self.mouse_shared)} mouse genes on shared 1:1 ortholog tokens)"
@@ -218,28 +261,60 @@ class CompassVocab:
 
     @property
     def n_special(self) -> int:
-        """Number of special tokens (pad, mask, species)."""
-        return len(SPECIAL_TOKENS)
+        """Number of special tokens (pad, mask and, in our layout, species)."""
+        return len(SPECIAL_TOKENS) if self.layout == "pertpy" else 2
 
     @property
     def n_human(self) -> int:
         """Number of human (or shared) gene tokens."""
-        return len(self._lookup["human"])
+        return len(self) - self.n_special - self.n_mouse_specific
 
     @property
     def n_mouse_specific(self) -> int:
         """Number of mouse-specific gene tokens."""
-        return len(self) - self.n_special - self.n_human
+        return int(self._mouse_mask.sum())
 
-    @staticmethod
-    def species_token(species: str) -> int:
-        """Token id of a species token."""
+    @property
+    def species_ids(self) -> tuple[int, int]:
+        """Ids written in column 0 of a token sequence for human and mouse cells.
+
+        Our layout: the ``<human>`` / ``<mouse>`` tokens. The published layout has no species
+        tokens (the model holds a separate species embedding): ``0`` / ``1`` there.
+        """
+        return (2, 3) if self.layout == "pertpy" else (0, 1)
+
+    def species_token(self, species: str) -> int:
+        """Id written in column 0 of a token sequence for a cell of ``species``."""
         if species not in SPECIES:
             raise ValueError(f"species must be one of {SPECIES}, got {species!r}.")
-        return SPECIAL_TOKENS.index(f"<{species}>")
+        return self.species_ids[SPECIES.index(species)]
+
+    def species_mask(self, species: str) -> np.ndarray:
+        """Boolean mask over the tokens of the gene tokens a cell of ``species`` can hold."""
+        if species not in SPECIES:
+            raise ValueError(f"species must be one of {SPECIES}, got {species!r}.")
+        gene = np.arange(len(self)) >= self.n_special
+        if species == "human":
+            return gene & ~self._mouse_mask
+        if self.layout == "pertpy":
+            return self._mouse_mask | np.isin(np.arange(len(self)), self.shared_ids)
+        return self._mouse_mask.copy()
+
+    def homologous_index(self) -> np.ndarray:
+        """Token id whose prior rows a mouse cell's token uses (identity except mouse -> human homologs)."""
+        idx = np.arange(len(self), dtype=np.int64)
+        if self.homologs:
+            src = np.fromiter(self.homologs.keys(), dtype=np.int64)
+            idx[src] = np.fromiter(self.homologs.values(), dtype=np.int64)
+        return idx
+
+    @property
+    def names(self) -> np.ndarray:
+        """Display name of each token: the gene symbol where known, else the token name."""
+        return np.array([self.symbols.get(t, t) for t in self.tokens.tolist()], dtype=object)
 
     def token_id(self, name: str) -> int:
-        """Id of a token by name (``'TP53'``, ``'mouse:Gm123'``, ``'<mask>'``)."""
+        """Id of a token by name (``'TP53'``, ``'mouse:Gm123'``, ``'<mask>'``, ``'ENSG00000141510'``)."""
         return self._index[name]
 
     # ---------------------------------------------------------------------------------- mapping
@@ -266,7 +341,10 @@ class CompassVocab:
             raise ValueError(f"species must be one of {SPECIES}, got {species!r}.")
         genes = pd.Index([str(g) for g in genes])
         is_ens = genes.str.match(_ENSEMBL.pattern)
-        if is_ens.any():
+        if self.layout == "official" and is_ens.any():
+            # the published vocabulary is keyed by Ensembl id: map ids directly, symbols through its own table
+            genes = pd.Index(np.where(is_ens, genes.str.split(".").str[0], genes.to_numpy()).astype(str))
+        elif is_ens.any():
             if gene_ids is None:
                 raise ValueError(
                     f"{int(is_ens.sum())} gene names are Ensembl ids (e.g. {genes[is_ens][0]!r}); pass "
@@ -287,17 +365,26 @@ class CompassVocab:
     # ---------------------------------------------------------------------------------- storage
     def to_dict(self) -> dict:
         """JSON-able form (see :meth:`from_dict`)."""
-        return {
+        d = {
             "format": "pertpy_gnn.compass_vocab",
             "version": 1,
             "tokens": self.tokens.tolist(),
             "mouse_shared": self.mouse_shared,
         }
+        if self.layout == "official":
+            d["symbols"] = self.symbols
+            d["homologs"] = {str(k): v for k, v in self.homologs.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CompassVocab:
         """Rebuild a vocabulary from :meth:`to_dict`."""
-        return cls(d["tokens"], d["mouse_shared"])
+        return cls(
+            d["tokens"],
+            d.get("mouse_shared"),
+            symbols=d.get("symbols"),
+            homologs={int(k): int(v) for k, v in (d.get("homologs") or {}).items()},
+        )
 
     def write(self, path: str | Path) -> None:
         """Write the vocabulary as JSON."""
@@ -313,6 +400,8 @@ class CompassVocab:
             isinstance(other, CompassVocab)
             and self.tokens.tolist() == other.tokens.tolist()
             and self.mouse_shared == other.mouse_shared
+            and self.symbols == other.symbols
+            and self.homologs == other.homologs
         )
 
     __hash__ = None  # type: ignore[assignment]

@@ -1,12 +1,17 @@
 """Tools: train models, predict, evaluate against baselines, score genetic interactions, GeneCompass."""
 
 from ._baselines import fit_baseline
-from ._compass import pretrain_compass
-from ._compass_ds_annotate import annotate_compass
-from ._compass_ds_embed import compass_gene_embeddings, embed_compass
-from ._compass_ds_gears import compass_gears
-from ._compass_ds_grn import compass_grn, grn_auprc
-from ._compass_ds_insilico import in_silico, in_silico_screen
+from ._compass import (
+    annotate_compass,
+    compass_gears,
+    compass_gene_embeddings,
+    compass_grn,
+    embed_compass,
+    grn_auprc,
+    in_silico,
+    in_silico_screen,
+    pretrain_compass,
+)
 from ._evaluate import evaluate, summarize_evaluation
 from ._gears import predict, train_gears
 from ._gi import evaluate_gi, gi_map, gi_scores, nonadditive_mse

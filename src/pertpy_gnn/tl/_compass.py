@@ -1,9 +1,32 @@
-"""Pre-train GeneCompass on a tokenized corpus."""
+"""GeneCompass entry points: pre-training here; the downstream tools live in :mod:`pertpy_gnn.compass`.
+
+The downstream tools (embeddings, in-silico perturbation, cell-type annotation, GRN, GEARS with
+GeneCompass gene embeddings) are implemented in the ``compass`` package and exposed in ``pg.tl``
+under the names below, with their documentation.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+
+from ..compass._ds_annotate import annotate_compass
+from ..compass._ds_embed import compass_gene_embeddings, embed_compass
+from ..compass._ds_gears import compass_gears
+from ..compass._ds_grn import compass_grn, grn_auprc
+from ..compass._ds_insilico import in_silico, in_silico_screen
+
+__all__ = [
+    "annotate_compass",
+    "compass_gears",
+    "compass_gene_embeddings",
+    "compass_grn",
+    "embed_compass",
+    "grn_auprc",
+    "in_silico",
+    "in_silico_screen",
+    "pretrain_compass",
+]
 
 
 def pretrain_compass(

@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_INSILICO_KEY, COMPASS_SCREEN_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     EDIT_MODES,
     MEDIAN_VALUE,
     batches,
@@ -29,8 +29,9 @@ from ._compass_ds_core import (
     target_ranks,
     tokenize_kwargs,
     tokenized,
+    value_scale,
 )
-from ._compass_ds_embed import _embed
+from ._ds_embed import _embed
 
 
 def _check_edit(mode: str, factor, level, min_rank_fraction) -> None:
@@ -110,7 +111,7 @@ def in_silico(
     gene_shift: bool = True,
     cell_embedding: str = "species",
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
@@ -227,6 +228,7 @@ def in_silico(
         raise ValueError("No cell to perturb: every cell is a target cell; pass `cells=`.")
 
     L = module.seq_len - 1
+    vs = value_scale(model)
     e = int(tgt_tok.numel())
     n_special = vocab.n_special
     sums = torch.zeros(len(vocab), dtype=torch.float64)
@@ -244,7 +246,7 @@ def in_silico(
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
                 ids, values = (
                     torch.from_numpy(ids.astype(np.int64)),
-                    torch.from_numpy(values.astype(np.float32)),
+                    torch.from_numpy(values.astype(np.float32)) * vs,  # edits in natural-log units
                 )
                 targets = tgt_tok.unsqueeze(0).expand(ids.shape[0], -1)
                 o_ids, o_vals, p_ids, p_vals, ok = _variants(
@@ -260,8 +262,8 @@ def in_silico(
                 kept[sl] = ok.numpy()
                 if not bool(ok.any()):
                     continue
-                h_o = encode(module, o_ids[ok], o_vals[ok])
-                h_p = encode(module, p_ids[ok], p_vals[ok])
+                h_o = encode(module, o_ids[ok], o_vals[ok] / vs)
+                h_p = encode(module, p_ids[ok], p_vals[ok] / vs)
                 emb_o.append(cell_states(h_o, o_ids[ok], cell_embedding).cpu().numpy())
                 emb_p.append(cell_states(h_p, p_ids[ok], cell_embedding).cpu().numpy())
                 if gene_shift:
@@ -363,7 +365,7 @@ def _group_mean_sem(x: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np
 
 
 def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict) -> np.ndarray:
-    from ..pp._compass_vocab import MOUSE_PREFIX, var_tokens
+    from ..pp._compass_vocab import var_tokens
 
     if candidates is None:
         ids, _ = var_tokens(
@@ -371,13 +373,7 @@ def _candidate_tokens(vocab, candidates, adata: AnnData, species: str, tok: dict
         )
         return np.unique(ids[ids >= 0])
     if isinstance(candidates, str) and candidates == "vocab":
-        names = vocab.tokens.astype(str)
-        gene = np.arange(len(vocab)) >= vocab.n_special
-        mouse = np.char.startswith(names, MOUSE_PREFIX)
-        keep = gene & (
-            mouse | np.isin(np.arange(len(vocab)), vocab.shared_ids) if species == "mouse" else gene & ~mouse
-        )
-        return np.flatnonzero(keep).astype(np.int64)
+        return np.flatnonzero(vocab.species_mask(species)).astype(np.int64)
     return np.unique(gene_tokens(vocab, candidates, species))
 
 
@@ -395,7 +391,7 @@ def in_silico_screen(
     min_rank_fraction: float | None = 0.5,
     cell_embedding: str = "species",
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
@@ -510,7 +506,8 @@ def in_silico_screen(
         ):
             ids_all, vals_all = corpus.read(np.arange(rows.size))
         ids_all = torch.from_numpy(ids_all.astype(np.int64))
-        vals_all = torch.from_numpy(vals_all.astype(np.float32))
+        vs = value_scale(model)
+        vals_all = torch.from_numpy(vals_all.astype(np.float32)) * vs  # edits in natural-log units
         none = torch.full((rows.size, 1), -1, dtype=torch.long)
         o_ids, o_vals, _ = edit_tokens(ids_all, vals_all, none, mode="delete", max_len=L)
         # the (cell, gene) variants: all pairs for overexpression, qualifying pairs otherwise
@@ -532,7 +529,9 @@ def in_silico_screen(
             h0 = (
                 torch.cat(
                     [
-                        cell_states(encode(module, o_ids[sl], o_vals[sl]), o_ids[sl], cell_embedding).cpu()
+                        cell_states(
+                            encode(module, o_ids[sl], o_vals[sl] / vs), o_ids[sl], cell_embedding
+                        ).cpu()
                         for sl in batches(
                             rows.size, batch_size, progress_bar=progress_bar, desc="original cells"
                         )
@@ -553,7 +552,12 @@ def in_silico_screen(
                 p_ids, p_vals, _ = edit_tokens(
                     ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L
                 )
-                h = cell_states(encode(module, p_ids, p_vals), p_ids, cell_embedding).double().cpu().numpy()
+                h = (
+                    cell_states(encode(module, p_ids, p_vals / vs), p_ids, cell_embedding)
+                    .double()
+                    .cpu()
+                    .numpy()
+                )
                 orig = h0[cell_idx[sl]]
                 shift = mean_cos_to(h, t_dir) - base_t[cell_idx[sl]]
                 cs = np.sum(h * orig, 1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(orig, axis=1))

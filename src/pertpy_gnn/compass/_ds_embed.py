@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_CELL_KEY, COMPASS_GENE_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     batches,
     cell_states,
     check_cell_embedding,
@@ -44,7 +44,7 @@ def _embed(
     module, vocab = check_model(model)
     rows = np.arange(adata.n_obs) if cells is None else select_cells(adata, cells, "cells")
     sub = adata if cells is None else adata[rows]
-    d = module.gene_embedding.embedding_dim
+    d = module.d_model
     var_ids = None
     if genes:
         var_ids, _ = var_tokens(
@@ -101,7 +101,7 @@ def embed_compass(
     cells=None,
     genes: bool = True,
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
@@ -137,6 +137,11 @@ def embed_compass(
     species, input_kind, layer, gene_symbols, gene_ids
         How to tokenize ``adata`` (see :func:`pertpy_gnn.pp.compass_tokenize`): ``input_kind='log1p'``
         for log-normalized ``X`` (e.g. ``pbmc68k_reduced().raw`` or the Norman subset).
+        ``input_kind=None``: the model's own convention, ``'counts'`` for a model of ours and the
+        published preprocessing (raw counts divided by the gene medians, no per-cell scaling) for
+        one from :meth:`~pertpy_gnn.compass.GeneCompass.load_official`. Gene symbols and Ensembl ids
+        both map for a published model (through its id-to-symbol dictionary); genes that do not map
+        are counted in the log.
     gene_medians
         Corpus medians of the pre-training corpus (a Series by token name, or the
         :class:`~pertpy_gnn.compass.CompassCorpus`) so that values match pre-training; default those
@@ -228,7 +233,7 @@ def compass_gene_embeddings(
     *,
     cells=None,
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,

@@ -38,6 +38,16 @@ def check_model(model):
     return module, vocab
 
 
+def value_scale(model) -> float:
+    """``ln(log_base)`` of the model's token values (1 for natural-log values): ``value * scale`` is ``log1p(x / median)``.
+
+    The in-silico edits work in natural-log units; a model whose values are ``log2(1 + x / median)``
+    (a published checkpoint) has its values scaled before the edit and back after it.
+    """
+    base = getattr(model, "tokenization_", {}).get("log_base")
+    return 1.0 if base is None else float(np.log(base))
+
+
 def model_medians(model, gene_medians) -> pd.Series | None:
     """Corpus medians to tokenize new data with: given, else stored on the model, else ``None``.
 
@@ -61,7 +71,7 @@ def model_medians(model, gene_medians) -> pd.Series | None:
 def tokenize_kwargs(
     *,
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids=None,
@@ -84,7 +94,9 @@ def tokenized(adata: AnnData, model, *, max_len: int, tok: Mapping, progress_bar
     from ..pp._compass_tokens import compass_tokenize
 
     _, vocab = check_model(model)
-    kw = dict(tok)
+    # the model's tokenization (e.g. the published preprocessing of a published checkpoint), then the caller's
+    kw = {"input_kind": "counts", **getattr(model, "tokenization_", {})}
+    kw.update({k: v for k, v in tok.items() if v is not None or k not in kw})
     kw["gene_medians"] = model_medians(model, kw.get("gene_medians"))
     with tempfile.TemporaryDirectory(prefix="pg_compass_tok_") as tmp:
         corpus = compass_tokenize(
@@ -127,7 +139,7 @@ def encode(module, ids, values):
 
 def check_cell_embedding(how: str) -> str:
     """Validate a ``cell_embedding`` option (``'species'`` or ``'mean'``)."""
-    from ..compass._module import CELL_EMBEDDINGS
+    from ._module import CELL_EMBEDDINGS
 
     if how not in CELL_EMBEDDINGS:
         raise ValueError(
@@ -140,7 +152,7 @@ def cell_states(h, ids, how: str):
     """Cell embeddings ``(b, d)`` of encoded sequences ``h`` ``(b, n, d)`` with token ids ``ids``."""
     import torch
 
-    from ..compass._module import cell_embedding
+    from ._module import cell_embedding
 
     return cell_embedding(h, torch.as_tensor(ids, device=h.device), how)
 

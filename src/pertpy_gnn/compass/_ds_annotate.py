@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._constants import COMPASS_ANNOT_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._compass_ds_core import (
+from ._ds_core import (
     batches,
     cell_states,
     check_cell_embedding,
@@ -37,7 +37,7 @@ def _classifier_cls():
         def __init__(self, encoder, n_classes: int, classes, dropout: float, cell_embedding: str = "species"):
             super().__init__()
             self.cell_embedding = cell_embedding
-            d = encoder.gene_embedding.embedding_dim
+            d = encoder.d_model
             self.encoder = encoder
             self.drop = nn.Dropout(dropout)
             self.head = nn.Linear(d, n_classes)
@@ -109,7 +109,7 @@ def annotate_compass(
     cell_embedding: str = "species",
     seed: int = 0,
     species: str | None = None,
-    input_kind: str = "counts",
+    input_kind: str | None = None,
     layer: str | None = None,
     gene_symbols: str | None = None,
     gene_ids: str | Path | pd.DataFrame | pd.Series | None = None,
