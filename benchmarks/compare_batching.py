@@ -6,7 +6,7 @@ seeds (one split per dataset, seed 0), GEARS (paper settings: hidden 64, Adam 1e
 per epoch) is trained
 
 - ``cells``: minibatches of 32 random cells (the paper's), ``--epochs`` epochs;
-- ``sets``: ``train(batching='sets')`` (8 sets x up to 32 cells a step), ``--epochs`` epochs
+- ``sets``: ``train(batching='sets')`` (4 sets x up to 8 cells a step), ``--epochs`` epochs
   (equal epochs: as many cells drawn);
 - ``sets_equal_cpu``: set batches for as many epochs as fit in the CPU seconds the ``cells`` run
   of the same seed took (from the per-epoch CPU of the ``sets`` run; at most ``--max-epochs``).
@@ -18,7 +18,7 @@ load) and the Markdown table next to it.
 
 Usage::
 
-    python benchmarks/compare_batching.py --seeds 5 --epochs 6 --out benchmarks/results/compare_batching.json
+    python benchmarks/compare_batching.py --seeds 5 --epochs 2 --datasets norman --out benchmarks/results/compare_batching_norman.json
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class EpochCPU:
         self.marks: list[float] = []
 
 
-SET_SIZES = {"sets_per_batch": 8, "cells_per_set": 32}
+SET_SIZES = {"sets_per_batch": 4, "cells_per_set": 8}
 
 
 def run(adata, mode: str, epochs: int, seed: int) -> dict:
@@ -186,8 +186,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--max-epochs", type=int, default=40, help="cap of the equal-CPU set-batch runs")
-    parser.add_argument("--sets-per-batch", type=int, default=8)
-    parser.add_argument("--cells-per-set", type=int, default=32)
+    parser.add_argument("--sets-per-batch", type=int, default=4)
+    parser.add_argument("--cells-per-set", type=int, default=8)
     parser.add_argument("--datasets", nargs="+", default=["simulated", "norman"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_batching.json")
     args = parser.parse_args()
