@@ -1,4 +1,5 @@
 # Quick start:  `make demo` (main job on the embedded simulated screen)  and  `make test`.
+# `make tutorials` re-executes the tutorial notebooks on the real data and keeps their outputs.
 # Both create .venv and install the package with everything it needs.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test docs lint bench clean
+.PHONY: install demo test docs lint bench clean tutorials
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ test: install
 
 docs: install
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+# Re-execute the tutorials in place on the real data (../shared/data), keeping their outputs for the docs
+tutorials: install
+	cd tutorials && for nb in *.ipynb; do \
+		PYTHONPATH=$(CURDIR)/src OMP_NUM_THREADS=1 $(abspath $(BIN))/jupyter execute --inplace --timeout=3600 $$nb || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -51,6 +51,7 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
         "reference_gears": ["bash", "benchmarks/reference_gears/run_all.sh", "norman", "sim20k"],
         "compare_speed": [PY, "benchmarks/compare_speed.py", "--device", device, *s],
         "compare_accuracy": [PY, "benchmarks/compare_accuracy.py", "--device", device, *s],
+        "ablations": [PY, "benchmarks/ablations.py", "--epochs", "5"],
         "compass_throughput": [PY, "benchmarks/compass_throughput.py", "--device", device],
         "compass_pretrain_real": [PY, "benchmarks/compass_pretrain_real.py", *s],
         "compass_downstream": [

@@ -260,6 +260,7 @@ def test_screen_matches_single_experiments(adata, model):
         "z",
         "cos",
         "n_cells",
+        "n_paired_cells",
         "rank",
     ]
     assert df["target_shift"].is_monotonic_decreasing and df["rank"].tolist() == [1, 2, 3]
@@ -502,3 +503,57 @@ def test_results_are_h5ad_writable(adata, model, tmp_path):
         "pg_compass_annotation",
     }
     assert "pg_compass_grn" in back.varp and back.obsm["X_compass"].shape == (N_CELLS, 32)
+
+
+def test_overexpression_never_lowers_a_gene(adata, model):
+    # G01 is high in group a (value log1p(x + 8) > log1p(1)): raising it to its corpus median changes nothing
+    a = (adata.obs["group"] == "a").to_numpy()
+    assert (adata.X.toarray()[a, 1] > 1).all()
+    pg.tl.in_silico(adata, model, "G01", mode="overexpress", level="median", cells=("group", "a"), **TOK)
+    cos = adata.obs.loc[a, "pg_compass_insilico_cos"]
+    assert len(cos) == a.sum() and np.allclose(cos, 1.0, atol=1e-6)
+    df = pg.tl.in_silico_screen(
+        adata,
+        model,
+        target=("group", "b"),
+        candidates=["G01", "G02"],
+        cells=("group", "a"),
+        level="median",
+        **TOK,
+    )
+    np.testing.assert_allclose(df["cos"], 1.0, atol=1e-6)
+
+
+def test_knockdown_beyond_the_window_is_reported(model, caplog):
+    import logging
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(2.0, 9.0, size=(6, N_GENES)).astype(np.float32)  # all 30 genes expressed: 30 > 20 tokens
+    x[:, 3] = 20.0  # G03 ranks first
+    full = ad.AnnData(
+        sp.csr_matrix(x), obs=pd.DataFrame(index=[f"d{i}" for i in range(6)]), var=pd.DataFrame(index=GENES)
+    )
+    with caplog.at_level(logging.WARNING, logger="pertpy_gnn"):
+        pg.tl.in_silico(full, model, "G03", mode="knockdown", factor=0.01, gene_shift=False, **TOK)
+    res = full.uns["pg_compass_insilico"]
+    # 0.2 is below every other gene: G03 moves to rank 30, past the 20-token window, in every cell
+    assert res["n_kept"] == 6 and res["n_left_window"] == 6
+    assert res["window_needed"] == N_GENES and not res["window_needed_is_lower_bound"]
+    assert f"a window of {N_GENES} gene tokens" in caplog.text
+    pg.tl.in_silico(full, model, "G03", mode="knockdown", factor=0.5, gene_shift=False, key_added="kd", **TOK)
+    assert full.uns["kd"]["n_left_window"] == 0  # 10 still ranks first
+
+
+def test_gene_shift_min_cells_and_screen_z_without_pairs(adata, model):
+    pg.tl.in_silico(
+        adata, model, ["G01"], mode="delete", cells=("group", "a"), min_rank_fraction=None, min_cells=7, **TOK
+    )
+    res = adata.uns["pg_compass_insilico"]
+    assert (res["gene_shift"]["n_cells"] >= 7).all() and res["params"]["min_cells"] == 7
+    with pytest.raises(ValueError, match="min_cells"):
+        pg.tl.in_silico(adata, model, "G01", min_cells=0, overwrite=True, **TOK)
+    # one candidate per cell: no paired comparison, so z is explicitly absent (NaN), with the count saying why
+    df = pg.tl.in_silico_screen(
+        adata, model, target=("group", "b"), candidates=["G02"], cells=("group", "a"), **TOK
+    )
+    assert (df["n_paired_cells"] == 0).all() and df["z"].isna().all() and df["specific_shift"].isna().all()

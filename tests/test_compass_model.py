@@ -203,3 +203,37 @@ def test_model_errors(tmp_path):
         pg.tl.pretrain_compass(corpus, resume_from=tmp_path / "none.ckpt", progress_bar=False, **TINY)
     with pytest.raises(ValueError, match="control must be"):
         GeneCompass(vocab=corpus.vocab, seq_len=17, **TINY).evaluate(corpus, control="noise")
+
+
+def test_resume_is_exact(tmp_path):
+    """A 2-epoch run, or the same run stopped after epoch 1 and resumed: the same parameters, bit for bit."""
+    from lightning.pytorch import Callback
+
+    class StopAfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    corpus, _ = toy_corpus(tmp_path / "corpus", n_cells=48)
+    kw = {
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup": 2,
+        "accelerator": "cpu",
+        "progress_bar": False,
+        "max_epochs": 2,
+    }
+
+    def fresh():
+        torch.manual_seed(0)
+        return GeneCompass(vocab=corpus.vocab, seq_len=corpus.seq_len, **TINY)
+
+    whole = fresh()
+    whole.train(corpus, ckpt_dir=tmp_path / "a", **kw)
+    fresh().train(corpus, ckpt_dir=tmp_path / "b", callbacks=[StopAfterFirstEpoch()], **kw)
+    resumed = fresh()
+    resumed.train(corpus, ckpt_dir=tmp_path / "b", resume_from="last", **kw)
+    assert resumed.trainer.global_step == whole.trainer.global_step == 6
+    for (n1, p1), (n2, p2) in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().items(), strict=True
+    ):
+        assert n1 == n2 and torch.equal(p1, p2), n1

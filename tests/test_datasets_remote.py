@@ -236,3 +236,74 @@ def test_read_perturbation_h5ad_errors(screen, server, tmp_path):
     with pytest.raises(KeyError, match=r"no obs column 'guide'.*\['condition'\].*perturbation_key="):
         pg.datasets.read_perturbation_h5ad(path, perturbation_key="guide")
     assert pg.datasets.read_perturbation_h5ad(path, perturbation_key=None).n_obs == 12
+
+
+# -- every download is validated: what arrived, from where, deleted from the cache ------------------
+
+HTML = b"<!DOCTYPE html><html><head><title>Log in</title></head><body>Please log in</body></html>"
+
+
+@pytest.mark.parametrize("name", list(LOADERS))
+def test_html_page_instead_of_h5ad_is_deleted_and_named(name, server, tmp_path):
+    (server["root"] / "page.h5ad").write_bytes(HTML)
+    url = f"{server['url']}/page.h5ad"
+    cache = tmp_path / "c"
+    with pytest.raises(pg.datasets.InvalidDownloadError) as info:
+        LOADERS[name](cache_dir=cache, url=url, retries=0, progress_bar=False)
+    msg = str(info.value)
+    assert "an HTML page" in msg and url in msg and "deleted from the cache" in msg
+    assert not (cache / DATASETS[name]["fname"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "said"),
+    [
+        (b"", "an empty file"),
+        (b'{"error": "not found"}', "a JSON document"),
+        (b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "a damaged HDF5 file"),
+        (gzip.compress(b"abc"), "a gzip archive"),
+    ],
+)
+def test_other_invalid_downloads_say_what_arrived(server, tmp_path, payload, said):
+    (server["root"] / "bad.h5ad").write_bytes(payload)
+    url = f"{server['url']}/bad.h5ad"
+    with pytest.raises(pg.datasets.InvalidDownloadError, match=said):
+        pg.datasets.dixit_2016(cache_dir=tmp_path / "c", url=url, retries=0, progress_bar=False)
+    assert not (tmp_path / "c" / "dixit_2016.h5ad").exists()
+
+
+def test_invalid_cached_file_is_replaced(server, screen, tmp_path):
+    adata, url, _ = screen
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "norman_2019.h5ad").write_bytes(HTML)  # e.g. cached by an older version without validation
+    out = pg.datasets.norman_2019(cache_dir=cache, url=url, retries=0, progress_bar=False)
+    _assert_same(out, adata)
+    assert server["requests"] == ["/screen.h5ad"]
+
+
+def test_hdf5_without_h5ad_groups_is_refused(server, tmp_path):
+    import h5py
+
+    with h5py.File(server["root"] / "plain.h5", "w") as f:
+        f["data"] = np.arange(3)
+    with pytest.raises(
+        pg.datasets.InvalidDownloadError, match=r"without the h5ad groups \['X', 'obs', 'var'\]"
+    ):
+        pg.datasets.adamson_2016(
+            cache_dir=tmp_path / "c", url=f"{server['url']}/plain.h5", retries=0, progress_bar=False
+        )
+
+
+def test_goa_html_page_is_refused(server, tmp_path):
+    (server["root"] / "goa_human.gaf.gz").write_bytes(HTML)
+    with pytest.raises(pg.datasets.InvalidDownloadError, match="an HTML page") as info:
+        pg.datasets.go_annotations(
+            "goa",
+            cache_dir=tmp_path / "c",
+            url=f"{server['url']}/goa_human.gaf.gz",
+            retries=0,
+            progress_bar=False,
+        )
+    assert "go_annotations(source=path)" in str(info.value)
+    assert not (tmp_path / "c" / "goa_human.gaf.gz").exists()

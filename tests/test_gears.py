@@ -15,7 +15,7 @@ import torch
 import pertpy_gnn as pg
 from pertpy_gnn.gears import GEARS, GEARSModule
 from pertpy_gnn.gears._constants import TENSOR_KEYS as K
-from pertpy_gnn.gears._module import GraphEncoder, PretrainedGeneEncoder
+from pertpy_gnn.gears._module import GraphEncoder, LearnedEncoder, PretrainedGeneEncoder
 
 GO_FILE = "go/human_gene2go_orgHsEgDb_20220912.tsv.gz"
 
@@ -186,10 +186,10 @@ def test_gene_graph_computed_once_and_shared_by_every_cell(training):
         torch.testing.assert_close(module.post_mlp[-1].running_var, ref.post_mlp[-1].running_var)
 
 
-@pytest.mark.parametrize("block_rows", [1, 7, 10_000])
-def test_folded_blocked_inference_equals_plain_layers(block_rows):
+@pytest.mark.parametrize(("block_rows", "cross_gene"), [(1, True), (7, True), (10_000, True), (7, False)])
+def test_folded_blocked_inference_equals_plain_layers(block_rows, cross_gene):
     """Eval-mode prediction with the batch norms folded and the gene grid in blocks gives the plain path's values."""
-    module = _small_module(uncertainty=True)
+    module = _small_module(uncertainty=True, cross_gene=cross_gene)
     module.train()
     for seed in range(3):  # non-trivial running statistics
         module(_batch(module, seed=seed))
@@ -616,3 +616,107 @@ def test_train_with_set_batches(toy):
     assert np.isfinite(model.best_val)
     with pytest.raises(ValueError, match="batching"):
         model.train(max_epochs=1, batching="genes")
+
+
+# ----------------------------------------------------------------------------- ablations (Extended Data Fig. 4)
+def _unseen_and_seen(model, adata):
+    seen = sorted(model.seen_genes)
+    perturbed = {
+        g for c in adata.obs["pg_perturbation"].astype(str).unique() if c != "control" for g in c.split("+")
+    }
+    unseen = sorted(perturbed - set(seen))
+    return seen, unseen
+
+
+def test_no_go_graph_learns_per_gene_embeddings_and_refuses_unseen_genes(toy, tmp_path):
+    del toy.uns["pg_go_graph"]  # not needed without it
+    model = pg.tl.train_gears(toy, max_epochs=2, hidden_dim=8, use_go_graph=False, progress_bar=False)
+    assert isinstance(model.module.pert_encoder, LearnedEncoder)
+    assert isinstance(model.module.gene_encoder, GraphEncoder)
+    assert model.name == "GEARS[no GO graph]"
+    assert toy.uns["pg_gears"]["params"]["go_graph"] == "not used"
+    perturbed = {
+        g for c in toy.obs["pg_perturbation"].astype(str).unique() if c != "control" for g in c.split("+")
+    }
+    assert set(model.perturbable_genes) == perturbed  # one embedding per gene perturbed in adata
+    seen, unseen = _unseen_and_seen(model, toy)
+    assert unseen, "the split should hold genes never perturbed in training"
+    pred = model.predict([seen[0], f"{seen[0]}+{seen[1]}"], n_control=20)
+    assert np.isfinite(pred.X).all()
+    with pytest.raises(ValueError, match=r"no GO graph \(use_go_graph=False\).*not perturbed in training"):
+        model.predict([unseen[0]])
+    with pytest.raises(ValueError, match="use_go_graph=False"):
+        model.predict([f"{seen[0]}+{unseen[0]}"])
+    kept = model.predict([seen[0], f"{seen[0]}+{unseen[0]}"], skip_unknown=True, n_control=20)
+    assert list(kept.obs_names) == [seen[0]]
+    # save / load: the gene list travels with the model
+    model.save(tmp_path / "m")
+    loaded = GEARS.load(tmp_path / "m", adata=toy)
+    assert not loaded.module.use_go_graph
+    np.testing.assert_array_equal(loaded.predict([seen[0]], n_control=20).X, pred[[seen[0]]].X)
+
+
+def test_no_coexpression_graph_learns_gene_embeddings(toy):
+    del toy.uns["pg_coexpression_graph"]  # not needed without it
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=8, use_coexpression_graph=False)
+    before = model.module.gene_encoder.embedding.detach().clone()
+    model.train(max_epochs=2, progress_bar=False)
+    assert not torch.equal(model.module.gene_encoder.embedding, before)  # learned
+    assert isinstance(model.module.gene_encoder, LearnedEncoder)
+    assert model.module.gene_encoder.embedding.shape == (toy.n_vars, 8)
+    assert model.name == "GEARS[no co-expression graph]"
+    assert np.isfinite(model.predict(["G000", "G000+G005"], n_control=20).X).all()
+    pg.tl.train_gears(toy, max_epochs=1, hidden_dim=8, use_coexpression_graph=False, progress_bar=False)
+    assert toy.uns["pg_gears"]["params"]["coexpression_graph"] == "not used"
+    with pytest.raises(KeyError, match="co-expression graph"):
+        GEARS(toy, hidden_dim=8)  # the full model still needs it
+
+
+def test_no_cross_gene_layer():
+    module = _small_module(cross_gene=False)
+    assert module.cross_gene is None and module.w2.shape == (module.n_genes, 1)
+    module.train()
+    batch = _batch(module)
+    inf = module.inference(**module._get_inference_input(batch))
+    out = module.generative(**module._get_generative_input(batch, inf))
+    # each gene's output is a function of its own effect z_u only
+    torch.testing.assert_close(out["zhat"], out["z"] * module.w2[:, 0] + module.b2[:, 0])
+    loss = module.loss(batch, inf, out).loss
+    loss.backward()
+    assert module.w2.grad is not None and torch.isfinite(loss)
+    full = _small_module()
+    assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in module.parameters())
+
+
+def test_mse_loss_is_plain_squared_error():
+    mse = _small_module(loss="mse", gamma=2.0, direction_lambda=1.0)
+    # the same network with the autofocus exponent 0 and no direction term is the same loss
+    ref = _small_module(gamma=0.0, direction_lambda=0.0)
+    ref.load_state_dict(mse.state_dict())
+    batch = _batch(mse)
+    for m in (mse, ref):
+        m.eval()
+    outs = []
+    for m in (mse, ref):
+        inf = m.inference(**m._get_inference_input(batch))
+        gen = m.generative(**m._get_generative_input(batch, inf))
+        outs.append(m.loss(batch, inf, gen).loss)
+    torch.testing.assert_close(outs[0], outs[1])
+    auto = _small_module(gamma=2.0, direction_lambda=1.0)
+    auto.load_state_dict(mse.state_dict())
+    auto.eval()
+    inf = auto.inference(**auto._get_inference_input(batch))
+    gen = auto.generative(**auto._get_generative_input(batch, inf))
+    assert not torch.isclose(auto.loss(batch, inf, gen).loss, outs[0])
+    with pytest.raises(ValueError, match="`loss` must be one of"):
+        _small_module(loss="l1")
+
+
+def test_ablations_train_and_combine(toy):
+    model = pg.tl.train_gears(
+        toy, max_epochs=2, hidden_dim=8, cross_gene=False, loss="mse", progress_bar=False
+    )
+    assert model.name == "GEARS[no cross-gene, MSE loss]"
+    assert model.history_["train_loss"].notna().all()
+    assert np.isfinite(model.predict(["G000+G005"], n_control=20).X).all()

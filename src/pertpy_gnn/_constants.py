@@ -10,6 +10,8 @@ DELIM = "+"
 
 #: ``adata.obs`` column: canonical perturbation name of each cell (categorical)
 PERT_KEY = "pg_perturbation"
+#: prefix of the keys of :func:`pertpy_gnn.tl.phenotypes` in a prediction AnnData (obs, obsm, obsp, uns)
+PHENOTYPE_KEY = "pg_phenotype"
 #: ``adata.obs`` column: number of perturbed genes of each cell (0 for control)
 N_GENES_KEY = "pg_n_genes"
 #: ``adata.uns`` entry: how the perturbation column was parsed

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 MANIFEST = "manifest.json"
 FORMAT = "pertpy_gnn.compass_corpus"
@@ -229,19 +229,37 @@ class CompassDataset:
         return {k: v[0] for k, v in self.__getitems__([position]).items()}
 
 
+class EpochRandomSampler(RandomSampler):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    A resumed run sees the same order as an uninterrupted one. Lightning calls :meth:`set_epoch`
+    before every epoch (under DDP it puts its own DistributedSampler in place of this one).
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+
+
 def make_dataloader(
     corpus: CompassCorpus, indices, *, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
 ):
-    """A torch DataLoader streaming ``indices`` of ``corpus`` in batches."""
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    """A torch DataLoader streaming ``indices`` of ``corpus`` in batches (shuffled by ``(seed, epoch)``)."""
+    dataset = CompassDataset(corpus, indices)
     return DataLoader(
-        CompassDataset(corpus, indices),  # type: ignore[arg-type]
+        dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochRandomSampler(dataset, seed) if shuffle else None,
         num_workers=num_workers,
         collate_fn=_collate,
         persistent_workers=num_workers > 0,
-        generator=gen,
     )
 
 

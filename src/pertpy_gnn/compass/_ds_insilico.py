@@ -60,6 +60,35 @@ def _levels(level, orig_values, n_targets: int):
     return v.unsqueeze(1).expand(-1, n_targets)
 
 
+def _at_least_current(lv, ids, values, targets):
+    """Overexpression never lowers a gene: returns ``(levels, targets)`` with those targets unedited.
+
+    A target the cell already expresses at or above its level becomes ``-1`` (no edit: the cell keeps
+    its ranking).
+    """
+    import torch
+
+    match = (ids[:, 1:].unsqueeze(2) == targets.unsqueeze(1)) & (targets >= 0).unsqueeze(1)
+    cur = torch.where(
+        match, values[:, 1:].float().unsqueeze(2), torch.full_like(match, float("-inf"), dtype=torch.float32)
+    ).amax(1)
+    lv = lv.float()
+    return lv, torch.where(lv > cur, targets, torch.full_like(targets, -1))
+
+
+def _window_needed(ids, values, targets, factor: float, max_len: int):
+    """Whether each row keeps its knocked-down targets within ``max_len`` gene tokens after the edit.
+
+    Also returns the number of gene tokens that would keep them all (their lowest rank after the edit).
+    """
+    import torch
+
+    p_ids, _, _ = edit_tokens(ids, values, targets, mode="knockdown", factor=factor, max_len=ids.shape[1] - 1)
+    match = (p_ids[:, 1:].unsqueeze(2) == targets.unsqueeze(1)) & (targets >= 0).unsqueeze(1)  # (b, n, e)
+    pos = torch.where(match.any(2), torch.arange(1, p_ids.shape[1], device=p_ids.device), 0).amax(1)
+    return pos <= max_len, pos
+
+
 def _variants(ids, values, targets, *, mode, factor, level, max_len: int, min_rank_fraction):
     """Original (re-ranked, truncated) and perturbed sequences of a batch, and which rows qualify.
 
@@ -70,8 +99,10 @@ def _variants(ids, values, targets, *, mode, factor, level, max_len: int, min_ra
 
     none = torch.full_like(targets, -1)
     o_ids, o_vals, _ = edit_tokens(ids, values, none, mode="delete", max_len=max_len)
-    lv = _levels(level, o_vals, targets.shape[1]) if mode == "overexpress" else None
-    p_ids, p_vals, _ = edit_tokens(ids, values, targets, mode=mode, factor=factor, level=lv, max_len=max_len)
+    lv, edited = None, targets
+    if mode == "overexpress":
+        lv, edited = _at_least_current(_levels(level, o_vals, targets.shape[1]), o_ids, o_vals, targets)
+    p_ids, p_vals, _ = edit_tokens(ids, values, edited, mode=mode, factor=factor, level=lv, max_len=max_len)
     if mode == "overexpress":
         ok = torch.ones(ids.shape[0], dtype=torch.bool)
     else:
@@ -109,6 +140,7 @@ def in_silico(
     target=None,
     min_rank_fraction: float | None = 0.5,
     gene_shift: bool = True,
+    min_cells: int = 3,
     cell_embedding: str = "species",
     species: str | None = None,
     input_kind: str | None = None,
@@ -135,8 +167,15 @@ def in_silico(
     - ``'knockdown'``: the normalized expression of each gene is multiplied by ``factor`` (1/2, 1/4,
       0): value ``log1p(factor * expm1(v))``; with ``factor=0`` the token stays, with value 0, ranked
       last, so it equals deletion up to that last token;
-    - ``'overexpress'``: the value is set to ``level``: ``'median'`` (the gene's corpus median, value
-      ``log1p(1)``), ``'max'`` (the cell's top value) or a number; the gene is added if absent.
+    - ``'overexpress'``: the value is raised to ``level``: ``'median'`` (the gene's corpus median, value
+      ``log1p(1)``), ``'max'`` (the cell's top value) or a number (a token value, ``log1p`` of the
+      expression in units of the gene's corpus median: ``log1p(3)`` is 3x the median); the gene is added
+      if absent. Overexpression never lowers a gene: where the cell already expresses it above
+      ``level``, it keeps its value (and the cell is unchanged).
+
+    A knockdown can move the gene past the model's token window (``seq_len - 1`` genes): there it
+    equals deletion. Such cells are counted (``uns[key_added]['n_left_window']``) with a warning
+    naming the window length that would keep the gene (``uns[key_added]['window_needed']``).
 
     For deletion and knockdown only cells where every gene is among the tokens and ranks in the top
     ``min_rank_fraction`` of them are kept (paper: top 50%).
@@ -154,7 +193,7 @@ def in_silico(
     factor
         Knockdown factor in ``[0, 1)``.
     level
-        Overexpression level: ``'median'``, ``'max'`` or a token value.
+        Overexpression level: ``'median'``, ``'max'`` or a token value (never below the gene's current value).
     cells
         Cells to perturb (mask, positions, names, ``(column, values)`` or ``{column: values}``);
         default all cells (minus the ``target`` cells).
@@ -167,6 +206,8 @@ def in_silico(
     gene_shift
         Also compute the gene-level shift: ``1 - cos`` of each other gene's token state before and
         after, averaged over the kept cells where the gene is a token.
+    min_cells
+        Genes of ``gene_shift`` seen in fewer kept cells are left out (their mean rests on too few cells).
     cell_embedding
         Cell embedding the shifts are measured on: ``'species'`` (paper) or ``'mean'`` (see
         :func:`pertpy_gnn.tl.embed_compass`).
@@ -201,6 +242,8 @@ def in_silico(
 
     adata = get_adata(adata, modality)
     _check_edit(mode, factor, level, min_rank_fraction)
+    if gene_shift and int(min_cells) < 1:
+        raise ValueError(f"`min_cells` must be at least 1, got {min_cells}.")
     check_cell_embedding(cell_embedding)
     cols = [f"{key_added}_kept", f"{key_added}_cos"] + (
         [f"{key_added}_target_shift"] if target is not None else []
@@ -234,12 +277,21 @@ def in_silico(
     sums = torch.zeros(len(vocab), dtype=torch.float64)
     counts = torch.zeros(len(vocab), dtype=torch.float64)
     kept = np.zeros(rows.size, dtype=bool)
+    left_window = np.zeros(rows.size, dtype=bool)
+    needed, capped = 0, False
     emb_o, emb_p = [], []
     was_training = module.training
     module.eval()
     try:
         with (
-            tokenized(adata[rows], model, max_len=L + e, tok=tok, progress_bar=progress_bar) as corpus,
+            # a knockdown can move a gene past the window: read twice the window to say how far it goes
+            tokenized(
+                adata[rows],
+                model,
+                max_len=(2 * L if mode == "knockdown" else L) + e,
+                tok=tok,
+                progress_bar=progress_bar,
+            ) as corpus,
             torch.inference_mode(),
         ):
             for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc=f"in-silico {mode}"):
@@ -260,6 +312,14 @@ def in_silico(
                     min_rank_fraction=min_rank_fraction,
                 )
                 kept[sl] = ok.numpy()
+                if mode == "knockdown" and float(factor) > 0:
+                    inside, pos = _window_needed(ids, values, targets, float(factor), L)
+                    left = ok & ~inside
+                    left_window[sl] = left.numpy()
+                    if bool(left.any()):
+                        needed = max(needed, int(pos[left].max()))
+                        # the gene fell to the end of what was read: the window must be at least that long
+                        capped = capped or bool((pos[left] >= ids.shape[1] - 1).any())
                 if not bool(ok.any()):
                     continue
                 h_o = encode(module, o_ids[ok], o_vals[ok] / vs)
@@ -304,6 +364,7 @@ def in_silico(
             "species": sp_,
             "max_len": int(L),
             "cell_embedding": cell_embedding,
+            "min_cells": int(min_cells),
         },
         "n_cells": int(rows.size),
         "n_kept": n_kept,
@@ -332,8 +393,25 @@ def in_silico(
             {"original": before, "perturbed": after}, index=adata.obs_names[kept_rows].astype(str)
         )
         uns["n_target_cells"] = int(t_rows.size)
+    if mode == "knockdown":
+        n_left = int(left_window.sum())
+        uns["n_left_window"] = n_left
+        uns["window_needed"] = int(needed) if n_left else int(L)
+        uns["window_needed_is_lower_bound"] = bool(capped)
+        if n_left:
+            logger.warning(
+                "In %d of %d kept cells the knocked-down gene falls beyond the model's %d-token window, so "
+                "there the knockdown equals deletion; a window of %s%d gene tokens (a model with seq_len %d) "
+                "would keep it.",
+                n_left,
+                n_kept,
+                L,
+                "at least " if capped else "",
+                needed,
+                needed + 1,
+            )
     if gene_shift:
-        nz = np.flatnonzero(counts.numpy() > 0)
+        nz = np.flatnonzero(counts.numpy() >= int(min_cells))
         df = pd.DataFrame(
             {
                 "shift": (sums.numpy()[nz] / counts.numpy()[nz]),
@@ -452,7 +530,9 @@ def in_silico_screen(
     a little, if only by re-ranking its tokens, and this common part cancels),
     ``specific_shift_sem``, ``z`` (``specific_shift / specific_shift_sem``: how clearly the gene
     stands out of the other candidates), ``cos`` (mean cosine of perturbed to original cell),
-    ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene) and ``rank``
+    ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene),
+    ``n_paired_cells`` (those where another candidate also has a variant: the specific shift is
+    averaged over these only, and ``z`` is ``NaN`` -- explicitly absent -- below 2 of them) and ``rank``
     (1 = strongest driver by ``target_shift``; for overexpression, where every gene is edited in
     every cell, the same order as ``specific_shift``). Also sets ``adata.uns[key_added]`` = ``{'results': df,
     'params': {...}, 'n_cells', 'n_variants'}``.
@@ -548,7 +628,11 @@ def in_silico_screen(
             for sl in batches(cell_idx.size, batch_size, progress_bar=progress_bar, desc="screen variants"):
                 c = torch.from_numpy(cell_idx[sl])
                 targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
-                lv = _levels(level, o_vals[c], 1) if mode == "overexpress" else None
+                lv = None
+                if mode == "overexpress":
+                    lv, targets = _at_least_current(
+                        _levels(level, o_vals[c], 1), ids_all[c], vals_all[c], targets
+                    )
                 p_ids, p_vals, _ = edit_tokens(
                     ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L
                 )
@@ -579,9 +663,17 @@ def in_silico_screen(
     per_cell = np.bincount(cell_idx, weights=shift_all, minlength=rows.size) / np.maximum(
         np.bincount(cell_idx, minlength=rows.size), 1
     )
-    spec, spec_sem = _group_mean_sem(shift_all - per_cell[cell_idx], slot, cand.size)
+    # only cells where the candidate shares the cell with another candidate carry a paired difference
+    paired = np.bincount(cell_idx, minlength=rows.size)[cell_idx] >= 2
+    spec, spec_sem = _group_mean_sem((shift_all - per_cell[cell_idx])[paired], slot[paired], cand.size)
+    n_paired = np.bincount(slot[paired], minlength=cand.size)
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(spec_sem[has] > 0, spec[has] / spec_sem[has], np.nan)
+        z = np.where((n_paired[has] >= 2) & (spec_sem[has] > 0), spec[has] / spec_sem[has], np.nan)
+    if has.any() and not np.isfinite(z).any():
+        logger.warning(
+            "z is undefined for every candidate: no candidate shares at least 2 cells with another candidate, "
+            "so there is no paired comparison (column n_paired_cells). Screen more candidates per cell."
+        )
     df = pd.DataFrame(
         {
             "target_shift": mean[has],
@@ -592,6 +684,7 @@ def in_silico_screen(
             "cos": acc[0][has] / n[has],
             **({"source_shift": acc[1][has] / n[has]} if s_dir is not None else {}),
             "n_cells": n[has].astype(np.int64),
+            "n_paired_cells": n_paired[has].astype(np.int64),
         },
         index=pd.Index(vocab.tokens[cand[has]].astype(str), name="gene"),
     ).sort_values("target_shift", ascending=False)

@@ -216,7 +216,10 @@ class GeneCompass(BaseModelClass):
             mask_seed=seed,
             extra_checkpoint=self._checkpoint_payload(),
         )
-        callbacks = list(trainer_kwargs.pop("callbacks", []))
+        from .._progress import progress
+
+        show_bar, progress_callbacks = progress(progress_bar, max_epochs)
+        callbacks = [*trainer_kwargs.pop("callbacks", []), *progress_callbacks]
         if ckpt_dir is not None:
             callbacks.append(PeriodicCheckpoint(ckpt_dir, every_n_steps=ckpt_every_n_steps))
         if precision is None:
@@ -242,7 +245,7 @@ class GeneCompass(BaseModelClass):
             callbacks=callbacks,
             enable_checkpointing=False,
             simple_progress_bar=False,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=show_bar,
             check_val_every_n_epoch=1 if has_val else None,
             ckpt_path=None if ckpt_path is None else str(ckpt_path),
             **trainer_kwargs,
@@ -383,11 +386,64 @@ class GeneCompass(BaseModelClass):
         return np.concatenate(out) if out else np.zeros((0, self.config_["d_model"]), np.float32)
 
     # ---------------------------------------------------------------------------- checkpoints
+    def save(self, dir_path, prefix: str | None = None, overwrite: bool = False, **kwargs) -> None:
+        """Save the model to ``dir_path/[prefix]model.pt`` safely.
+
+        Tensors and plain containers with a versioned header, read back by :meth:`load` with
+        ``torch.load(weights_only=True)``.
+
+        Returns
+        -------
+        ``None``.
+        """
+        from .._checkpoint import save_model
+
+        if kwargs.pop("save_anndata", False):
+            raise ValueError("GeneCompass trains on a corpus, not an AnnData: there is no AnnData to save.")
+        save_model(self, dir_path, kind="GeneCompass", prefix=prefix, overwrite=overwrite)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path,
+        adata=None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        allow_pickle: bool = False,
+    ) -> GeneCompass:
+        """Load a model saved by :meth:`save`, safely and with its format checked.
+
+        As :meth:`pertpy_gnn.gears.GEARS.load`; ``adata`` is not used.
+
+        Returns
+        -------
+        The model.
+        """
+        from .._checkpoint import load_model
+
+        return load_model(
+            cls,
+            dir_path,
+            kind="GeneCompass",
+            uses_adata=False,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            allow_pickle=allow_pickle,
+        )
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, map_location: str = "cpu") -> GeneCompass:
-        """Rebuild a model from a Lightning checkpoint written during :meth:`train` (``ckpt_dir``)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if CKPT_KEY not in ckpt:
+        """Rebuild a model from a Lightning checkpoint written during :meth:`train` (``ckpt_dir``).
+
+        Read with ``torch.load(weights_only=True)`` (a file cannot run code); a truncated or corrupt
+        file raises :class:`pertpy_gnn._checkpoint.CheckpointError` naming it.
+        """
+        from .._checkpoint import read_torch_file
+
+        ckpt = read_torch_file(path, map_location=map_location, what="GeneCompass training checkpoint")
+        if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt:
             raise ValueError(f"{path} is not a GeneCompass training checkpoint.")
         init = ckpt[CKPT_KEY]["init"]
         model = cls(

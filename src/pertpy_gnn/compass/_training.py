@@ -12,6 +12,8 @@ from ._module import mask_tokens
 
 #: key under which a Lightning checkpoint carries what rebuilds the model
 CKPT_KEY = "pertpy_gnn_compass"
+#: key of the RNG state in a checkpoint (exact resume)
+RNG_KEY = "pertpy_gnn_rng"
 
 
 def warmup_linear(step: int, warmup: int, total: int) -> float:
@@ -99,8 +101,16 @@ class CompassTrainingPlan(TrainingPlan):
             )
 
     def training_step(self, batch, batch_idx):
-        """Mask, predict, log; returns the loss."""
-        out = self._step(batch)
+        """Mask, predict, log; returns the loss.
+
+        The mask of a batch depends only on ``(mask_seed, epoch, batch, rank)``, so a resumed run masks
+        exactly as an uninterrupted one.
+        """
+        seed = (
+            (self.mask_seed * 1_000_003 + self.current_epoch) * 1_000_033 + batch_idx
+        ) * 64 + self.global_rank
+        gen = torch.Generator(device=batch["ids"].device).manual_seed(seed % (2**63 - 1) + 1)
+        out = self._step(batch, generator=gen)
         self._log(out, "train", on_step=True)
         self.log(
             "lr",
@@ -137,8 +147,24 @@ class CompassTrainingPlan(TrainingPlan):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store what rebuilds the model (vocabulary, configuration, prior metadata)."""
+        """Store what rebuilds the model (vocabulary, configuration, prior metadata) and the RNG state.
+
+        The global torch RNG (dropout) is stored so that a resumed run continues exactly as an
+        uninterrupted one would.
+        """
         checkpoint[CKPT_KEY] = self.extra_checkpoint
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the RNG state stored by :meth:`on_save_checkpoint` (resume)."""
+        state = checkpoint.get(RNG_KEY)
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PeriodicCheckpoint(Callback):

@@ -7,6 +7,7 @@ from ._read import read_perturbation_h5ad
 from ._remote import (
     ChecksumError,
     DownloadError,
+    InvalidDownloadError,
     adamson_2016,
     dixit_2016,
     get_cache_dir,
@@ -28,4 +29,5 @@ __all__: list[str] = [
     "get_cache_dir",
     "DownloadError",
     "ChecksumError",
+    "InvalidDownloadError",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._remote import fetch
+from ._remote import fetch, validate_gaf_gz
 
 #: the GO annotation table shipped in the package (see ``datasets/data/README.md``)
 BUNDLED_GO_TABLE = "go_annotations_human.tsv.gz"
@@ -96,6 +96,7 @@ def go_annotations(
             retries=retries,
             progress_bar=progress_bar,
             manual_hint="pass it as `pg.datasets.go_annotations(source=path)`",
+            validate=validate_gaf_gz,
         )
         table = read_gaf(path)
     elif Path(source).expanduser().is_file():

@@ -11,8 +11,11 @@ from anndata import AnnData
 CACHE_ENV = "PERTPY_GNN_CACHE"
 
 #: the public screens, as hosted for pertpy (``pt.dt.*``): figshare for the scverse-processed files,
-#: Zenodo record 7278143 for the scPerturb-harmonized files. ``known_hash`` is None where no checksum
-#: was published; pass ``known_hash=`` to verify a copy you trust.
+#: Zenodo record 7278143 for the scPerturb-harmonized files. No checksum of these files was found
+#: published anywhere we could check (the hosts compute one per upload but no source we could read
+#: lists them), so none is invented here: ``known_hash`` is None and every download is instead
+#: validated right after it arrives (:func:`validate_h5ad`: an HDF5 file with the groups of an h5ad);
+#: an invalid file is deleted from the cache. Pass ``known_hash=`` to pin a copy you trust.
 DATASETS: dict[str, dict[str, str | None]] = {
     "norman_2019": {
         "fname": "norman_2019.h5ad",
@@ -49,6 +52,71 @@ class ChecksumError(ValueError):
     """A downloaded file does not match its known checksum (``known_hash``)."""
 
 
+class InvalidDownloadError(ValueError):
+    """A downloaded (or cached) file is not what was expected, e.g. an HTML error page instead of an h5ad."""
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def describe_bytes(head: bytes, size: int) -> str:
+    """What a file that begins with ``head`` looks like, in words (for error messages)."""
+    text = head.lstrip().lower()
+    if size == 0:
+        return "an empty file"
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:512]:
+        return f"an HTML page ({size} bytes; the server probably answered with an error or a login page)"
+    if text.startswith((b"{", b"[")):
+        return f"a JSON document ({size} bytes): {head[:120].decode('utf-8', 'replace')!r}"
+    if text.startswith(b"<?xml"):
+        return f"an XML document ({size} bytes): {head[:120].decode('utf-8', 'replace')!r}"
+    if head.startswith(b"\x1f\x8b"):
+        return f"a gzip archive ({size} bytes)"
+    if head.startswith(b"PK"):
+        return f"a zip archive ({size} bytes)"
+    return f"{size} bytes beginning with {head[:32]!r}"
+
+
+def validate_gaf_gz(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a gzipped GO annotation file (GAF), or ``None`` if it is."""
+    import gzip
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if not head.startswith(b"\x1f\x8b"):
+        return f"it is {describe_bytes(head, size)}, not a gzipped GAF file"
+    try:
+        with gzip.open(path, "rb") as fh:
+            first = fh.read(64)
+    except (OSError, EOFError) as err:
+        return f"it is a damaged gzip file ({size} bytes; {err}), e.g. a partial download"
+    if not first.startswith(b"!gaf-version"):
+        return f"it is a gzip file whose text begins with {first[:32]!r}, not a GAF header ('!gaf-version')"
+    return None
+
+
+def validate_h5ad(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a readable h5ad (an HDF5 file with ``X``, ``obs`` and ``var``), or ``None`` if it is."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if not head.startswith(_HDF5_SIGNATURE):
+        return f"it is {describe_bytes(head, size)}, not an HDF5 (h5ad) file"
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("X", "obs", "var") if k not in f]
+    except OSError as err:
+        return f"it is a damaged HDF5 file ({size} bytes; {err}), e.g. a partial download"
+    if missing:
+        return f"it is an HDF5 file without the h5ad groups {missing}"
+    return None
+
+
 def get_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder where downloads are cached.
 
@@ -75,6 +143,7 @@ def fetch(
     timeout: float = 60.0,
     progress_bar: bool = True,
     manual_hint: str | None = None,
+    validate=None,
 ) -> Path:
     """Return the local path of ``fname``, downloading it from ``url`` into the cache when absent.
 
@@ -99,6 +168,10 @@ def fetch(
     manual_hint
         Sentence appended to the error raised when the download fails, saying how to use a file
         downloaded by hand.
+    validate
+        Function ``path -> reason or None`` checking the file's format (e.g. :func:`validate_h5ad`). A
+        cached copy that fails it is deleted and downloaded again; a fresh download that fails it is
+        deleted and :class:`InvalidDownloadError` says what arrived and from which URL.
 
     Returns
     -------
@@ -110,12 +183,23 @@ def fetch(
         When the host cannot be reached or answers with an error.
     ChecksumError
         When the downloaded file does not match ``known_hash``.
+    InvalidDownloadError
+        When the downloaded file fails ``validate``.
     """
     import pooch
     import requests
 
     folder = get_cache_dir(cache_dir)
     target = folder / fname
+    if validate is not None and target.is_file():
+        reason = validate(target)
+        if reason is not None:
+            from .._utils import logger
+
+            logger.warning(
+                "The cached %s is not valid (%s): deleting it and downloading it again.", target, reason
+            )
+            target.unlink()
     store = pooch.create(
         path=folder, base_url="", registry={fname: known_hash}, urls={fname: url}, retry_if_failed=retries
     )
@@ -137,6 +221,15 @@ def fetch(
             "The download was deleted. The host may serve a corrupted or updated file: try again, or pass "
             "`known_hash=None` (or the new checksum) if you trust the new file."
         ) from err
+    if validate is not None:
+        reason = validate(path)
+        if reason is not None:
+            Path(path).unlink()
+            raise InvalidDownloadError(
+                f"The file downloaded from {url} is not usable: {reason}. It was deleted from the cache "
+                f"({target}). Check the URL in a browser; if the host is down or asks for a login, download the "
+                f"file by hand and {manual_hint or 'pass its path instead of calling the loader'}."
+            )
     return Path(path)
 
 
@@ -170,6 +263,10 @@ _LOADER_PARAMS = """
         the file with :func:`pertpy_gnn.datasets.read_perturbation_h5ad`.
     ChecksumError
         When the download does not match ``known_hash``.
+    InvalidDownloadError
+        When the download is not an h5ad (e.g. an HTML page): the file is deleted from the cache and
+        the message says what arrived and from which URL. A cached file that is not a valid h5ad is
+        deleted and downloaded again.
 """
 
 
@@ -196,6 +293,7 @@ def _loader(name: str, doc: str):
             retries=retries,
             progress_bar=progress_bar,
             manual_hint="read it with `pg.datasets.read_perturbation_h5ad(path, perturbation_key=...)`",
+            validate=validate_h5ad,
         )
         return read_perturbation_h5ad(path, perturbation_key=None, backed=backed)
 

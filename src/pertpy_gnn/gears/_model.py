@@ -172,9 +172,25 @@ class GEARS(BaseModelClass):
         get a learned embedding. Saved with the model.
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (only the projection is trained); ``False`` fine-tunes them.
+    use_go_graph
+        Ablation switch (paper Extended Data Fig. 4, "No GO Graph"). ``False`` removes the GNN over
+        the GO graph: every gene perturbed in ``adata`` gets a learned embedding of its own
+        (:class:`~pertpy_gnn.gears._module.LearnedEncoder`), the GO graph is not needed, and sets
+        with a gene not perturbed in training are refused at prediction (a ``ValueError``; dropped
+        with ``skip_unknown=True``), since nothing links such a gene to the trained ones.
+    use_coexpression_graph
+        Ablation switch ("No Co-Express Graph"). ``False`` replaces the GNN over the co-expression
+        graph by a learned embedding per measured gene; the co-expression graph is not needed.
+    cross_gene
+        Ablation switch ("No Cross-gene"). ``False`` removes the cross-gene MLP: each gene's output
+        layer sees only its own effect, ``zhat_u = w_u z_u + b_u``.
+    loss
+        ``'autofocus'`` (paper: autofocus ``|g - g_hat|^(2 + gamma)`` plus ``direction_lambda`` times
+        the direction term) or ``'mse'`` (ablation "MSE Loss": ``(g - g_hat)^2`` alone).
     name
         Name of the predictor (``.name``: model names in :func:`pertpy_gnn.tl.evaluate` tables and
-        in predictions); default ``'GEARS'``, or ``'GEARS+embeddings'`` with ``gene_embeddings``.
+        in predictions); default ``'GEARS'``, ``'GEARS+embeddings'`` with ``gene_embeddings``, and
+        the ablations in brackets, e.g. ``'GEARS[no GO graph]'``.
 
     Notes
     -----
@@ -234,14 +250,32 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         gene_embeddings: np.ndarray | None = None,
         freeze_gene_embeddings: bool = True,
+        use_go_graph: bool = True,
+        use_coexpression_graph: bool = True,
+        cross_gene: bool = True,
+        loss: Literal["autofocus", "mse"] = "autofocus",
         name: str | None = None,
     ):
         super().__init__(adata)
         if gene_embeddings is not None:
             gene_embeddings = _check_gene_embeddings(gene_embeddings, adata)
-        go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
+        if use_go_graph:
+            go = _resolve_graph(adata, go_graph, "GO", "pg.pp.go_graph(adata)")
+        elif isinstance(go_graph, dict) and "genes" in go_graph:  # a saved model: its own gene list
+            go = {
+                "genes": np.asarray(go_graph["genes"]).astype(str),
+                "edge_index": np.zeros((2, 0), dtype=np.int64),
+                "edge_weight": np.zeros(0, dtype=np.float32),
+            }
+        else:  # ablation: one learned embedding per gene perturbed anywhere in adata
+            _, parsed_sets = get_parsed(adata)
+            go = {
+                "genes": np.asarray(sorted({g for s in parsed_sets for g in s}), dtype=str),
+                "edge_index": np.zeros((2, 0), dtype=np.int64),
+                "edge_weight": np.zeros(0, dtype=np.float32),
+            }
         co = None
-        if gene_embeddings is None:
+        if gene_embeddings is None and use_coexpression_graph:
             co = _resolve_graph(adata, coexpression_graph, "co-expression", "pg.pp.coexpression_graph(adata)")
             if len(co["genes"]) != adata.n_vars or not np.array_equal(
                 co["genes"], np.asarray(adata.var_names).astype(str)
@@ -252,6 +286,18 @@ class GEARS(BaseModelClass):
                 )
         if name is None:
             name = "GEARS" if gene_embeddings is None else "GEARS+embeddings"
+            ablated = [
+                label
+                for label, off in (
+                    ("no GO graph", not use_go_graph),
+                    ("no co-expression graph", not use_coexpression_graph and gene_embeddings is None),
+                    ("no cross-gene", not cross_gene),
+                    ("MSE loss", loss == "mse"),
+                )
+                if off
+            ]
+            if ablated:
+                name += f"[{', '.join(ablated)}]"
         self.name = name
         self.init_params_ = self._get_init_params(locals())
         # the graphs and embeddings are saved with the model (init params): loading does not depend on adata.uns
@@ -282,6 +328,10 @@ class GEARS(BaseModelClass):
                 uncertainty_reg=uncertainty_reg,
                 gene_embeddings=None if gene_embeddings is None else torch.from_numpy(gene_embeddings),
                 freeze_gene_embeddings=freeze_gene_embeddings,
+                use_go_graph=use_go_graph,
+                use_coexpression_graph=use_coexpression_graph,
+                cross_gene=cross_gene,
+                loss=loss,
             )
         self.seen_genes_: list[str] = []
         self.train_summary_: dict = {}
@@ -559,7 +609,8 @@ class GEARS(BaseModelClass):
         accelerator, devices, strategy
             Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
         progress_bar
-            Show Lightning's progress bar and banner.
+            Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
+            redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
         val_batch_size
             Validation perturbations per forward pass.
         batching
@@ -584,12 +635,20 @@ class GEARS(BaseModelClass):
         """
         if batching not in ("cells", "sets"):
             raise ValueError(f"`batching` must be 'cells' or 'sets', got {batching!r}.")
+        if int(max_epochs) < 1:
+            raise ValueError(
+                f"`max_epochs` must be at least 1, got {max_epochs}: with no epoch the model stays untrained."
+            )
         seed = self._seed if seed is None else seed
         train, val, control_mean, seen, summary = self._training_data(seed)
         self.module.control_mean.copy_(torch.from_numpy(control_mean))
         self.module.train()
         plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
         val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
+        from .._progress import progress
+
+        show_bar, progress_callbacks = progress(progress_bar, max_epochs)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), *progress_callbacks]
         with _quiet(progress_bar):
             trainer = pl.Trainer(
                 max_epochs=max_epochs,
@@ -602,7 +661,7 @@ class GEARS(BaseModelClass):
                 enable_checkpointing=False,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
-                enable_progress_bar=progress_bar,
+                enable_progress_bar=show_bar,
                 **trainer_kwargs,
             )
             if batching == "sets":
@@ -638,6 +697,9 @@ class GEARS(BaseModelClass):
         self, pert_idx: torch.Tensor, batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.module.eval()
+        if pert_idx.shape[0] == 0:  # no set: an empty prediction
+            empty = torch.zeros(0, self.module.control_mean.shape[0])
+            return empty, (empty.clone() if self.module.uncertainty else None)
         device = self.module.device
         zs, ss = [], []
         h_gene = self.module.gene_states()  # shared by every batch
@@ -652,6 +714,15 @@ class GEARS(BaseModelClass):
         sets = as_perturbation_sets(perturbations)
         genes = sorted({g for s in sets for g in s})
         unknown = [g for g, i in zip(genes, self._go_index.get_indexer(genes), strict=True) if i < 0]
+        if not self.module.use_go_graph:  # ablation: only genes perturbed in training have an embedding
+            unknown = [g for g in genes if g not in self.seen_genes]
+            if unknown and not skip_unknown:
+                raise ValueError(
+                    f"This GEARS has no GO graph (use_go_graph=False): genes not perturbed in training have no "
+                    f"embedding, so {len(unknown)} genes cannot be predicted: {unknown[:20]}"
+                    f"{' ...' if len(unknown) > 20 else ''}. Pass `skip_unknown=True` to drop the sets containing "
+                    "them, or train with the GO graph to predict unseen genes."
+                )
         if unknown and not skip_unknown:
             raise ValueError(
                 f"{len(unknown)} genes are not in the GO graph, so GEARS cannot embed them: {unknown[:20]}"
@@ -706,7 +777,7 @@ class GEARS(BaseModelClass):
         ----------
         perturbations
             A set (``"A"``, ``"A+B"``, ``("A", "B", "C")``) or a list of sets; order within a set
-            does not matter.
+            does not matter. An empty list gives an empty prediction (no row), as the baselines do.
         n_control
             Training control cells averaged, drawn at random without replacement (as the
             baselines do); ``None``, or at least their number, uses all of them.
@@ -884,3 +955,78 @@ class GEARS(BaseModelClass):
         if not isinstance(h, pd.DataFrame) or h.empty:
             return math.nan
         return float(h["val_top20_de_mse"].iloc[self.best_epoch_])
+
+    # ------------------------------------------------------------------ save / load (safe, versioned)
+    def save(
+        self,
+        dir_path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path/[prefix]model.pt`` (and the AnnData with ``save_anndata=True``).
+
+        The file holds tensors and plain containers only, with a header (checkpoint format, package
+        version, model kind), so :meth:`load` reads it with ``torch.load(weights_only=True)``: loading a
+        file cannot run code.
+
+        Returns
+        -------
+        ``None``.
+        """
+        from .._checkpoint import save_model
+
+        save_model(
+            self,
+            dir_path,
+            kind="GEARS",
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            **anndata_write_kwargs,
+        )
+
+    @staticmethod
+    def saved_var_names(dir_path, prefix: str | None = None) -> np.ndarray:
+        """The genes (in order) of a model saved by :meth:`save`, read safely from its file."""
+        from .._checkpoint import saved_var_names
+
+        return saved_var_names(dir_path, kind="GEARS", prefix=prefix)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        allow_pickle: bool = False,
+    ) -> GEARS:
+        """Load a model saved by :meth:`save`, onto ``adata`` (or the AnnData saved with it).
+
+        The file is read with ``torch.load(weights_only=True)``; its checkpoint format is checked (a
+        file from a newer pertpy-gnn is refused with both versions named), and a truncated or corrupt
+        file raises :class:`pertpy_gnn._checkpoint.CheckpointError` naming it. ``adata`` must have the
+        model's genes in the model's order (:meth:`saved_var_names`). ``allow_pickle=True`` reads a
+        file written by pertpy-gnn before checkpoint format 1 (a pickle: only for files you trust);
+        save it again to get a safe file.
+
+        Returns
+        -------
+        The model, with its trained weights and attributes.
+        """
+        from .._checkpoint import load_model
+
+        return load_model(
+            cls,
+            dir_path,
+            adata,
+            kind="GEARS",
+            uses_adata=True,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            allow_pickle=allow_pickle,
+        )

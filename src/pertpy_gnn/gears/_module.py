@@ -18,6 +18,7 @@ from ._constants import TENSOR_KEYS as K
 
 GNN_KINDS = ("sgc", "gcn", "gat")
 DIRECTION_KINDS = ("tanh", "sign")
+LOSS_KINDS = ("autofocus", "mse")
 
 
 class MLP(nn.Sequential):
@@ -173,6 +174,23 @@ class GraphEncoder(nn.Module):
         return h
 
 
+class LearnedEncoder(nn.Module):
+    """A learned embedding per node, without a graph: the ablation of a :class:`GraphEncoder`.
+
+    ``forward(rows=None)`` returns the rows of the embedding table, each scaled to norm at most 1
+    (as the graph encoders' input). A node never seen in training keeps its random initial
+    embedding, so the model cannot predict it.
+    """
+
+    def __init__(self, n_nodes: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(n_nodes, dim))
+
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of all nodes, or of the nodes ``rows``."""
+        return _unit_rows(self.embedding if rows is None else self.embedding[rows])
+
+
 class PretrainedGeneEncoder(nn.Module):
     """Gene embeddings from a fixed matrix: ``h_gene = unit(E) W + b`` (``K x d``).
 
@@ -270,6 +288,18 @@ class GEARSModule(BaseModuleClass):
         (``n_gene_gnn_layers`` and the co-expression graph are unused).
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (train the projection only); ``False`` fine-tunes them.
+    use_go_graph
+        ``False`` (ablation): each perturbable gene gets a learned embedding (:class:`LearnedEncoder`)
+        instead of the GNN over the GO graph, so genes not perturbed in training cannot be predicted.
+    use_coexpression_graph
+        ``False`` (ablation): each measured gene gets a learned embedding instead of the GNN over the
+        co-expression graph (which is then unused).
+    cross_gene
+        ``False`` (ablation): no cross-gene MLP; ``zhat_u = w_cg_u z_u + b_cg_u``.
+    loss
+        ``'autofocus'`` (the paper's ``|g - g_hat|^(2 + gamma)`` plus the direction term) or
+        ``'mse'`` (ablation: ``(g - g_hat)^2``, no direction term; ``gamma`` and
+        ``direction_lambda`` are unused).
     """
 
     def __init__(
@@ -293,8 +323,16 @@ class GEARSModule(BaseModuleClass):
         uncertainty_reg: float = 1.0,
         gene_embeddings: torch.Tensor | None = None,
         freeze_gene_embeddings: bool = True,
+        use_go_graph: bool = True,
+        use_coexpression_graph: bool = True,
+        cross_gene: bool = True,
+        loss: Literal["autofocus", "mse"] = "autofocus",
     ):
         super().__init__()
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"`loss` must be one of {LOSS_KINDS}, got {loss!r}.")
+        self.use_go_graph, self.use_coexpression_graph = bool(use_go_graph), bool(use_coexpression_graph)
+        self.use_cross_gene, self.loss_kind = bool(cross_gene), loss
         if gnn not in GNN_KINDS:
             raise ValueError(f"`gnn` must be one of {GNN_KINDS}, got {gnn!r}.")
         if direction not in DIRECTION_KINDS:
@@ -320,6 +358,8 @@ class GEARSModule(BaseModuleClass):
                     f"gene_embeddings must be n_genes x D ({n_genes} rows), got shape {tuple(gene_embeddings.shape)}."
                 )
             self.gene_encoder = PretrainedGeneEncoder(gene_embeddings, d, freeze_gene_embeddings)
+        elif not use_coexpression_graph:
+            self.gene_encoder = LearnedEncoder(n_genes, d)
         elif gene_edge_index is None or gene_edge_weight is None:
             raise ValueError(
                 "Give the co-expression graph (gene_edge_index, gene_edge_weight) or gene_embeddings."
@@ -328,8 +368,10 @@ class GEARSModule(BaseModuleClass):
             self.gene_encoder = GraphEncoder(
                 n_genes, d, n_gene_gnn_layers, gnn, gene_edge_index, gene_edge_weight
             )
-        self.pert_encoder = GraphEncoder(
-            n_pert_nodes, d, n_go_gnn_layers, gnn, pert_edge_index, pert_edge_weight
+        self.pert_encoder = (
+            GraphEncoder(n_pert_nodes, d, n_go_gnn_layers, gnn, pert_edge_index, pert_edge_weight)
+            if use_go_graph
+            else LearnedEncoder(n_pert_nodes, d)
         )
         self.gene_mlp = MLP([d, d, d])
         self.pert_fuse = MLP([d, d, d])
@@ -338,8 +380,9 @@ class GEARSModule(BaseModuleClass):
         # gene-specific decoders; Xavier-normal scales of the published parameter shapes
         self.w1 = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
         self.b1 = nn.Parameter(torch.zeros(n_genes, 1, 1))
-        self.cross_gene = MLP([n_genes, d, d])
-        self.w2 = nn.Parameter(torch.randn(n_genes, d + 1) * (2.0 / ((n_genes + 1) * (d + 1))) ** 0.5)
+        self.cross_gene = MLP([n_genes, d, d]) if cross_gene else None
+        d2 = d + 1 if cross_gene else 1
+        self.w2 = nn.Parameter(torch.randn(n_genes, d2) * (2.0 / ((n_genes + 1) * d2)) ** 0.5)
         self.b2 = nn.Parameter(torch.zeros(n_genes, 1))
         if uncertainty:
             self.w_unc = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
@@ -415,6 +458,13 @@ class GEARSModule(BaseModuleClass):
         b_eff = b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)
         return torch.baddbmm(b_eff, y, w_eff).squeeze(-1)
 
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``zhat`` (``n x K``) from the gene-specific effects ``z`` (``K x n``), through the cross-gene state."""
+        if self.cross_gene is None:  # ablation: gene-specific decoder on z_u alone
+            return (z * self.w2 + self.b2).T
+        h_cg = self.cross_gene(z.T)  # n x d
+        return (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+
     def generative(self, h_post: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Gene-specific effects ``z`` and predicted change ``zhat`` (``n x K``), log-variance ``s`` (or ``None``).
 
@@ -432,8 +482,7 @@ class GEARSModule(BaseModuleClass):
         scale = bn.weight / torch.sqrt(var + bn.eps)
         shift = bn.bias - mean * scale
         z = self._gene_linear(h_post, self.w1, self.b1, shift, scale)  # K x n
-        h_cg = self.cross_gene(z.T)  # n x d
-        zhat = (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+        zhat = self._decode(z)
         logvar = (
             self._gene_linear(h_post, self.w_unc, self.b_unc, shift, scale).T if self.uncertainty else None
         )
@@ -449,7 +498,8 @@ class GEARSModule(BaseModuleClass):
         _, inverse, counts = torch.unique(tensors[K.GROUP], return_inverse=True, return_counts=True)
         pred = generative_outputs["zhat"][inverse] + tensors[K.X_CTRL]
         c = self.control_mean
-        err = (pred - x).abs() ** (2.0 + self.gamma)
+        mse = self.loss_kind == "mse"
+        err = (pred - x) ** 2 if mse else (pred - x).abs() ** (2.0 + self.gamma)
         pred_dir = (
             torch.sign(pred - c) if self.direction == "sign" else torch.tanh((pred - c) / self.direction_tau)
         )
@@ -459,7 +509,7 @@ class GEARSModule(BaseModuleClass):
         )
         autofocus = (err * weight).sum()
         direction = (dirn * weight).sum()
-        total = autofocus + self.direction_lambda * direction
+        total = autofocus if mse else autofocus + self.direction_lambda * direction
         extra = {"autofocus": autofocus.detach(), "direction": direction.detach()}
         if self.uncertainty:
             s = generative_outputs["logvar"][inverse]
@@ -520,7 +570,4 @@ class GEARSModule(BaseModuleClass):
             h = F.linear(F.linear(h, w1, b1).relu_(), lin2.weight, lin2.bias).reshape(hi - lo, n, d)
             for out, (w, b) in zip(outs, folded, strict=True):
                 out[lo:hi] = torch.baddbmm(b[lo:hi], h, w[lo:hi]).squeeze(-1)
-        z = outs[0]  # K x n
-        h_cg = self.cross_gene(z.T)  # n x d
-        zhat = (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
-        return zhat, (outs[1].T if self.uncertainty else None)
+        return self._decode(outs[0]), (outs[1].T if self.uncertainty else None)

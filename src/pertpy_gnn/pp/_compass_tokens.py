@@ -162,6 +162,12 @@ def _check_kind(reader: _Reader, spec: dict) -> None:
     x = reader.rows(0, min(reader.n_obs, 200))
     if x.nnz == 0:
         return
+    if not np.isfinite(x.data).all():
+        raise ValueError(
+            f"Source {spec['name']!r} has NaN or infinite expression values: a corpus written from them would "
+            "hold meaningless ranks. Remove or fix those cells / genes first (e.g. `np.nan_to_num` only if a "
+            "missing value truly means 0)."
+        )
     if x.data.min() < 0:
         raise ValueError(
             f"Source {spec['name']!r} has negative values (scaled data?): pass raw counts or log1p-normalized "
@@ -169,11 +175,10 @@ def _check_kind(reader: _Reader, spec: dict) -> None:
         )
     noninteger = np.mean(x.data != np.round(x.data))
     if spec["input_kind"] == "counts" and x.data.max() < 20 and noninteger > 0.5:
-        logger.warning(
-            "Source %r looks log-transformed (max %.2f, non-integer values) but input_kind='counts'; "
-            "pass input_kind='log1p' if X holds log1p-normalized values.",
-            spec["name"],
-            float(x.data.max()),
+        raise ValueError(
+            f"Source {spec['name']!r} looks log-transformed (max {float(x.data.max()):.2f}, non-integer values) "
+            "but input_kind='counts': normalizing it again would distort every rank. Pass input_kind='log1p' "
+            "if it holds log1p-normalized values, or the raw counts (`layer=`)."
         )
     if spec["input_kind"] == "log1p" and x.data.max() > 30:
         raise ValueError(
@@ -407,6 +412,11 @@ def compass_tokenize(
                 xm = _chunk_values(reader, spec, agg, start, start + chunk_size, target_sum)
                 nrow = xm.shape[0]
                 rows = np.repeat(np.arange(nrow), np.diff(xm.indptr))
+                if not np.isfinite(xm.data).all():
+                    raise ValueError(
+                        f"Source {spec['name']!r} has NaN or infinite expression values in cells "
+                        f"{start}-{start + nrow - 1}; the corpus in {out} is incomplete. Fix those cells first."
+                    )
                 val = np.log1p(xm.data / med_used[xm.indices])
                 if log_base is not None:
                     val = val / np.log(log_base)

@@ -54,10 +54,15 @@ def as_perturbation_sets(perturbations, *, delimiter: str = DELIM) -> list[tuple
 
     A string is one set (``"A"``, ``"A+B"``); a tuple of genes is one set (``("A", "B", "C")``);
     a list holds several sets, each a string or a list/tuple of genes
-    (``["A", "A+B", ["A", "B", "C"]]``).
+    (``["A", "A+B", ["A", "B", "C"]]``). An empty list gives an empty list.
     """
     if isinstance(perturbations, (str, tuple)):
         perturbations = [perturbations]
+    if perturbations is None or isinstance(perturbations, bytes) or not isinstance(perturbations, Iterable):
+        raise TypeError(
+            f"Perturbations must be a set ('A', 'A+B', ('A', 'B')) or a list of sets, got "
+            f"{type(perturbations).__name__}."
+        )
     out = []
     for p in perturbations:
         if isinstance(p, str):
@@ -144,6 +149,16 @@ def validate_expression(adata: AnnData, *, layer: str | None = None, expect: str
         )
 
 
+def _refuse_second_parse(adata: AnnData) -> None:
+    for where, mapping, key in (("obs", adata.obs, PERT_KEY), ("uns", adata.uns, PERT_UNS_KEY)):
+        if key in mapping:
+            raise ValueError(
+                f"adata.{where}[{key!r}] already exists: the perturbations were parsed before. Pass "
+                "`overwrite=True` to parse them again (results computed from the earlier parse, e.g. the "
+                "split or DE genes, then need recomputing), or `copy=True` to parse into a copy."
+            )
+
+
 def parse_perturbations(
     data,
     *,
@@ -156,6 +171,7 @@ def parse_perturbations(
     check_expression: bool = True,
     modality: str | None = None,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Parse the perturbation column into canonical gene sets, validating the data first.
 
@@ -187,6 +203,10 @@ def parse_perturbations(
         Modality of a MuData.
     copy
         Return a copy instead of writing into ``data``.
+    overwrite
+        Replace an earlier parse (``obs['pg_perturbation']``, ``obs['pg_n_genes']``,
+        ``uns['pg_perturbation']``) when writing into ``data``; without it a second parse of the same
+        AnnData is refused (results computed from the first parse would silently no longer match it).
 
     Returns
     -------
@@ -200,6 +220,8 @@ def parse_perturbations(
         How the column was parsed: key, control labels, delimiter, layer, perturbed genes.
     """
     adata = get_adata(data, modality)
+    if not (copy or overwrite or drop_unknown):  # writing into `data`: refuse early
+        _refuse_second_parse(adata)
     if perturbation_key not in adata.obs:
         raise KeyError(
             f"obs[{perturbation_key!r}] not found; pass `perturbation_key=` naming the column with "
@@ -261,6 +283,8 @@ def parse_perturbations(
     elif copy:
         out = adata.copy()
 
+    if out is adata and not overwrite:
+        _refuse_second_parse(adata)
     canon = {c: canonical_name(s) for c, s in sets.items()}
     names = labels.map(canon)
     order = [CONTROL] + sorted(set(names) - {CONTROL}, key=lambda n: (n.count(DELIM), n))

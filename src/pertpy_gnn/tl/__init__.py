@@ -15,6 +15,7 @@ from ._compass import (
 from ._evaluate import evaluate, summarize_evaluation
 from ._gears import predict, train_gears
 from ._gi import evaluate_gi, gi_map, gi_scores, nonadditive_mse
+from ._phenotypes import phenotypes, reference_de
 
 __all__ = [
     # GEARS
@@ -29,6 +30,9 @@ __all__ = [
     "gi_map",
     "evaluate_gi",
     "nonadditive_mse",
+    # phenotype discovery
+    "phenotypes",
+    "reference_de",
     # GeneCompass
     "pretrain_compass",
     "embed_compass",

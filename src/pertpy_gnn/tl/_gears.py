@@ -120,6 +120,8 @@ def train_gears(
             if given is not None
             else GEARS.__init__.__kwdefaults__[graph]
         )
+    if not model.module.use_go_graph:
+        params["go_graph"] = "not used"
     best = model.best_val
     adata.uns[key_added] = {
         "params": params,

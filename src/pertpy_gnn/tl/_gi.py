@@ -942,6 +942,15 @@ def gi_map(
     if model_fit not in ("pearson", "dcor"):
         raise ValueError(f"`model_fit` must be 'pearson' or 'dcor', got {model_fit!r}.")
     resolve_gi_thresholds(thresholds)
+    perturbable = getattr(model, "perturbable_genes", None)
+    if perturbable is not None:
+        unknown = sorted(set(genes) - {str(g) for g in perturbable})
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} of the genes cannot be perturbed by {getattr(model, 'name', 'the model')} (not in "
+                f"its GO graph): {unknown[:20]}{' ...' if len(unknown) > 20 else ''}. Leave them out of `genes`, "
+                "e.g. `genes = [g for g in genes if g in set(model.perturbable_genes)]`."
+            )
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
     if callable(getattr(model, "predict_deltas", None)):  # one pass, no AnnData per batch (GEARS)
@@ -1090,7 +1099,7 @@ def evaluate_gi(
         rand_prec = true_set[draws].mean(axis=1)
         rand_top = in_top_t[draws].mean(axis=1)
         ok = np.isfinite(tv) & np.isfinite(pv)
-        ss_tot = ((tv[ok] - tv[ok].mean()) ** 2).sum()
+        ss_tot = ((tv[ok] - tv[ok].mean()) ** 2).sum() if ok.any() else 0.0
         records.append(
             {
                 "subtype": subtype,
