@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -404,6 +405,11 @@ def _dcov_kernel():
     """:func:`_dcov_terms` compiled by numba (a dependency of dcor), parallel over pairs, cached on disk."""
     import numba
 
+    # numba's OpenMP layer keeps its threads spinning beside torch's: torch then took ~5x the CPU for
+    # the same prediction (measured: 2.2 vs 12.6 CPU s for 1,035 sets). Its own pool ('workqueue') sleeps.
+    # Only when nobody chose a layer (NUMBA_THREADING_LAYER unset) and numba has not started one yet.
+    if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
     global _prange
     _prange = numba.prange
     return numba.njit(parallel=True, nogil=True, cache=True)(_dcov_terms)
