@@ -120,7 +120,12 @@ def main() -> None:
     parser.add_argument("--n-singles", type=int, default=105)
     parser.add_argument("--epochs", type=int, default=1, help="GEARS training epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (numba uses all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (numba uses all cores); 2 cost 4x the CPU on a shared 2-core machine",
+    )
     parser.add_argument(
         "--published-pairs",
         type=int,
