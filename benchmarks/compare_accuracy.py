@@ -460,6 +460,239 @@ def summarize(args, out: dict) -> tuple[dict, str]:
     return record, "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ issue 11: three screens, 5 seeds
+#: the screens of the issue-11 comparison: name -> (description, builder arguments)
+SCREENS = {
+    "main_job_default": "the main job's default screen: pg.datasets.simulate_perturbseq(seed=0) "
+    "(500 genes, 40 singles, 60 doubles, 50 cells each, 1,000 controls)",
+    "norman_shaped_sim": "a Norman-shaped simulated screen: simulate_perturbseq(n_genes=500, n_singles=105, "
+    "n_doubles=131, n_cells_per_perturbation=10, n_control=300, seed=0)",
+    "norman_subset": "the Norman 2019 subset (shared/data; 33 perturbations over 31 genes, 500 genes)",
+}
+#: GEARS variants of the comparison: key -> (table name, model kwargs, train kwargs, screens or None = all)
+GEARS_VARIANTS = {
+    "gears_paper": ("GEARS (paper)", {}, {}, None),
+    "gears_anchored": ("GEARS (anchored)", "RECOMMENDED", "RECOMMENDED", None),
+    # issue 11 item 5: the same model with the paper's validation-selected epoch instead of the fixed schedule
+    "gears_anchored_val": (
+        "GEARS (anchored, val-selected)",
+        "RECOMMENDED",
+        {"selection": "val"},
+        ("norman_subset",),
+    ),
+}
+
+
+def build_screen(name: str, data_dir: Path):
+    """The parsed screen with its DE genes and GO graph (cached under WORK: the GO graph is split-free)."""
+    import anndata as ad
+
+    import pertpy_gnn as pg
+
+    cache = WORK / f"screen_{name}.h5ad"
+    if cache.exists():
+        return ad.read_h5ad(cache)
+    if name == "norman_subset":
+        adata = ad.read_h5ad(data_dir / "our_input.h5ad")
+    else:
+        kw = (
+            {}
+            if name == "main_job_default"
+            else {
+                "n_genes": 500,
+                "n_singles": 105,
+                "n_doubles": 131,
+                "n_cells_per_perturbation": 10,
+                "n_control": 300,
+            }
+        )
+        adata = pg.datasets.simulate_perturbseq(seed=0, counts_layer=False, **kw)
+        pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    pg.pp.rank_de_genes(adata, overwrite=True)
+    pg.pp.go_graph(adata, overwrite=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(cache)
+    return adata
+
+
+def run_screen(args, name: str) -> None:
+    """Every seed of one screen: split, train both GEARS, fit every baseline, score the test set."""
+    import torch
+
+    import pertpy_gnn as pg
+    from pertpy_gnn.tl._gears import RECOMMENDED_GEARS
+
+    torch.set_num_threads(1)
+    adata = build_screen(name, args.data_dir)
+    for seed in args.seeds:
+        out = WORK / f"screen_{name}_seed{seed}_e{args.epochs}.csv"
+        if out.exists():
+            continue
+        pg.pp.split_perturbations(adata, kind="simulation", seed=seed, overwrite=True)
+        pg.pp.coexpression_graph(adata, overwrite=True)
+        models, timing = {}, {}
+        for label, model_kw, train_kw, only in GEARS_VARIANTS.values():
+            if only is not None and name not in only:
+                continue
+            if train_kw == "RECOMMENDED":
+                train_kw = RECOMMENDED_GEARS["train"]
+            elif model_kw == "RECOMMENDED":
+                train_kw = {**RECOMMENDED_GEARS["train"], **train_kw}
+            if model_kw == "RECOMMENDED":
+                model_kw = RECOMMENDED_GEARS["model"]
+            c0 = time.process_time()
+            models[label] = pg.tl.train_gears(
+                adata,
+                max_epochs=args.epochs,
+                seed=seed,
+                overwrite=True,
+                progress_bar=False,
+                train_kwargs=dict(train_kw),
+                name=label,
+                **model_kw,
+            )
+            timing[label] = time.process_time() - c0
+        for kind in BASELINES:
+            models[kind] = pg.tl.fit_baseline(adata, kind)
+        df = pg.tl.evaluate(adata, models, overwrite=True)
+        df["screen"], df["seed"] = name, seed
+        df["train_cpu_s"] = df["model"].map(timing)
+        df.to_csv(out, index=False)
+        print(f"[screens] {name} seed {seed}: {timing}", file=sys.stderr, flush=True)
+
+
+#: metrics with lower = better (the rest: higher = better)
+_LOWER = ("mse", "frac_opposite", "mean_abs_zscore", "rank", "wmse")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return any(metric.startswith(p) for p in _LOWER)
+
+
+def summarize_screens(args) -> tuple[dict, str]:
+    import numpy as np
+    import pandas as pd
+
+    frames = [pd.read_csv(p) for p in sorted(WORK.glob(f"screen_*_seed*_e{args.epochs}.csv"))]
+    res = pd.concat(frames, ignore_index=True)
+    res = res[res["seed"].isin(args.seeds)]
+    # per seed: mean over the perturbations of a subgroup; then mean and SD over seeds
+    per_seed = res.groupby(["screen", "model", "subgroup", "metric", "seed"])["value"].mean().reset_index()
+    agg = per_seed.groupby(["screen", "model", "subgroup", "metric"])["value"].agg(["mean", "std", "count"])
+    agg = agg.reset_index()
+    gears_names = [v[0] for v in GEARS_VARIANTS.values()]
+    order = gears_names + BASELINES
+    paper_metrics = [
+        "mse_top20_normalized",
+        "pearson_delta",
+        "pearson_delta_top20",
+        "mse_top20",
+        "frac_opposite_direction_top20",
+        "mse_all",
+    ]
+    metrics = [m for m in paper_metrics if m in set(res["metric"])]
+    metrics += sorted(m for m in set(res["metric"]) if m not in metrics and m not in paper_metrics)
+    anchored = GEARS_VARIANTS["gears_anchored"][0]
+    lines = [
+        "### Issue 11: paper GEARS, baseline-anchored GEARS and every baseline on three screens\n",
+        f"Simulation split (`pg.pp.split_perturbations(kind='simulation', seed=s)`), seeds {args.seeds}; "
+        f"{args.epochs} epochs for both GEARS (hidden 64, 1 SGC layer each, batch 32, 1 torch thread). "
+        "`GEARS (paper)` is the paper's model and schedule (`anchor=None`, lr halved every epoch, "
+        "validation-selected epoch); `GEARS (anchored)` is `pg.tl.train_gears`'s recommended model "
+        "(`pg.tl.RECOMMENDED_GEARS`, see docs/methods.md). Values: mean over the perturbations of a subgroup, "
+        "then mean ± SD over seeds. `additive` predicts only combo_seen2 (NaN elsewhere). "
+        "Screens:\n",
+    ]
+    lines += [f"- `{k}`: {v}" for k, v in SCREENS.items()]
+    record = {
+        "benchmark": "compare_accuracy_screens",
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "targets": {},
+    }
+    for screen in [s for s in SCREENS if s in set(agg.screen)]:
+        a = agg[agg.screen == screen]
+        subs = sorted(s for s in a.subgroup.unique())
+        lines.append(f"\n#### {screen}\n")
+        # targets
+        rows = []
+        for metric in ("mse_top20_normalized", "pearson_delta"):
+            if metric not in set(a.metric):
+                continue
+            low = _lower_is_better(metric)
+            t = {"metric": metric, "subgroups": {}}
+            means = {}
+            for m in order:
+                v = [a[(a.model == m) & (a.subgroup == s) & (a.metric == metric)]["mean"] for s in subs]
+                v = [float(x.iloc[0]) if len(x) else np.nan for x in v]
+                means[m] = float(np.mean(v)) if np.isfinite(v).all() else np.nan
+            for s in subs:
+                b = a[(a.subgroup == s) & (a.metric == metric) & a.model.isin(BASELINES)].dropna(
+                    subset=["mean"]
+                )
+                best = b.sort_values("mean", ascending=low).iloc[0]
+                me = a[(a.subgroup == s) & (a.metric == metric) & (a.model == anchored)].iloc[0]
+                gap = (me["mean"] - best["mean"]) * (1 if low else -1)
+                sd = float(np.nan_to_num(best["std"]))
+                t["subgroups"][s] = {
+                    "best_baseline": best["model"],
+                    "best": float(best["mean"]),
+                    "anchored": float(me["mean"]),
+                    "within_1sd": bool(gap <= sd),
+                }
+            comparable = {m: v for m, v in means.items() if m in BASELINES and np.isfinite(v)}
+            t["mean_over_subgroups"] = means
+            t["strictly_better_than_every_baseline"] = bool(
+                all((means[anchored] < v) if low else (means[anchored] > v) for v in comparable.values())
+            )
+            record["targets"].setdefault(screen, []).append(t)
+            ok_sub = all(x["within_1sd"] for x in t["subgroups"].values())
+            rows.append(
+                f"| {metric} | "
+                + ", ".join(
+                    f"{s}: {x['anchored']:.3g} vs {x['best_baseline']} {x['best']:.3g}"
+                    f"{'' if x['within_1sd'] else ' (MISSED)'}"
+                    for s, x in t["subgroups"].items()
+                )
+                + f" | {'yes' if ok_sub else 'no'} | {means[anchored]:.3g} vs "
+                + ", ".join(f"{m} {v:.3g}" for m, v in comparable.items())
+                + f" | {'yes' if t['strictly_better_than_every_baseline'] else 'no'} |"
+            )
+        lines.append(
+            "Targets: anchored GEARS within one SD (of the best baseline over seeds) of the best baseline on every "
+            "subgroup; strictly better than every baseline on the mean over subgroups (additive, defined on "
+            "combo_seen2 only, has no mean over subgroups).\n"
+        )
+        lines.append(
+            "| metric | per subgroup: anchored vs best baseline | all within 1 SD | mean over subgroups: anchored vs baselines | strictly better |"
+        )
+        lines.append("|---|---|---|---|---|")
+        lines += rows
+        for metric in metrics:
+            lines.append(
+                f"\n{screen}, `{metric}`{' (lower is better)' if _lower_is_better(metric) else ''}\n"
+            )
+            lines.append("| model | " + " | ".join(subs) + " |")
+            lines.append("|---" * (len(subs) + 1) + "|")
+            for m in [m for m in order if m in set(a.model)]:
+                cells = []
+                for s in subs:
+                    r = a[(a.model == m) & (a.subgroup == s) & (a.metric == metric)]
+                    if r.empty or not np.isfinite(r["mean"].iloc[0]):
+                        cells.append("")
+                    else:
+                        cells.append(
+                            f"{r['mean'].iloc[0]:.4g} ± {np.nan_to_num(r['std'].iloc[0]):.2g} (n={int(r['count'].iloc[0])})"
+                        )
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        cpu = res[(res.screen == screen) & res.model.isin(gears_names)].groupby("model")["train_cpu_s"].mean()
+        lines.append(
+            "\nTraining CPU seconds per seed (mean): " + ", ".join(f"{m} {v:.0f} s" for m, v in cpu.items())
+        )
+    record["summary"] = agg.to_dict(orient="records")
+    return record, "\n".join(lines) + "\n"
+
+
 def _strict(x):
     """NaN / inf -> None, so the JSON is strict."""
     import math
@@ -481,7 +714,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="simulation split seeds")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "work" / "ref_data" / "norman")
-    p.add_argument("--stage", choices=["all", "reference", "ours", "score"], default="all")
+    p.add_argument(
+        "--stage", choices=["all", "reference", "ours", "score", "screens", "screens-score"], default="all"
+    )
+    p.add_argument(
+        "--screens",
+        nargs="+",
+        default=list(SCREENS),
+        help="with --stage screens: the screens to run (one process each runs in parallel fine)",
+    )
     p.add_argument("--reference-budget-s", type=float, default=1800, help="start no reference job after this")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_accuracy.json")
     args = p.parse_args()
@@ -491,6 +732,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.stage in ("screens", "screens-score"):
+        if args.stage == "screens":
+            for name in args.screens:
+                run_screen(args, name)
+        record, md = summarize_screens(args)
+        record["command"] = " ".join(sys.argv)
+        out = args.out.with_name("compare_accuracy_screens.json")
+        out.write_text(json.dumps(_strict(record), indent=1, default=float) + "\n")
+        out.with_suffix(".md").write_text(md)
+        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        return
     if not (args.data_dir / "our_input.h5ad").exists():
         raise FileNotFoundError(
             f"{args.data_dir}/our_input.h5ad missing: run benchmarks/reference_gears/export_inputs.py norman --out {args.data_dir}"

@@ -19,10 +19,18 @@ from .report_checks import check_report
 def _check_outputs(out, *, simulated: bool):
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    for model in ("GEARS", "no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding"):
+    for model in (
+        "GEARS (anchored)",
+        "GEARS (paper)",
+        "no_change",
+        "train_mean",
+        "additive",
+        "linear_coexpression",
+        "linear_embedding",
+    ):
         assert model in report
     table = pd.read_csv(out / "evaluation_per_perturbation.csv")
-    assert set(table["model"]) >= {"GEARS", "no_change", "additive"}
+    assert set(table["model"]) >= {"GEARS (anchored)", "GEARS (paper)", "no_change", "additive"}
     # the no-change baseline is the normalizer of the normalized MSE: exactly 1
     nc = table[(table["model"] == "no_change") & (table["metric"] == "mse_top20_normalized")]["value"]
     assert len(nc) > 0 and (nc.round(5) == 1).all()

@@ -14,6 +14,10 @@ PERT_KEY = "pg_perturbation"
 PHENOTYPE_KEY = "pg_phenotype"
 #: ``adata.obs`` column: number of perturbed genes of each cell (0 for control)
 N_GENES_KEY = "pg_n_genes"
+#: ``adata.obs`` column: cell context (cell line, donor, condition) of each cell, when parsed with ``context_key``
+CONTEXT_KEY = "pg_context"
+#: separator of a context and a perturbation in the label of a (context, perturbation) group (``"K562|A+B"``)
+CONTEXT_SEP = "|"
 #: ``adata.uns`` entry: how the perturbation column was parsed
 PERT_UNS_KEY = "pg_perturbation"
 #: ``adata.uns`` entry: top differentially expressed genes of every perturbation

@@ -333,6 +333,68 @@ def _gi_quantities(a: np.ndarray, b: np.ndarray, ab: np.ndarray) -> dict[str, np
     }
 
 
+def _simulate_contexts(
+    seq,
+    n_contexts: int,
+    eta: np.ndarray,
+    r_eff: np.ndarray,
+    act: np.ndarray,
+    loading: np.ndarray,
+    noise_load: np.ndarray,
+    library_size: float,
+    dispersion: float,
+    truth_seq,
+    true_mean: np.ndarray,
+    *,
+    baseline_sd: float,
+    response_sd: float,
+    program_fraction: float,
+) -> list[dict]:
+    """Noise-free log expression and expected expression of every context (see ``simulate_perturbseq``).
+
+    The first context is the reference (``eta`` itself); the others shift the base expression, scale
+    each program's loadings and add a program of their own. Draws come from ``seq`` only.
+    """
+    out = [
+        {
+            "name": "C1",
+            "eta": eta,
+            "true_mean": true_mean,
+            "base_shift": np.zeros(eta.shape[1]),
+            "response_scale": np.ones(act.shape[1]),
+            "program": np.zeros(eta.shape[0]),
+            "program_loading": np.zeros(eta.shape[1]),
+        }
+    ]
+    if n_contexts == 1:
+        return out
+    rng = np.random.default_rng(seq)
+    n_sets, n_genes = eta.shape
+    n_reg = r_eff.shape[1]
+    for c in range(1, n_contexts):
+        shift = rng.normal(0.0, baseline_sd, n_genes)
+        scale = np.exp(rng.normal(0.0, response_sd, act.shape[1]))
+        feeders = rng.random(n_reg) < program_fraction
+        v = np.where(feeders, rng.choice([-1.0, 1.0], n_reg) * rng.uniform(0.8, 1.5, n_reg), 0.0)
+        program = _hill(r_eff @ v, _HILL_MODULE)
+        targets = rng.random(n_genes) < 0.05
+        own = np.where(targets, rng.choice([-1.0, 1.0], n_genes) * rng.uniform(0.5, 1.2, n_genes), 0.0)
+        eta_c = eta + shift[None, :] + (act * (scale - 1.0)[None, :]) @ loading + np.outer(program, own)
+        out.append(
+            {
+                "name": f"C{c + 1}",
+                "eta": eta_c,
+                "base_shift": shift,
+                "response_scale": scale,
+                "program": program,
+                "program_loading": own,
+            }
+        )
+    for c in out[1:]:  # expected expression of every context with the same quasi-Monte Carlo points
+        c["true_mean"] = _expected_lognorm(c["eta"], noise_load, library_size, dispersion, truth_seq)
+    return out
+
+
 def simulate_perturbseq(
     *,
     n_genes: int = 500,
@@ -347,6 +409,10 @@ def simulate_perturbseq(
     direct_effect: float = 2.0,
     program_noise: float = 1.0,
     counts_layer: bool = True,
+    n_contexts: int = 1,
+    context_baseline_sd: float = 0.5,
+    context_response_sd: float = 0.4,
+    context_program_fraction: float = 0.25,
     n_jobs: int | None = None,
     seed: int = 0,
 ) -> AnnData:
@@ -405,6 +471,21 @@ def simulate_perturbseq(
     regulators of a program share a "regulates program k" term, and every gene gets Poisson(1.5)
     noise terms from a shared pool. A Jaccard GO graph so links genes with similar effects.
 
+    **Contexts.** With ``n_contexts > 1`` the same perturbations are screened in several contexts
+    (named ``C1``, ``C2``, ...; ``obs['context']``). The contexts share the network (:math:`W`,
+    :math:`A`, :math:`Q`, private targets :math:`D`, the direct effect and the program activities
+    :math:`a_k`), and differ in three ways: a context-specific base expression
+    :math:`\beta_{cg} = \beta_g + b_{cg}`; a context-specific response scaling of every
+    program's loadings, :math:`L_{ck\cdot} = s_{ck} L_{k\cdot}`; and a context-specific program
+    :math:`a^{(c)} = h(\sum_j V_{cj} r_j)` fed by a random ``context_program_fraction`` of the
+    regulators (weights :math:`\pm 0.8..1.5`) and loading on about 5% of the genes (its own
+    hub-less targets, :math:`\pm 0.5..1.2`). The first context ``C1`` is the *reference*: no base
+    shift, :math:`s = 1`, no own program, so it is exactly the single-context screen of the same
+    seed. Part of every perturbation's change is thus shared across contexts (same programs, same
+    direction), part is context-specific (the scale of each program's response and the context's
+    own program), and the control means differ. Cell-state noise loads on the shared
+    :math:`L`.
+
     Parameters
     ----------
     n_genes
@@ -437,6 +518,19 @@ def simulate_perturbseq(
         co-expressed. ``0`` gives cells that differ only by library size and counting noise.
     counts_layer
         Also store the raw counts in ``layers['counts']``.
+    n_contexts
+        Number of cell contexts (cell lines, donors, conditions) screened with the same
+        perturbations; each context has ``n_control`` control cells and ``n_cells_per_perturbation``
+        cells of every perturbation. ``1`` (default) gives exactly the single-context screen. See
+        *Contexts* above.
+    context_baseline_sd
+        Standard deviation of a context's shift of every gene's base log expression
+        (:math:`\beta_{cg} = \beta_g + b_{cg}`, :math:`b_{cg} \sim N(0, \mathrm{sd}^2)`).
+    context_response_sd
+        Log-sd of a context's scaling of each program's loadings
+        (:math:`L_{ck\cdot} = s_{ck} L_{k\cdot}`, :math:`\log s_{ck} \sim N(0, \mathrm{sd}^2)`).
+    context_program_fraction
+        Fraction of the regulators that also drive a context's own program (its own targets).
     n_jobs
         Threads sampling the counts (default: up to 4 available cores). The result does not depend
         on it.
@@ -456,6 +550,8 @@ def simulate_perturbseq(
         ``control``, ``A`` or ``A+B`` (genes sorted), categorical.
     ``obs['total_counts']``
         Total counts of the cell.
+    ``obs['context']``
+        Context of the cell (``C1``, ``C2``, ...), categorical; only with ``n_contexts > 1``.
     ``var['module']``, ``var['role']``
         Module of each gene and its role: ``regulator`` (perturbed), ``hub`` (carries a module
         program), ``gate`` (carries an AND-gate program), ``target`` (loads on a program),
@@ -498,6 +594,15 @@ def simulate_perturbseq(
             ``magnitude`` :math:`\sqrt{c_a^2 + c_b^2}`, ``model_fit`` (Pearson of the fit with
             :math:`ab`), ``dominance`` :math:`|\log_{10}(c_a / c_b)|` and
             ``additive_deviation`` :math:`\|ab - a - b\| / \|a + b\|`.
+        ``contexts``
+            Only with ``n_contexts > 1``: the ground truth of every context, a dict
+            ``context -> {'true_control_mean', 'true_delta', 'base_shift', 'response_scale',
+            'context_program'}``: the first two as above for that context (the top-level
+            ``true_control_mean``, ``true_delta``, ``program_activity`` and ``interactions`` are those
+            of the reference context ``C1``); ``base_shift`` (:math:`b_{c\cdot}`, array over genes),
+            ``response_scale`` (:math:`s_{c\cdot}`, array over programs) and ``context_program``
+            (DataFrame ``perturbation x {activity}`` of the context's own program; all zero for
+            ``C1``), and ``context_program_loading`` (array over genes).
 
     Examples
     --------
@@ -523,6 +628,7 @@ def simulate_perturbseq(
         ("n_cells_per_perturbation", n_cells_per_perturbation, 1),
         ("n_control", n_control, 1),
         ("n_modules", n_modules, 1),
+        ("n_contexts", n_contexts, 1),
     ]:
         if int(value) < low:
             raise ValueError(f"`{name}` must be at least {low}, got {value}.")
@@ -539,6 +645,12 @@ def simulate_perturbseq(
     library_size = 2.0 * n_genes if library_size is None else float(library_size)
     if library_size <= 0 or dispersion <= 0 or program_noise < 0:
         raise ValueError("`library_size` and `dispersion` must be positive and `program_noise` non-negative.")
+    if context_baseline_sd < 0 or context_response_sd < 0 or not 0 <= context_program_fraction <= 1:
+        raise ValueError(
+            "`context_baseline_sd` and `context_response_sd` must be non-negative and `context_program_fraction` "
+            "in [0, 1]."
+        )
+    n_contexts = int(n_contexts)
 
     net_seq, go_seq, cell_seq, truth_seq = np.random.SeedSequence(seed).spawn(4)
     rng = np.random.default_rng(net_seq)
@@ -662,18 +774,35 @@ def simulate_perturbseq(
     eta[:, reg_idx] += direct_effect * x
     noise_load = program_noise * loading[:n_modules]  # cell-level activity of module programs (not AND gates)
     true_mean = _expected_lognorm(eta, noise_load, library_size, dispersion, truth_seq)
+    contexts = _simulate_contexts(
+        np.random.SeedSequence(seed).spawn(5)[4] if n_contexts > 1 else None,
+        n_contexts,
+        eta,
+        r_eff,
+        act,
+        loading,
+        noise_load,
+        library_size,
+        dispersion,
+        truth_seq,
+        true_mean,
+        baseline_sd=context_baseline_sd,
+        response_sd=context_response_sd,
+        program_fraction=context_program_fraction,
+    )
+    eta_all = eta if n_contexts == 1 else np.vstack([c["eta"] for c in contexts])
     noise_load = sp.csr_array(noise_load.astype(np.float32))  # sparse: no multi-threaded BLAS per block
 
     # cells, block by block (blocks have their own seeds: the result does not depend on n_jobs)
     crng = np.random.default_rng(cell_seq)
-    n_per = np.r_[n_control, np.full(len(sets) - 1, n_cells_per_perturbation)]
-    codes = crng.permutation(np.repeat(np.arange(len(sets)), n_per))
+    n_per = np.tile(np.r_[n_control, np.full(len(sets) - 1, n_cells_per_perturbation)], n_contexts)
+    codes = crng.permutation(np.repeat(np.arange(len(sets) * n_contexts), n_per))
     n_cells = codes.size
     block = max(1, _CELL_BLOCK // n_genes)
     starts = range(0, n_cells, block)
     sample = partial(
         _sample_cells,
-        eta=eta.astype(np.float32),
+        eta=eta_all.astype(np.float32),
         noise_load=noise_load,
         library_size=library_size,
         dispersion=dispersion,
@@ -719,11 +848,15 @@ def simulate_perturbseq(
 
     obs = pd.DataFrame(
         {
-            "condition": pd.Categorical.from_codes(codes, categories=names),
+            "condition": pd.Categorical.from_codes(codes % len(sets), categories=names),
             "total_counts": total.astype(np.float32),
         },
         index="cell" + pd.Index(np.arange(n_cells)).astype(str).str.zfill(len(str(n_cells))),
     )
+    if n_contexts > 1:
+        obs["context"] = pd.Categorical.from_codes(
+            codes // len(sets), categories=[c["name"] for c in contexts]
+        )
     var = pd.DataFrame({"module": module, "role": pd.Categorical(role)}, index=pd.Index(genes.astype(str)))
     adata = AnnData(X=X, obs=obs, var=var, layers=layers)
 
@@ -802,6 +935,13 @@ def simulate_perturbseq(
         "counts_layer": bool(counts_layer),
         "seed": int(seed),
     }
+    if n_contexts > 1:
+        params.update(
+            n_contexts=n_contexts,
+            context_baseline_sd=float(context_baseline_sd),
+            context_response_sd=float(context_response_sd),
+            context_program_fraction=float(context_program_fraction),
+        )
     adata.uns[SIMULATION_KEY] = {
         "params": params,
         "genes": gene_df,
@@ -815,11 +955,27 @@ def simulate_perturbseq(
         "true_delta": true_delta,
         "interactions": inter,
     }
+    if n_contexts > 1:
+        adata.uns[SIMULATION_KEY]["contexts"] = {
+            c["name"]: {
+                "true_control_mean": c["true_mean"][0].astype(np.float32),
+                "true_delta": pd.DataFrame(
+                    (c["true_mean"][1:] - c["true_mean"][0]).astype(np.float32), index=names[1:], columns=gstr
+                ),
+                "base_shift": c["base_shift"].astype(np.float32),
+                "response_scale": c["response_scale"].astype(np.float32),
+                "context_program": pd.DataFrame(
+                    {"activity": c["program"].astype(np.float32)}, index=pd.Index(names)
+                ),
+                "context_program_loading": c["program_loading"].astype(np.float32),
+            }
+            for c in contexts
+        }
     adata.uns[GO_ANNOTATIONS_KEY] = _go_annotations(
         np.random.default_rng(go_seq), module, n_modules, family, reg_idx, w_mod != 0, gstr
     )
     logger.info(
-        "Simulated %d cells x %d genes: %d singles, %d doubles, %d control cells.",
+        "Simulated %d cells x %d genes: %d singles, %d doubles, %d control cells per context.",
         n_cells,
         n_genes,
         n_singles,

@@ -10,6 +10,8 @@ class _RegistryKeys(NamedTuple):
     PERT_KEY: str = "perturbation"
     #: split column ``obs['pg_split']``
     SPLIT_KEY: str = "split"
+    #: context column ``obs['pg_context']`` (registered only for data parsed with a ``context_key``)
+    CONTEXT_KEY: str = "context"
 
 
 class _TensorKeys(NamedTuple):
@@ -27,6 +29,8 @@ class _TensorKeys(NamedTuple):
     DE_IDX: str = "de_idx"
     #: validation: true mean expression over those genes, ``n x n_de``
     DE_MEAN: str = "de_mean"
+    #: context index of each cell / set (only for a model with contexts)
+    CONTEXT: str = "context"
 
 
 REGISTRY_KEYS = _RegistryKeys()

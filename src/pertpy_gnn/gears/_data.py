@@ -70,6 +70,12 @@ class TrainCells(Dataset):
         Category code of control cells.
     seed
         Seed of the partner generator.
+    groups
+        With cell contexts: ``codes`` are (context, perturbation) groups, and ``groups`` is a dict
+        with ``pert`` (perturbation category of each group, indexing ``pert_table``), ``context``
+        (context of each group), ``control`` (whether a group is a control group) and
+        ``control_context`` (context of each of ``control_cells``); a partner is drawn from the
+        control cells of the cell's own context. ``None``: one context, as in the paper.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class TrainCells(Dataset):
         expressed,
         control_code: int,
         seed: int,
+        groups: dict | None = None,
     ):
         self.rows = rows
         self.cells = torch.as_tensor(np.asarray(cells), dtype=torch.long)
@@ -89,6 +96,26 @@ class TrainCells(Dataset):
         self.control_cells = torch.as_tensor(np.asarray(control_cells), dtype=torch.long)
         self.pert_table, self.expressed, self.control_code = pert_table, expressed, control_code
         self.generator = torch.Generator().manual_seed(seed)
+        self.groups = None
+        if groups is not None:
+            ctx = torch.as_tensor(np.asarray(groups["control_context"]), dtype=torch.long)
+            order = torch.argsort(ctx, stable=True)
+            self.control_cells = self.control_cells[order]
+            n_ctx = int(np.max(groups["context"])) + 1
+            counts = torch.bincount(ctx, minlength=n_ctx)
+            self.groups = {
+                "pert": torch.as_tensor(np.asarray(groups["pert"]), dtype=torch.long),
+                "context": torch.as_tensor(np.asarray(groups["context"]), dtype=torch.long),
+                "control": torch.as_tensor(np.asarray(groups["control"]), dtype=torch.bool),
+                "offset": torch.cumsum(counts, 0) - counts,
+                "count": counts,
+            }
+
+    def set_index(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GO-node indices and context of the sets of groups ``codes``."""
+        if self.groups is None:
+            return self.pert_table[codes], None
+        return self.pert_table[self.groups["pert"][codes]], self.groups["context"][codes]
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -96,6 +123,8 @@ class TrainCells(Dataset):
     def __getitems__(self, positions) -> dict[str, torch.Tensor]:
         pos = torch.as_tensor(positions, dtype=torch.long)
         cells, codes = self.cells[pos], self.codes[pos]
+        if self.groups is not None:
+            return self._items_with_contexts(cells, codes)
         draw = self.control_cells[
             torch.randint(len(self.control_cells), (len(pos),), generator=self.generator)
         ]
@@ -106,6 +135,21 @@ class TrainCells(Dataset):
             K.PERT_IDX: self.pert_table[codes],
             K.GROUP: codes,
             K.MASK: self.expressed[codes],
+        }
+
+    def _items_with_contexts(self, cells: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = self.groups
+        ctx = g["context"][codes]
+        u = torch.rand(len(cells), generator=self.generator, dtype=torch.float64)
+        k = torch.minimum((u * g["count"][ctx]).long(), g["count"][ctx] - 1)
+        partners = torch.where(g["control"][codes], cells, self.control_cells[g["offset"][ctx] + k])
+        return {
+            K.X: self.rows(cells.numpy()),
+            K.X_CTRL: self.rows(partners.numpy()),
+            K.PERT_IDX: self.pert_table[g["pert"][codes]],
+            K.GROUP: codes,
+            K.MASK: self.expressed[codes],
+            K.CONTEXT: ctx,
         }
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:

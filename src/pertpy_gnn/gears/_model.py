@@ -21,6 +21,8 @@ from scvi.model.base import BaseModelClass
 
 from .._constants import (
     COEXPR_GRAPH_KEY,
+    CONTEXT_KEY,
+    CONTEXT_SEP,
     CONTROL,
     DE_KEY,
     DELIM,
@@ -30,8 +32,9 @@ from .._constants import (
     SPLIT_KEY,
 )
 from .._prediction import make_prediction_adata
+from .._training import _training_data
 from .._utils import check_overwrite, get_matrix, group_means, logger
-from ..pp._perturbations import as_perturbation_sets, get_parsed, layer_of
+from ..pp._perturbations import Groups, as_perturbation_sets, get_context, get_parsed, layer_of
 from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
 from ._data import ExpressionRows, TensorDict, TrainCells, make_loader, make_set_loader
 from ._module import GEARSModule
@@ -151,7 +154,9 @@ class GEARS(BaseModelClass):
     direction_lambda
         Weight of the direction term (paper: 0.1).
     direction
-        ``'tanh'`` (differentiable surrogate, default) or ``'sign'`` (published; zero gradient).
+        ``'sign'`` (published, default; its gradient is zero, so the term trains nothing) or
+        ``'tanh'`` (a differentiable surrogate; it pulls predictions of zero-inflated genes toward
+        the sign of most cells rather than the mean, see ``docs/methods.md``).
     direction_tau
         Temperature of the ``tanh`` surrogate.
     uncertainty_reg
@@ -172,6 +177,17 @@ class GEARS(BaseModelClass):
         get a learned embedding. Saved with the model.
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (only the projection is trained); ``False`` fine-tunes them.
+    anchor
+        ``None`` (default): the paper's GEARS. ``'additive'``: baseline-anchored GEARS, the network
+        predicts a residual over the additive prediction (sum of the training single-gene changes)
+        for sets whose genes were all seen as training singles, and over the training mean change
+        otherwise; ``'train_mean'``: over the training mean change for every set. The anchor is
+        computed from the training cells when :meth:`train` starts and saved with the model. In
+        training, a single's own change is left out of its anchor (it gets the training mean, as
+        an unseen single does), so that the residual learns what an unseen single needs. See
+        ``docs/methods.md`` ("Baseline-anchored GEARS").
+    anchor_reg
+        Weight of the penalty ``mean(residual^2)`` that pulls an anchored model toward its anchor.
     use_go_graph
         Ablation switch (paper Extended Data Fig. 4, "No GO Graph"). ``False`` removes the GNN over
         the GO graph: every gene perturbed in ``adata`` gets a learned embedding of its own
@@ -190,7 +206,8 @@ class GEARS(BaseModelClass):
     name
         Name of the predictor (``.name``: model names in :func:`pertpy_gnn.tl.evaluate` tables and
         in predictions); default ``'GEARS'``, ``'GEARS+embeddings'`` with ``gene_embeddings``, and
-        the ablations in brackets, e.g. ``'GEARS[no GO graph]'``.
+        the ablations in brackets, e.g. ``'GEARS[no GO graph]'``, followed by
+        `` (anchored: <anchor>)`` with an anchor.
 
     Notes
     -----
@@ -202,9 +219,11 @@ class GEARS(BaseModelClass):
     - ``h_gene = MLP(GNN(x_gene))`` as in the paper (the published code adds
       ``0.2 * GNN(x_pos)`` of a second embedding to ``ReLU(BN(x_gene))``); the uncertainty head is
       the paper's gene-specific linear layer on ``h_post`` (published: an MLP shared by all genes).
-    - Loss: the direction term uses a differentiable surrogate ``tanh((g_hat - c) / tau)`` by
-      default (``direction='sign'`` gives the published term, whose gradient is zero); ``c`` is the
-      mean control expression, as published. The uncertainty term is
+    - Loss: the direction term is the published one by default (``direction='sign'``: its
+      gradient is zero); ``direction='tanh'`` gives a differentiable surrogate
+      ``tanh((g_hat - c) / tau)``, which on zero-inflated genes fits the sign of most cells rather
+      than the mean (it kept GEARS from fitting its own training perturbations, issue 11); ``c`` is
+      the mean control expression, as published. The uncertainty term is
       ``exp(-s) |g - g_hat|^(2 + gamma) + s`` (Kendall & Gal), added with weight
       ``uncertainty_reg`` to the autofocus and direction terms; the published term lacks ``+ s``, so
       nothing stops ``s`` from growing without bound. With ``+ s`` its minimum is at
@@ -242,7 +261,7 @@ class GEARS(BaseModelClass):
         uncertainty: bool = False,
         gamma: float = 2.0,
         direction_lambda: float = 0.1,
-        direction: Literal["tanh", "sign"] = "tanh",
+        direction: Literal["tanh", "sign"] = "sign",
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
         go_graph: str | dict = GO_GRAPH_KEY,
@@ -250,6 +269,8 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         gene_embeddings: np.ndarray | None = None,
         freeze_gene_embeddings: bool = True,
+        anchor: Literal["additive", "train_mean"] | None = None,
+        anchor_reg: float = 10.0,
         use_go_graph: bool = True,
         use_coexpression_graph: bool = True,
         cross_gene: bool = True,
@@ -298,6 +319,7 @@ class GEARS(BaseModelClass):
             ]
             if ablated:
                 name += f"[{', '.join(ablated)}]"
+            name += f" (anchored: {anchor})" if anchor is not None else ""
         self.name = name
         self.init_params_ = self._get_init_params(locals())
         # the graphs and embeddings are saved with the model (init params): loading does not depend on adata.uns
@@ -307,6 +329,9 @@ class GEARS(BaseModelClass):
         if self._go_index.has_duplicates:
             raise ValueError("The GO graph has duplicated gene names. Recompute it with pg.pp.go_graph.")
         self._seed = seed
+        ctx = get_context(adata)
+        #: contexts of the training data (empty: one context, the paper's model)
+        self.contexts_: list[str] = [] if ctx is None else [str(c) for c in ctx.cat.categories]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = self._module_cls(
@@ -328,6 +353,9 @@ class GEARS(BaseModelClass):
                 uncertainty_reg=uncertainty_reg,
                 gene_embeddings=None if gene_embeddings is None else torch.from_numpy(gene_embeddings),
                 freeze_gene_embeddings=freeze_gene_embeddings,
+                anchor=anchor,
+                anchor_reg=anchor_reg,
+                n_contexts=len(self.contexts_),
                 use_go_graph=use_go_graph,
                 use_coexpression_graph=use_coexpression_graph,
                 cross_gene=cross_gene,
@@ -340,6 +368,10 @@ class GEARS(BaseModelClass):
             f"{name}: {adata.n_vars} genes, {len(self.go_genes)} perturbable genes (GO graph), hidden_dim={hidden_dim}, "
             f"gnn={gnn}, uncertainty={uncertainty}"
         )
+        if anchor is not None:
+            self._model_summary_string += f", anchored on {anchor} (residual penalty {anchor_reg:g})"
+        if self.contexts_:
+            self._model_summary_string += f", {len(self.contexts_)} contexts (context embedding)"
         if gene_embeddings is not None:
             n_missing = int((~np.isfinite(gene_embeddings).all(1)).sum())
             self._model_summary_string += (
@@ -435,8 +467,8 @@ class GEARS(BaseModelClass):
 
         Returns
         -------
-        ``None``. Registers ``X`` / ``layers[layer]``, ``obs['pg_perturbation']`` and ``obs['pg_split']``
-        with an :class:`~scvi.data.AnnDataManager`; no column or layer is written into ``adata``.
+        ``None``. Registers ``X`` / ``layers[layer]``, ``obs['pg_perturbation']``, ``obs['pg_split']``
+        (and ``obs['pg_context']`` for data parsed with a ``context_key``) with an :class:`~scvi.data.AnnDataManager`; no column or layer is written into ``adata``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         get_parsed(adata)
@@ -458,6 +490,8 @@ class GEARS(BaseModelClass):
             _ObsColumnField(REGISTRY_KEYS.PERT_KEY, PERT_KEY),
             _ObsColumnField(REGISTRY_KEYS.SPLIT_KEY, SPLIT_KEY),
         ]
+        if get_context(adata) is not None:
+            fields.append(_ObsColumnField(REGISTRY_KEYS.CONTEXT_KEY, CONTEXT_KEY))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -570,6 +604,108 @@ class GEARS(BaseModelClass):
         }
         return train, val, control_mean, seen, summary
 
+    def _training_data_contexts(self, seed: int):
+        """:meth:`_training_data` for data with contexts: (context, perturbation) groups, partners of the same context."""
+        adata = self.adata
+        col, sets = get_parsed(adata)
+        groups = Groups(adata)
+        codes = groups.codes
+        split = adata.obs[SPLIT_KEY].astype(str).to_numpy()
+        x = self._matrix()
+        pert_table = self._pert_index(sets)
+        known_pert = np.array([bool((self._go_index.get_indexer(list(s)) >= 0).all()) for s in sets])
+        known = known_pert[groups.pert]
+        used = np.isin(split, [TRAIN, VAL])
+        excluded = sorted(
+            {str(col.cat.categories[p]) for p in np.unique(groups.pert[codes[used & ~known[codes]]])}
+        )
+        if excluded:
+            logger.warning(
+                "Excluding the cells of %d train/val perturbations with genes absent from the GO graph (GEARS cannot "
+                "embed them): %s",
+                len(excluded),
+                excluded[:20],
+            )
+        is_ctrl = groups.is_control[codes]
+        control_cells = np.flatnonzero(is_ctrl & (split == TRAIN))
+        n_ctx = len(groups.contexts)
+        ctrl_ctx = groups.context[codes[control_cells]]
+        lacking = [groups.contexts[c] for c in range(n_ctx) if not (ctrl_ctx == c).any()]
+        if lacking:
+            raise ValueError(
+                f"Contexts {lacking} have no control cells in the training split; every context needs them "
+                "(pg.pp.split_perturbations puts control cells in 'train')."
+            )
+        train_mask = (split == TRAIN) & known[codes]
+        train_cells = np.flatnonzero(train_mask)
+        if train_cells.size == control_cells.size:
+            raise ValueError(
+                "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
+            )
+        means = group_means(x, np.where(train_mask, codes, -1), len(groups))
+        expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
+        expressed[torch.from_numpy(groups.is_control)] = True
+        ctrl_group = groups.control[groups.is_control]
+        self.module.context_control_mean.copy_(torch.from_numpy(means[ctrl_group]))
+        control_mean = group_means(x, np.where(np.isin(np.arange(adata.n_obs), control_cells), 0, -1), 1)[0]
+
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        val_codes = np.unique(codes[val_mask])
+        val = None
+        if val_codes.size:
+            if DE_KEY not in adata.uns:
+                raise KeyError(
+                    f"Validation needs the top DE genes in adata.uns[{DE_KEY!r}]: run pg.pp.rank_de_genes(adata) first."
+                )
+            de = adata.uns[DE_KEY]["indices"]
+            names = [groups.labels[c] for c in val_codes]
+            missing = [n for n in names if n not in de.index]
+            if missing:
+                raise KeyError(
+                    f"adata.uns[{DE_KEY!r}] has no DE genes for validation groups {missing[:10]}: rerun "
+                    "pg.pp.rank_de_genes(adata, overwrite=True) on the data parsed with its context_key."
+                )
+            de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
+            val_means = torch.from_numpy(
+                group_means(x, np.where(val_mask, codes, -1), len(groups))[val_codes]
+            )
+            val = {
+                TENSOR_KEYS.PERT_IDX: pert_table[groups.pert[val_codes]],
+                TENSOR_KEYS.DE_IDX: de_idx,
+                TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx),
+                TENSOR_KEYS.CONTEXT: torch.from_numpy(groups.context[val_codes]),
+            }
+        else:
+            logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
+        train = TrainCells(
+            ExpressionRows(x),
+            train_cells,
+            codes[train_cells],
+            control_cells,
+            pert_table,
+            expressed,
+            -1,
+            seed,
+            groups={
+                "pert": groups.pert,
+                "context": groups.context,
+                "control": groups.is_control,
+                "control_context": ctrl_ctx,
+            },
+        )
+        train_groups = np.unique(codes[train_cells])
+        seen = sorted({g for c in train_groups for g in groups.sets[c]})
+        summary = {
+            "n_train_cells": int(train_cells.size),
+            "n_train_control_cells": int(control_cells.size),
+            "n_train_perturbations": int((~groups.is_control[train_groups]).sum()),
+            "n_val_cells": int(val_mask.sum()),
+            "n_val_perturbations": int(val_codes.size),
+            "excluded_perturbations": np.asarray(excluded, dtype=str),
+            "contexts": np.asarray(groups.contexts, dtype=str),
+        }
+        return train, val, control_mean, seen, summary
+
     def train(
         self,
         max_epochs: int = 20,
@@ -579,6 +715,7 @@ class GEARS(BaseModelClass):
         weight_decay: float = 5e-4,
         lr_decay: float = 0.5,
         gradient_clip_val: float = 1.0,
+        selection: Literal["val", "last"] = "val",
         seed: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
@@ -604,6 +741,11 @@ class GEARS(BaseModelClass):
             Learning-rate factor after each epoch (paper: 0.5).
         gradient_clip_val
             Gradients are clipped by value to this bound (paper: 1.0).
+        selection
+            ``'val'`` (paper): restore the epoch with the lowest validation top-20-DE MSE;
+            ``'last'``: a fixed schedule, keep the last epoch (validation is still recorded in
+            ``history_``). With a handful of validation perturbations the selected epoch is noisy
+            (see ``docs/methods.md``).
         seed
             Seed of the data order and of the control partners; default the model's ``seed``.
         accelerator, devices, strategy
@@ -640,10 +782,23 @@ class GEARS(BaseModelClass):
                 f"`max_epochs` must be at least 1, got {max_epochs}: with no epoch the model stays untrained."
             )
         seed = self._seed if seed is None else seed
-        train, val, control_mean, seen, summary = self._training_data(seed)
+        if self.contexts_:
+            train, val, control_mean, seen, summary = self._training_data_contexts(seed)
+        else:
+            train, val, control_mean, seen, summary = self._training_data(seed)
         self.module.control_mean.copy_(torch.from_numpy(control_mean))
+        if self.module.anchor is not None:
+            self._set_anchor()
         self.module.train()
-        plan = GEARSTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay)
+        if selection not in ("val", "last"):
+            raise ValueError(f"`selection` must be 'val' or 'last', got {selection!r}.")
+        plan = GEARSTrainingPlan(
+            self.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            select_best=selection == "val",
+        )
         val_loader = make_loader(TensorDict(val), val_batch_size) if val is not None else None
         from .._progress import progress
 
@@ -681,10 +836,24 @@ class GEARS(BaseModelClass):
             self._set_uncertainty_stats(train)
         self.is_trained_ = True
 
+    def _set_anchor(self) -> None:
+        """The anchor from the training cells: the changes of the baselines ``additive`` and ``train_mean``."""
+        layer = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY].attr_key
+        summary = _training_data(self.adata, SPLIT_KEY, "X" if layer is None else layer)
+        genes, deltas = summary.single_deltas()
+        nodes = self._go_index.get_indexer(genes)
+        known = nodes >= 0
+        self.module.set_anchor(
+            torch.from_numpy(nodes[known]),
+            torch.from_numpy(deltas[known].astype(np.float32)),
+            torch.from_numpy(summary.mean_delta.astype(np.float32)),
+        )
+
     def _set_uncertainty_stats(self, train: TrainCells) -> None:
         """Mean and std over training cells of the per-cell uncertainty (mean log-variance over genes)."""
         codes, counts = torch.unique(train.codes, return_counts=True)
-        _, logvar = self._delta_from_index(train.pert_table[codes])
+        sets = train.set_index(codes) if hasattr(train, "set_index") else (train.pert_table[codes], None)
+        _, logvar = self._delta_from_index(*sets)
         s = logvar.mean(1).double()
         w = counts.double() / counts.sum()
         mean = (w * s).sum()
@@ -694,7 +863,7 @@ class GEARS(BaseModelClass):
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
     def _delta_from_index(
-        self, pert_idx: torch.Tensor, batch_size: int = 64
+        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None, batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.module.eval()
         if pert_idx.shape[0] == 0:  # no set: an empty prediction
@@ -704,7 +873,13 @@ class GEARS(BaseModelClass):
         zs, ss = [], []
         h_gene = self.module.gene_states()  # shared by every batch
         for start in range(0, pert_idx.shape[0], batch_size):
-            z, s = self.module.predict_delta(pert_idx[start : start + batch_size].to(device), h_gene=h_gene)
+            chunk = pert_idx[start : start + batch_size].to(device)
+            if context is None:
+                z, s = self.module.predict_delta(chunk, h_gene=h_gene)
+            else:
+                z, s = self.module.predict_delta(
+                    chunk, context[start : start + batch_size].to(device), h_gene=h_gene
+                )
             zs.append(z.cpu())
             ss.append(s.cpu() if s is not None else None)
         logvar = torch.cat(ss) if self.module.uncertainty else None
@@ -765,6 +940,7 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         batch_size: int = 64,
         skip_unknown: bool = False,
+        context: str | Sequence[str] | None = None,
     ) -> AnnData:
         """Predicted mean expression of perturbation sets of any size.
 
@@ -787,6 +963,11 @@ class GEARS(BaseModelClass):
             Sets per forward pass.
         skip_unknown
             Drop (with a warning) the sets with genes not in the GO graph instead of failing.
+        context
+            A model trained on data with contexts: the context(s) to predict in (``None``: every
+            context); each set's change in a context is added to the mean of that context's
+            training control cells, and the output has one row per (context, set) with
+            ``obs['context']``.
 
         Returns
         -------
@@ -796,6 +977,12 @@ class GEARS(BaseModelClass):
         ``uncertainty`` (mean predicted log-variance over genes) and ``uncertainty_z`` (z-scored
         against the training cells).
         """
+        if self.contexts_:
+            self._check_trained()
+            sets = self._check_sets(perturbations, skip_unknown)
+            return self._predict_contexts(sets, context, n_control, seed, batch_size)
+        if context is not None:
+            raise ValueError("`context` is only for a model trained on data with contexts.")
         sets, zhat, base, extra, n_ctrl = self._predict_arrays(
             perturbations, n_control, seed, batch_size, skip_unknown
         )
@@ -835,6 +1022,8 @@ class GEARS(BaseModelClass):
         mean, and a DataFrame (index: canonical set names) with ``perturbation``, ``n_genes``,
         ``n_unseen``, ``seen`` and, with uncertainty, ``uncertainty`` and ``uncertainty_z``.
         """
+        if self.contexts_:
+            raise ValueError("predict_deltas is for models without contexts; use predict(..., context=...).")
         sets, zhat, base, extra, _ = self._predict_arrays(
             perturbations, n_control, seed, batch_size, skip_unknown
         )
@@ -870,13 +1059,61 @@ class GEARS(BaseModelClass):
                 np.sort(np.random.default_rng(seed).choice(ctrl.size, size=int(n_control), replace=False))
             ]
         base = np.asarray(x[ctrl].mean(axis=0), dtype=np.float64).ravel()
-        zhat, logvar = self._delta_from_index(self._pert_index(sets), batch_size)
+        zhat, logvar = self._delta_from_index(self._pert_index(sets), batch_size=batch_size)
         extra = None
         if logvar is not None:
             u = logvar.mean(1).numpy()
             mu, sd = self.module.uncertainty_stats.cpu().numpy()
             extra = {"uncertainty": u.astype(np.float32), "uncertainty_z": ((u - mu) / sd).astype(np.float32)}
         return sets, zhat.numpy(), base, extra, ctrl.size
+
+    def _predict_contexts(self, sets, context, n_control, seed, batch_size) -> AnnData:
+        """:meth:`predict` of a model with contexts: one row per (context, set)."""
+        contexts = (
+            self.contexts_ if context is None else [context] if isinstance(context, str) else list(context)
+        )
+        unknown = [c for c in contexts if c not in self.contexts_]
+        if unknown:
+            raise ValueError(f"Unknown contexts {unknown}; the model knows {self.contexts_}.")
+        if n_control is not None and n_control < 1:
+            raise ValueError(
+                f"`n_control` must be a positive number of control cells or None (all), got {n_control}."
+            )
+        x = self._matrix()
+        ctrl_all = self._control_cells(self.adata, train_only=True)
+        cell_ctx = get_context(self.adata).astype(str).to_numpy()[ctrl_all]
+        bases, deltas, n_used = [], [], []
+        for c in contexts:
+            ctrl = ctrl_all[cell_ctx == c]
+            if n_control is not None and n_control < ctrl.size:
+                ctrl = ctrl[
+                    np.sort(np.random.default_rng(seed).choice(ctrl.size, size=int(n_control), replace=False))
+                ]
+            bases.append(np.asarray(x[ctrl].mean(axis=0), dtype=np.float64).ravel())
+            n_used.append(ctrl.size)
+            ci = torch.full((len(sets),), self.contexts_.index(c), dtype=torch.long)
+            zhat, _ = self._delta_from_index(self._pert_index(sets), ci, batch_size=batch_size)
+            deltas.append(zhat.numpy())
+        base = np.repeat(np.vstack(bases), len(sets), axis=0)
+        with warnings.catch_warnings():  # a set repeats once per context: obs names are made unique below
+            warnings.filterwarnings("ignore", message=".*names are not unique.*")
+            out = make_prediction_adata(
+                sets * len(contexts),
+                np.vstack(deltas) + base,
+                np.zeros(self.adata.n_vars),
+                self.adata.var_names,
+                seen_genes=self.seen_genes,
+                obs_extra={"context": np.repeat(contexts, len(sets))},
+                model_name=self.name,
+                n_control=int(min(n_used)),
+            )
+        out.layers["delta"] = np.vstack(deltas).astype(np.float32)
+        out.obs_names = [
+            f"{c}{CONTEXT_SEP}{p}" for c, p in zip(out.obs["context"], out.obs["perturbation"], strict=True)
+        ]
+        out.uns["pg_prediction"]["control_mean"] = np.vstack(bases).astype(np.float32)
+        out.uns["pg_prediction"]["contexts"] = np.array(contexts, dtype=object)
+        return out
 
     def predict_cells(
         self,
@@ -941,7 +1178,27 @@ class GEARS(BaseModelClass):
         self._check_sets(sets, skip_unknown=False)
         names = pd.Index([DELIM.join(s) for s in sets])
         uniq, inverse = np.unique(names, return_inverse=True)
-        zhat, _ = self._delta_from_index(self._pert_index([tuple(u.split(DELIM)) for u in uniq]), batch_size)
+        uniq_sets = [tuple(u.split(DELIM)) for u in uniq]
+        if self.contexts_:  # each cell gets the change of its set in its own context
+            ctx = get_context(adata) if PERT_KEY in adata.obs else None
+            if ctx is None:
+                raise ValueError(
+                    "This GEARS model has contexts: `adata` must be parsed with the same context_key."
+                )
+            cidx = pd.Index(self.contexts_).get_indexer(ctx.astype(str).to_numpy()[rows])
+            if (cidx < 0).any():
+                raise ValueError(f"Cells of contexts the model does not know; it knows {self.contexts_}.")
+            pair = np.broadcast_to(inverse, (len(rows),)) * len(self.contexts_) + cidx
+            pidx = self._pert_index(uniq_sets).repeat_interleave(len(self.contexts_), 0)
+            cten = torch.arange(len(self.contexts_)).repeat(len(uniq_sets))
+            zhat, _ = self._delta_from_index(pidx, cten, batch_size=batch_size)
+            x = self._matrix(adata)
+            base = x[rows].toarray() if sp.issparse(x) else np.asarray(x[rows])
+            out = np.full(adata.shape, np.nan, dtype=np.float32)
+            out[rows] = base + zhat.numpy()[pair]
+            adata.layers[layer_added] = out
+            return
+        zhat, _ = self._delta_from_index(self._pert_index(uniq_sets), batch_size=batch_size)
         x = self._matrix(adata)
         base = x[rows].toarray() if sp.issparse(x) else np.asarray(x[rows])
         out = np.full(adata.shape, np.nan, dtype=np.float32)

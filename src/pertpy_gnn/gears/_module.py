@@ -18,6 +18,8 @@ from ._constants import TENSOR_KEYS as K
 
 GNN_KINDS = ("sgc", "gcn", "gat")
 DIRECTION_KINDS = ("tanh", "sign")
+#: anchors of the baseline-anchored GEARS (``None``: the paper's GEARS)
+ANCHOR_KINDS = ("additive", "train_mean")
 LOSS_KINDS = ("autofocus", "mse")
 
 
@@ -276,8 +278,8 @@ class GEARSModule(BaseModuleClass):
     direction_lambda
         Weight of the direction term.
     direction
-        ``'tanh'``: differentiable surrogate ``(sign(g - c) - tanh((g_hat - c) / tau))^2`` (default);
-        ``'sign'``: the published ``(sign(g - c) - sign(g_hat - c))^2``, whose gradient is zero.
+        ``'sign'`` (default): the published ``(sign(g - c) - sign(g_hat - c))^2``, whose gradient is
+        zero; ``'tanh'``: differentiable surrogate ``(sign(g - c) - tanh((g_hat - c) / tau))^2``.
     direction_tau
         Temperature of the ``tanh`` surrogate (expression units).
     uncertainty_reg
@@ -288,6 +290,21 @@ class GEARSModule(BaseModuleClass):
         (``n_gene_gnn_layers`` and the co-expression graph are unused).
     freeze_gene_embeddings
         Keep ``gene_embeddings`` fixed (train the projection only); ``False`` fine-tunes them.
+    anchor
+        ``None`` (the paper's GEARS): the network predicts the change ``zhat``. Otherwise the network
+        predicts a residual ``r`` over an anchor ``a(P)`` computed from the training data
+        (:meth:`set_anchor`), and ``zhat = a(P) + r``: ``'additive'``: the sum of the training
+        single-gene changes when every gene of the set was seen as a training single, else the
+        training mean change; ``'train_mean'``: the training mean change for every set.
+        Controls have ``a = 0``.
+    anchor_reg
+        Weight of the penalty ``mean(r^2)`` (per set, mean over genes; mean over the sets of a
+        batch) that pulls the residual toward zero, i.e. the prediction toward the anchor.
+    n_contexts
+        Number of cell contexts (``0``: none, the paper's network). Each context gets a learned
+        vector ``e_c`` (``d``) added to the perturbation embedding of every set in it,
+        ``h_post_u = MLP(ReLU(BN(h_gene_u + h_P + e_c)))``, and its own mean control expression
+        ``context_control_mean[c]`` as the reference of the direction term.
     use_go_graph
         ``False`` (ablation): each perturbable gene gets a learned embedding (:class:`LearnedEncoder`)
         instead of the GNN over the GO graph, so genes not perturbed in training cannot be predicted.
@@ -318,17 +335,22 @@ class GEARSModule(BaseModuleClass):
         uncertainty: bool = False,
         gamma: float = 2.0,
         direction_lambda: float = 0.1,
-        direction: Literal["tanh", "sign"] = "tanh",
+        direction: Literal["tanh", "sign"] = "sign",
         direction_tau: float = 0.1,
         uncertainty_reg: float = 1.0,
         gene_embeddings: torch.Tensor | None = None,
         freeze_gene_embeddings: bool = True,
+        anchor: Literal["additive", "train_mean"] | None = None,
+        anchor_reg: float = 10.0,
+        n_contexts: int = 0,
         use_go_graph: bool = True,
         use_coexpression_graph: bool = True,
         cross_gene: bool = True,
         loss: Literal["autofocus", "mse"] = "autofocus",
     ):
         super().__init__()
+        if anchor is not None and anchor not in ANCHOR_KINDS:
+            raise ValueError(f"`anchor` must be None or one of {ANCHOR_KINDS}, got {anchor!r}.")
         if loss not in LOSS_KINDS:
             raise ValueError(f"`loss` must be one of {LOSS_KINDS}, got {loss!r}.")
         self.use_go_graph, self.use_coexpression_graph = bool(use_go_graph), bool(use_coexpression_graph)
@@ -351,6 +373,17 @@ class GEARSModule(BaseModuleClass):
         # mean control expression (reference of the direction term) and training uncertainty statistics
         self.register_buffer("control_mean", torch.zeros(n_genes))
         self.register_buffer("uncertainty_stats", torch.tensor([0.0, 1.0]))
+        # the anchor (baseline-anchored GEARS): row of each GO node in anchor_deltas (-1: not seen as a
+        # training single), the training single-gene changes and the training mean change; sized by
+        # set_anchor and saved in the state dict (resized on load)
+        # (the paper's GEARS, anchor=None, has none of these: its state dict is unchanged)
+        self.anchor, self.anchor_reg = anchor, float(anchor_reg)
+        if anchor is not None:
+            self.register_buffer("anchor_row", torch.full((n_pert_nodes,), -1, dtype=torch.long))
+            self.register_buffer("anchor_deltas", torch.zeros(0, n_genes))
+            self.register_buffer("anchor_mean", torch.zeros(n_genes))
+            # added to h_P: which anchor a set has (training mean / additive)
+            self.anchor_kind = nn.Parameter(torch.zeros(2, d))
 
         if gene_embeddings is not None:
             if gene_embeddings.ndim != 2 or gene_embeddings.shape[0] != n_genes:
@@ -384,9 +417,73 @@ class GEARSModule(BaseModuleClass):
         d2 = d + 1 if cross_gene else 1
         self.w2 = nn.Parameter(torch.randn(n_genes, d2) * (2.0 / ((n_genes + 1) * d2)) ** 0.5)
         self.b2 = nn.Parameter(torch.zeros(n_genes, 1))
+        if anchor is not None:  # the residual starts at zero: an untrained anchored model is its anchor
+            nn.init.zeros_(self.w2)
         if uncertainty:
             self.w_unc = nn.Parameter(torch.randn(n_genes, d, 1) * (2.0 / (n_genes + d)) ** 0.5)
             self.b_unc = nn.Parameter(torch.zeros(n_genes, 1, 1))
+        # cell contexts (none: the paper's network, unchanged): a learned vector per context added to the
+        # perturbation embedding of every set, and the mean control expression of each context
+        self.n_contexts = int(n_contexts)
+        if self.n_contexts > 0:
+            self.context_embedding = nn.Parameter(torch.randn(self.n_contexts, d) / d**0.5)
+            self.register_buffer("context_control_mean", torch.zeros(self.n_contexts, n_genes))
+
+    # --- the anchor ---------------------------------------------------------------------------------
+    def set_anchor(self, nodes: torch.Tensor, deltas: torch.Tensor, mean: torch.Tensor) -> None:
+        """Store the anchor computed from the training data.
+
+        ``nodes``: GO-node indices of the training singles; ``deltas``: their changes
+        (``len(nodes) x K``); ``mean``: the training mean change (``K``).
+        """
+        if self.anchor is None:
+            raise ValueError("This GEARS has no anchor (anchor=None).")
+        dev = self.anchor_mean.device
+        row = torch.full((self.n_pert_nodes,), -1, dtype=torch.long, device=dev)
+        row[torch.as_tensor(nodes, dtype=torch.long, device=dev)] = torch.arange(len(nodes), device=dev)
+        self.anchor_row = row
+        self.anchor_deltas = torch.as_tensor(deltas, dtype=torch.float32, device=dev).reshape(
+            -1, self.n_genes
+        )
+        self.anchor_mean = torch.as_tensor(mean, dtype=torch.float32, device=dev).reshape(self.n_genes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the anchor's size is set by the training data: take the saved one
+        key = prefix + "anchor_deltas"
+        if key in state_dict and self.anchor is not None:
+            self.anchor_deltas = torch.empty_like(state_dict[key], device=self.anchor_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _anchor(self, pert_idx: torch.Tensor, own_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchor ``a(P)`` (``n x K``) and whether it is additive (``n``), see :meth:`anchor_delta`."""
+        n = pert_idx.shape[0]
+        out = self.control_mean.new_zeros(n, self.n_genes)
+        all_seen = torch.zeros(n, dtype=torch.bool, device=pert_idx.device)
+        if self.anchor is None:
+            return out, all_seen
+        valid = pert_idx >= 0
+        perturbed = valid.any(1)
+        out[perturbed] = self.anchor_mean
+        if self.anchor == "additive" and self.anchor_deltas.shape[0]:
+            rows = torch.where(valid, self.anchor_row[pert_idx.clamp(min=0)], -1)
+            all_seen = ((rows >= 0) | ~valid).all(1) & perturbed
+            if own_out:
+                all_seen &= valid.sum(1) > 1
+            if all_seen.any():
+                r = rows[all_seen]
+                out[all_seen] = (self.anchor_deltas[r.clamp(min=0)] * (r >= 0).unsqueeze(-1)).sum(1)
+        return out, all_seen
+
+    def anchor_delta(self, pert_idx: torch.Tensor, *, own_out: bool = False) -> torch.Tensor:
+        """The anchor ``a(P)`` of a batch of sets (``n x K``; zero for controls and without an anchor).
+
+        ``own_out=True`` (training): a set of one gene is its own training single, so its anchor
+        is the training mean, as for a single held out: the residual then learns how a single
+        departs from the mean, which is what an unseen single needs. The network is told which
+        kind of anchor a set has (a learned vector added to ``h_P``), so that what it learns
+        over the mean (from singles) and over the additive prediction (from doubles) stay apart.
+        """
+        return self._anchor(pert_idx, own_out)[0]
 
     # --- scvi-tools module interface: inference = encoders, generative = decoders -----------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -397,13 +494,18 @@ class GEARSModule(BaseModuleClass):
             first = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
             first.scatter_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
             pert_idx = pert_idx[first]
+        if self.n_contexts > 0:
+            context = tensors[K.CONTEXT]
+            return {"pert_idx": pert_idx, "context": context[first] if K.GROUP in tensors else context}
         return {"pert_idx": pert_idx}
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
         return {"h_post": inference_outputs["h_post"]}
 
-    def _set_embeddings(self, pert_idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``h_P = MLP(sum_i h_pert[P_i])`` of each set (``n x d``; zero for the empty set)."""
+    def _set_embeddings(
+        self, pert_idx: torch.Tensor, like: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h_P = MLP(sum_i h_pert[P_i])`` of each set (``n x d``; zero for the empty set), plus anchor / context terms."""
         n, d = pert_idx.shape[0], self.hidden_dim
         valid = pert_idx >= 0
         h_p = like.new_zeros(n, d)
@@ -415,15 +517,27 @@ class GEARSModule(BaseModuleClass):
             )
             perturbed = torch.nonzero(valid.any(1)).squeeze(1)
             h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]).to(like.dtype))
+            if self.anchor is not None:
+                additive = self._anchor(pert_idx, own_out=self.training)[1]
+                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
+        if self.n_contexts > 0:
+            if context is None:
+                raise ValueError("This GEARS module has contexts: give the context of every set.")
+            h_p = h_p + self.context_embedding[context]
         return h_p
 
-    def inference(self, pert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def inference(
+        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Post-perturbation gene embeddings of a batch of perturbation sets.
 
         Parameters
         ----------
         pert_idx
             ``n x max_set`` GO-graph node indices, ``-1`` for padding (all ``-1``: control).
+        context
+            Context index of each set (a model with ``n_contexts > 0``): its context vector is added
+            to the set's perturbation embedding, ``h_P + e_c`` (control sets get ``e_c`` alone).
 
         Returns
         -------
@@ -433,7 +547,7 @@ class GEARSModule(BaseModuleClass):
         """
         h_gene = self.gene_mlp(self.gene_encoder())
         n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
-        h_p = self._set_embeddings(pert_idx, h_gene)
+        h_p = self._set_embeddings(pert_idx, h_gene, context)
         # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
         # normalization folds into the K + n embeddings before they are broadcast (same values as
         # self.bn_post on the K * n rows, without a pass over them)
@@ -496,8 +610,12 @@ class GEARSModule(BaseModuleClass):
         """
         x, mask = tensors[K.X], tensors[K.MASK].to(tensors[K.X].dtype)
         _, inverse, counts = torch.unique(tensors[K.GROUP], return_inverse=True, return_counts=True)
-        pred = generative_outputs["zhat"][inverse] + tensors[K.X_CTRL]
-        c = self.control_mean
+        zhat = generative_outputs["zhat"]
+        if self.anchor is not None:
+            pert_idx = self._get_inference_input(tensors)["pert_idx"]
+            zhat = zhat + self.anchor_delta(pert_idx, own_out=self.training)
+        pred = zhat[inverse] + tensors[K.X_CTRL]
+        c = self.control_mean if self.n_contexts == 0 else self.context_control_mean[tensors[K.CONTEXT]]
         mse = self.loss_kind == "mse"
         err = (pred - x) ** 2 if mse else (pred - x).abs() ** (2.0 + self.gamma)
         pred_dir = (
@@ -511,12 +629,20 @@ class GEARSModule(BaseModuleClass):
         direction = (dirn * weight).sum()
         total = autofocus if mse else autofocus + self.direction_lambda * direction
         extra = {"autofocus": autofocus.detach(), "direction": direction.detach()}
+        if self.anchor is not None:
+            residual = (generative_outputs["zhat"] ** 2).mean()
+            total = total + self.anchor_reg * residual
+            extra["residual"] = residual.detach()
         if self.uncertainty:
             s = generative_outputs["logvar"][inverse]
             unc = ((torch.exp(-s) * err + s) * weight).sum()
             total = total + self.uncertainty_reg * unc
             extra["uncertainty"] = unc.detach()
         return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)
+
+    def control_reference(self, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean control expression the change of each set is relative to: ``K``, or ``n x K`` per context."""
+        return self.control_mean if self.n_contexts == 0 else self.context_control_mean[context]
 
     def sample(self, *args, **kwargs):
         """GEARS is not a generative model of cells; use :meth:`pertpy_gnn.gears.GEARS.predict`."""
@@ -527,9 +653,14 @@ class GEARSModule(BaseModuleClass):
         return self.gene_mlp(self.gene_encoder())
 
     def predict_delta(
-        self, pert_idx: torch.Tensor, *, h_gene: torch.Tensor | None = None, block_rows: int = 8192
+        self,
+        pert_idx: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        h_gene: torch.Tensor | None = None,
+        block_rows: int = 8192,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` and log-variance of a batch of perturbation sets (``n x K`` each).
+        """``zhat`` (anchor + residual with an anchor) and log-variance of a batch of sets (``n x K`` each).
 
         In eval mode the network runs folded and blocked: the batch norms (running statistics) are
         folded into the adjacent linear layers and the ``K x n`` grid of post-perturbation
@@ -539,15 +670,19 @@ class GEARSModule(BaseModuleClass):
         from :meth:`gene_states` to share it between batches. In training mode: the plain path.
         """
         if self.training:
-            out = self.generative(**self._get_generative_input({}, self.inference(pert_idx)))
-            return out["zhat"], out["logvar"]
-        return self._predict_folded(pert_idx, self.gene_states() if h_gene is None else h_gene, block_rows)
+            inf = self.inference(pert_idx) if self.n_contexts == 0 else self.inference(pert_idx, context)
+            out = self.generative(**self._get_generative_input({}, inf))
+            zhat, logvar = out["zhat"], out["logvar"]
+        else:
+            h = self.gene_states() if h_gene is None else h_gene
+            zhat, logvar = self._predict_folded(pert_idx, h, block_rows, context)
+        return (zhat if self.anchor is None else zhat + self.anchor_delta(pert_idx)), logvar
 
     def _predict_folded(
-        self, pert_idx: torch.Tensor, h_gene: torch.Tensor, block_rows: int
+        self, pert_idx: torch.Tensor, h_gene: torch.Tensor, block_rows: int, context: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         k, n, d = self.n_genes, pert_idx.shape[0], self.hidden_dim
-        h_p = self._set_embeddings(pert_idx, h_gene)
+        h_p = self._set_embeddings(pert_idx, h_gene, context)
         bn = self.bn_post
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         g = (h_gene - bn.running_mean) * scale + bn.bias  # K x d

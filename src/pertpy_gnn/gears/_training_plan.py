@@ -33,14 +33,24 @@ class GEARSTrainingPlan(pl.LightningModule):
         Adam weight decay.
     lr_decay
         Factor applied to the learning rate after each epoch.
+    select_best
+        Keep the state of the epoch with the lowest validation score (``False``: the last epoch is
+        kept, validation is only recorded).
     """
 
     def __init__(
-        self, module: GEARSModule, *, lr: float = 1e-3, weight_decay: float = 5e-4, lr_decay: float = 0.5
+        self,
+        module: GEARSModule,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        lr_decay: float = 0.5,
+        select_best: bool = True,
     ):
         super().__init__()
         self.module = module
         self.lr, self.weight_decay, self.lr_decay = lr, weight_decay, lr_decay
+        self.select_best = select_best
         self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_top20_de_mse": [], "lr": []}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = -1
@@ -61,9 +71,13 @@ class GEARSTrainingPlan(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        zhat, _ = self.module.predict_delta(batch[K.PERT_IDX])
         de = batch[K.DE_IDX]
-        pred = zhat.gather(1, de) + self.module.control_mean[de]
+        if K.CONTEXT in batch:  # each set over the control mean of its context
+            zhat, _ = self.module.predict_delta(batch[K.PERT_IDX], batch[K.CONTEXT])
+            pred = zhat.gather(1, de) + self.module.control_reference(batch[K.CONTEXT]).gather(1, de)
+        else:
+            zhat, _ = self.module.predict_delta(batch[K.PERT_IDX])
+            pred = zhat.gather(1, de) + self.module.control_mean[de]
         mse = ((pred - batch[K.DE_MEAN]) ** 2).mean(1)
         self._val_sums.append(torch.stack([mse.sum(), torch.tensor(float(mse.numel()), device=mse.device)]))
 
@@ -76,7 +90,7 @@ class GEARSTrainingPlan(pl.LightningModule):
         val = float(sums[0] / sums[1])
         self.log("val_top20_de_mse", val, prog_bar=True, sync_dist=False)
         self._val = val
-        if val < self.best_val:
+        if self.select_best and val < self.best_val:
             self.best_val, self.best_epoch = val, self.current_epoch
             self.best_state = copy.deepcopy(
                 {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -7,9 +7,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._constants import CONTROL, DE_KEY
+from .._constants import DE_KEY
 from .._utils import check_overwrite, get_adata, get_matrix, logger
-from ._perturbations import get_parsed, layer_of
+from ._perturbations import Groups, get_parsed, layer_of
 
 
 def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +94,9 @@ def rank_de_genes(
     ``None`` or a copy if ``copy=True``. Sets ``adata.uns['pg_de_genes']``, a dict with
 
     ``names``
-        DataFrame, one row per perturbation, columns ``0 .. n_genes-1``: gene names by rank.
+        DataFrame, one row per perturbation, columns ``0 .. n_genes-1``: gene names by rank. With
+        contexts (``parse_perturbations(..., context_key=)``) one row per (context, perturbation)
+        group, labelled ``'context|perturbation'``, each against the control cells of its context.
     ``indices``
         Same shape, integer positions of those genes in ``var_names``.
     ``scores``
@@ -106,30 +108,34 @@ def rank_de_genes(
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     get_parsed(adata)  # clear error if not parsed, before any work
     adata = adata.copy() if copy else adata
-    col, _ = get_parsed(adata)
+
     layer = layer_of(adata) if layer is None else layer
     x = get_matrix(adata, layer)
     n_genes = int(min(n_genes, adata.n_vars))
-    cats = list(col.cat.categories)
-    n_control = int((col == CONTROL).sum())
-    if n_control < 2:
+    groups = Groups(adata)
+    n, mean, var = group_moments(x, groups.codes, len(groups))
+    n_control = n[groups.control[groups.is_control]] if groups.is_control.any() else np.zeros(1)
+    if (n_control < 2).any():
+        where = [
+            groups.labels[i]
+            for i in np.flatnonzero(groups.is_control)[n_control[: groups.is_control.sum()] < 2]
+        ]
         raise ValueError(
-            f"{n_control} control cells: at least 2 are needed to rank DE genes against control. "
-            "Keep the control cells when subsetting (they define the reference)."
+            f"{int(n_control.min())} control cells ({where[:5]}): at least 2 are needed to rank DE genes against "
+            "control. Keep the control cells when subsetting (they define the reference)."
         )
-    n, mean, var = group_moments(x, col.cat.codes.to_numpy(), len(cats))
-    c = cats.index(CONTROL)
-    perts = [i for i, name in enumerate(cats) if name != CONTROL and n[i] > 0]
-    too_small = [cats[i] for i in perts if n[i] < 2]
+    perts = np.flatnonzero(~groups.is_control & (n > 0))
+    too_small = [groups.labels[i] for i in perts if n[i] < 2]
     if too_small:
         logger.warning("Perturbations with a single cell get a variance of 0: %s", too_small[:10])
+    c = groups.control[perts]  # each group against the control cells of its context
     with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(np.nan_to_num(var[perts] / n[perts, None]) + np.nan_to_num(var[c] / n[c]))
+        se = np.sqrt(np.nan_to_num(var[perts] / n[perts, None]) + np.nan_to_num(var[c] / n[c, None]))
         t = (mean[perts] - mean[c]) / se
     t = np.where(np.isfinite(t), t, 0.0)
     order = np.argsort(-np.abs(t), axis=1, kind="stable")[:, :n_genes]
     scores = np.take_along_axis(t, order, axis=1)
-    index = [cats[i] for i in perts]
+    index = [groups.labels[i] for i in perts]
     names = np.asarray(adata.var_names)[order]
     adata.uns[key_added] = {
         "names": pd.DataFrame(names, index=index, columns=[str(i) for i in range(n_genes)]),

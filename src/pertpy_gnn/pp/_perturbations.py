@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._constants import CONTROL, DELIM, N_GENES_KEY, PERT_KEY, PERT_UNS_KEY
+from .._constants import CONTEXT_KEY, CONTEXT_SEP, CONTROL, DELIM, N_GENES_KEY, PERT_KEY, PERT_UNS_KEY
 from .._utils import get_adata, get_matrix, logger
 
 #: labels recognised as control when ``control_label`` is not given (case-insensitive)
@@ -169,6 +169,7 @@ def parse_perturbations(
     drop_unknown: bool = False,
     layer: str | None = None,
     check_expression: bool = True,
+    context_key: str | None = None,
     modality: str | None = None,
     copy: bool = False,
     overwrite: bool = False,
@@ -199,6 +200,11 @@ def parse_perturbations(
         Layer with log-normalized expression; ``None`` uses ``X``.
     check_expression
         Check the expression for non-finite values and raw counts.
+    context_key
+        Column of ``obs`` with the cell context of each cell (cell line, donor, condition) of a
+        screen run in several contexts. Every context needs control cells (its perturbations are
+        compared with them). Splits, DE genes, baselines, evaluation and GEARS then work per
+        (context, perturbation) group; see ``docs/methods.md`` ("Cell contexts").
     modality
         Modality of a MuData.
     copy
@@ -216,12 +222,28 @@ def parse_perturbations(
         Canonical name of every cell's set (``control``, ``A``, ``A+B``), categorical.
     ``adata.obs['pg_n_genes']``
         Number of perturbed genes (0 for control).
+    ``adata.obs['pg_context']``
+        With ``context_key``: the context of every cell as a string categorical.
     ``adata.uns['pg_perturbation']``
-        How the column was parsed: key, control labels, delimiter, layer, perturbed genes.
+        How the column was parsed: key, control labels, delimiter, layer, perturbed genes, and
+        with ``context_key`` also ``context_key`` and ``contexts``.
     """
     adata = get_adata(data, modality)
     if not (copy or overwrite or drop_unknown):  # writing into `data`: refuse early
         _refuse_second_parse(adata)
+    if context_key is not None:
+        if context_key not in adata.obs:
+            raise KeyError(
+                f"obs[{context_key!r}] not found; pass `context_key=` naming the column with the cell context "
+                f"(cell line, donor, condition) of each cell, or None for a single context (obs has "
+                f"{list(adata.obs.columns)})."
+            )
+        if context_key in (perturbation_key, CONTEXT_KEY, PERT_KEY):
+            raise ValueError(
+                f"`context_key` {context_key!r} must be a column of its own, not the perturbation column or "
+                f"{CONTEXT_KEY!r}."
+            )
+        _check_labels(adata.obs[context_key], context_key)
     if perturbation_key not in adata.obs:
         raise KeyError(
             f"obs[{perturbation_key!r}] not found; pass `perturbation_key=` naming the column with "
@@ -283,6 +305,23 @@ def parse_perturbations(
     elif copy:
         out = adata.copy()
 
+    if context_key is not None:
+        ctx = adata.obs[context_key].astype(str).to_numpy()
+        is_control = labels.isin(control_cats).to_numpy()
+        ctx_all = pd.unique(ctx)
+        no_ctrl = sorted(set(ctx_all) - set(ctx[is_control]))
+        if no_ctrl:
+            raise ValueError(
+                f"Contexts {no_ctrl[:10]} of obs[{context_key!r}] have no control cells; every context needs its "
+                "own control cells (its perturbations are compared with them). Drop those contexts first: "
+                f"adata = adata[~adata.obs[{context_key!r}].isin({no_ctrl[:3]})].copy()."
+            )
+        if any(CONTEXT_SEP in c for c in ctx_all):
+            raise ValueError(
+                f"Context names must not contain {CONTEXT_SEP!r} (it joins a context and a perturbation in group "
+                f"labels); rename them, e.g. adata.obs[{context_key!r}] = adata.obs[{context_key!r}]"
+                f".astype(str).str.replace({CONTEXT_SEP!r}, '_')."
+            )
     if out is adata and not overwrite:
         _refuse_second_parse(adata)
     canon = {c: canonical_name(s) for c, s in sets.items()}
@@ -297,6 +336,18 @@ def parse_perturbations(
         "layer": "X" if layer is None else layer,
         "genes": np.array(perturbed, dtype=object),
     }
+    if context_key is not None:
+        ctx = out.obs[context_key].astype(str)
+        order_ctx = (
+            [str(c) for c in out.obs[context_key].cat.categories if str(c) in set(ctx)]
+            if isinstance(out.obs[context_key].dtype, pd.CategoricalDtype)
+            else sorted(set(ctx))
+        )
+        out.obs[CONTEXT_KEY] = pd.Categorical(ctx.to_numpy(), categories=order_ctx)
+        out.uns[PERT_UNS_KEY]["context_key"] = context_key
+        out.uns[PERT_UNS_KEY]["contexts"] = np.array(order_ctx, dtype=object)
+    elif CONTEXT_KEY in out.obs:  # a re-parse without contexts drops the old context column
+        del out.obs[CONTEXT_KEY]
     logger.info(
         "Parsed %d perturbations (%d genes) and %d control cells.",
         len(order) - 1,
@@ -324,3 +375,65 @@ def layer_of(adata: AnnData) -> str | None:
     """The expression layer recorded by :func:`parse_perturbations` (``None`` for ``X``)."""
     layer = adata.uns.get(PERT_UNS_KEY, {}).get("layer", "X")
     return None if layer == "X" else layer
+
+
+def get_context(adata: AnnData) -> pd.Series | None:
+    """The context column ``obs['pg_context']`` when the data was parsed with ``context_key``, else ``None``."""
+    if adata.uns.get(PERT_UNS_KEY, {}).get("context_key") is None:
+        return None
+    if CONTEXT_KEY not in adata.obs:
+        raise KeyError(
+            f"obs[{CONTEXT_KEY!r}] is missing although the data was parsed with a context_key: rerun "
+            "pg.pp.parse_perturbations(adata, perturbation_key=..., context_key=...)."
+        )
+    return adata.obs[CONTEXT_KEY]
+
+
+def group_label(context: str | None, perturbation: str) -> str:
+    """Label of a (context, perturbation) group: ``'K562|A+B'``, or the perturbation alone without context."""
+    return perturbation if context is None else f"{context}{CONTEXT_SEP}{perturbation}"
+
+
+class Groups:
+    """The (context, perturbation) groups of parsed data: one group per perturbation without contexts.
+
+    Attributes
+    ----------
+    codes
+        Group of every cell (``context * n_perturbations + perturbation``).
+    labels
+        Label of every group (:func:`group_label`).
+    pert
+        Perturbation category of every group; ``sets`` its gene set; ``names`` its name.
+    context
+        Context index of every group (0 without contexts); ``contexts`` the context names
+        (``[None]`` without contexts).
+    control
+        Group of the control cells of every group's context.
+    """
+
+    def __init__(self, adata: AnnData):
+        col, sets = get_parsed(adata)
+        ctx = get_context(adata)
+        cats = [str(c) for c in col.cat.categories]
+        n = len(cats)
+        self.contexts = [None] if ctx is None else [str(c) for c in ctx.cat.categories]
+        nc = len(self.contexts)
+        self.has_contexts = ctx is not None
+        pcode = col.cat.codes.to_numpy().astype(np.int64)
+        ccode = np.zeros_like(pcode) if ctx is None else ctx.cat.codes.to_numpy().astype(np.int64)
+        self.codes = np.where(pcode >= 0, ccode * n + pcode, -1)
+        self.pert = np.tile(np.arange(n), nc)
+        self.context = np.repeat(np.arange(nc), n)
+        self.names = [cats[p] for p in self.pert]
+        self.sets = [sets[p] for p in self.pert]
+        self.labels = [
+            group_label(self.contexts[c], cats[p]) for c, p in zip(self.context, self.pert, strict=True)
+        ]
+        ci = cats.index(CONTROL) if CONTROL in cats else -1
+        self.control = np.where(ci >= 0, self.context * n + ci, -1)
+        self.n_perturbations = n
+        self.is_control = self.pert == ci
+
+    def __len__(self) -> int:
+        return len(self.labels)

@@ -10,9 +10,9 @@ from anndata import AnnData
 
 from .._constants import CONTROL, DELIM, PERT_UNS_KEY, SPLIT_KEY, SUBGROUP_KEY
 from .._utils import check_overwrite, get_adata, logger
-from ._perturbations import as_perturbation_sets, get_parsed, split_label
+from ._perturbations import as_perturbation_sets, get_context, get_parsed, group_label, split_label
 
-KINDS = ("simulation", "single", "leave_one_out", "custom")
+KINDS = ("simulation", "single", "leave_one_out", "custom", "context")
 SPLITS = ("train", "val", "test")
 
 Pert = tuple[str, ...]
@@ -146,6 +146,7 @@ def split_perturbations(
     val_combo_fraction: float = 0.9,
     test_perturbations=None,
     assignment: Mapping[str, str] | pd.Series | None = None,
+    held_out_context: str | None = None,
     gene_pool: str = "singles",
     key_added: str = SPLIT_KEY,
     overwrite: bool = False,
@@ -173,6 +174,18 @@ def split_perturbations(
     of the multi-gene sets (at least one of each kind present), never the singles of genes of the
     test sets, which stay in train.
 
+    ``kind='context'`` (data parsed with ``context_key``): every perturbation of the context
+    ``held_out_context`` goes to test (its control cells stay in ``train``: a new cell line's
+    control cells are what one has before screening it); the other contexts' perturbations go to
+    train, except a seeded validation set of perturbations (``1 - val_gene_fraction`` of the singles
+    and ``1 - val_combo_fraction`` of the multi-gene sets, at least one of each kind when there are
+    several) held out of training in every context. Test subgroups: ``context_seen`` (the
+    perturbation is trained in another context) and ``context_unseen`` (a validation perturbation,
+    trained nowhere).
+
+    With contexts, the other kinds split the perturbations the same way in every context (a
+    perturbation held out is held out everywhere): held-out perturbations *within* contexts.
+
     ``kind='custom'``: ``assignment`` maps each perturbation (canonical name such as ``'A+B'``, or
     the label of the user's perturbation column such as ``'B+A'`` / ``'A+ctrl'``) to ``'train'``,
     ``'val'`` or ``'test'``.
@@ -193,6 +206,8 @@ def split_perturbations(
         Test sets of ``kind='leave_one_out'`` (a name ``'A+B'``, a gene tuple, or a list of them).
     assignment
         Perturbation -> split mapping of ``kind='custom'``.
+    held_out_context
+        The test context of ``kind='context'``.
     gene_pool
         Genes drawn from in the ``'simulation'`` rule. ``'singles'`` (default): genes with a single
         perturbation in the data, so *seen* means seen perturbed individually, the paper's definition;
@@ -222,7 +237,10 @@ def split_perturbations(
         dict with ``kind``, ``seed``, ``params`` (fractions, ``gene_pool``, ``subgroup_key``,
         ``test_perturbations``), ``seen_genes`` (the genes test subgroups count as seen: genes drawn
         as seen, i.e. with their single perturbation in train or val) and ``table`` (DataFrame, one
-        row per perturbation incl. control, columns ``split`` and ``subgroup``).
+        row per perturbation incl. control, columns ``split`` and ``subgroup``; for ``kind='context'``
+        one row per (context, perturbation) group, indexed ``'context|perturbation'``, with columns
+        ``context``, ``perturbation``, ``split``, ``subgroup``) and, with contexts, ``context_key``
+        and ``held_out_context``.
 
     Raises
     ------
@@ -248,6 +266,8 @@ def split_perturbations(
         raise ValueError("`test_perturbations` is only used with kind='leave_one_out'.")
     if assignment is not None and kind != "custom":
         raise ValueError("`assignment` is only used with kind='custom'.")
+    if held_out_context is not None and kind != "context":
+        raise ValueError("`held_out_context` is only used with kind='context'.")
     if int(seed) != seed:
         raise ValueError(f"`seed` must be an integer, got {seed!r}.")
     subgroup_key = SUBGROUP_KEY if key_added == SPLIT_KEY else f"{key_added}_subgroup"
@@ -264,6 +284,24 @@ def split_perturbations(
         )
     perts = sorted((s for c, s in present.items() if c != CONTROL), key=lambda s: (len(s), s))
     rng = np.random.default_rng(int(seed))
+    ctx = get_context(adata)
+    if kind == "context":
+        return _context_split(
+            adata,
+            col,
+            ctx,
+            perts,
+            held_out_context,
+            rng,
+            val_gene_fraction,
+            val_combo_fraction,
+            key_added=key_added,
+            subgroup_key=subgroup_key,
+            seed=int(seed),
+            fractions=fractions,
+            gene_pool=gene_pool,
+            copy=copy,
+        )
 
     seen = None
     if kind in ("simulation", "single"):
@@ -333,6 +371,8 @@ def split_perturbations(
         "seen_genes": np.array(sorted(seen), dtype=object),
         "table": table,
     }
+    if ctx is not None:
+        adata.uns[key_added]["context_key"] = adata.uns[PERT_UNS_KEY]["context_key"]
     logger.info(
         "Split %d perturbations: %d train, %d val, %d test (%s).",
         len(perts),
@@ -340,5 +380,108 @@ def split_perturbations(
         len(val),
         len(test),
         table.loc[table["split"] == "test", "subgroup"].value_counts().to_dict(),
+    )
+    return adata if copy else None
+
+
+def _context_split(
+    adata,
+    col,
+    ctx,
+    perts,
+    held_out,
+    rng,
+    val_gene_fraction,
+    val_combo_fraction,
+    *,
+    key_added,
+    subgroup_key,
+    seed,
+    fractions,
+    gene_pool,
+    copy,
+):
+    """The held-out-context split (``kind='context'``), see :func:`split_perturbations`."""
+    if ctx is None:
+        raise ValueError(
+            "kind='context' needs contexts: parse with pg.pp.parse_perturbations(adata, perturbation_key=..., "
+            "context_key='cell_line') first."
+        )
+    contexts = [str(c) for c in ctx.cat.categories]
+    if held_out is None or str(held_out) not in contexts:
+        raise ValueError(f"kind='context' needs `held_out_context=`, one of the contexts {contexts[:20]}.")
+    held_out = str(held_out)
+    if len(contexts) < 2:
+        raise ValueError("kind='context' needs at least two contexts: one to hold out, one to train on.")
+    c_cells = ctx.astype(str).to_numpy()
+    names = col.astype(str).to_numpy()
+    trained = sorted(
+        {tuple(n.split(DELIM)) for n in pd.unique(names[(c_cells != held_out) & (names != CONTROL)])},
+        key=lambda s: (len(s), s),
+    )
+    if not trained:
+        raise ValueError(
+            f"No perturbed cells outside the held-out context {held_out!r}: nothing to train on."
+        )
+    val = []
+    for group, fraction in (
+        ([p for p in trained if len(p) == 1], val_gene_fraction),
+        ([p for p in trained if len(p) > 1], val_combo_fraction),
+    ):
+        n_val = len(group) - _floor(len(group), fraction)
+        if len(group) > 1:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(group) - 1) if len(group) > 1 else 0
+        idx = rng.choice(len(group), n_val, replace=False)
+        val += [group[i] for i in sorted(idx)]
+    val_names = {DELIM.join(p) for p in val}
+    if len(val_names) == len(trained):
+        raise ValueError("The validation draw leaves no training perturbation; raise val_gene_fraction.")
+    trained_names = {DELIM.join(p) for p in trained} - val_names
+    rows = {}
+    for c in contexts:
+        present = pd.unique(names[c_cells == c])
+        for n in sorted(present, key=lambda n: (n != CONTROL, n.count(DELIM), n)):
+            if n == CONTROL:
+                split, sub = "train", "control"
+            elif c == held_out:
+                split, sub = "test", "context_seen" if n in trained_names else "context_unseen"
+            elif n in val_names:
+                split, sub = "val", "val"
+            else:
+                split, sub = "train", "train"
+            rows[group_label(c, n)] = (c, n, split, sub)
+    table = pd.DataFrame.from_dict(
+        rows, orient="index", columns=["context", "perturbation", "split", "subgroup"]
+    )
+    if not (table["split"] == "test").any():
+        raise ValueError(f"The held-out context {held_out!r} has no perturbed cells to test on.")
+    labels = pd.Index(c_cells).astype(str) + "|" + pd.Index(names)
+    per_cell = table.reindex(labels)
+    subgroups = ["control", "train", "val", "context_seen", "context_unseen"]
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Categorical(per_cell["split"].to_numpy(), categories=list(SPLITS))
+    adata.obs[subgroup_key] = pd.Categorical(per_cell["subgroup"].to_numpy(), categories=subgroups)
+    seen = sorted({g for n in trained_names for g in n.split(DELIM)})
+    adata.uns[key_added] = {
+        "kind": "context",
+        "seed": seed,
+        "params": {
+            **{k: float(v) for k, v in fractions.items()},
+            "gene_pool": gene_pool,
+            "subgroup_key": subgroup_key,
+            "test_perturbations": np.array([], dtype=object),
+        },
+        "seen_genes": np.array(seen, dtype=object),
+        "table": table,
+        "context_key": adata.uns[PERT_UNS_KEY]["context_key"],
+        "held_out_context": held_out,
+    }
+    logger.info(
+        "Held out context %r: %d test groups; %d train and %d val perturbations in the other contexts.",
+        held_out,
+        int((table["split"] == "test").sum()),
+        len(trained_names),
+        len(val_names),
     )
     return adata if copy else None

@@ -11,80 +11,22 @@ at least their number, so that with all control cells ``no_change`` is exactly t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from pertpy_gnn._constants import COEXPR_GRAPH_KEY, CONTROL, GO_GRAPH_KEY, SPLIT_KEY
+from pertpy_gnn._constants import COEXPR_GRAPH_KEY, GO_GRAPH_KEY, SPLIT_KEY
 from pertpy_gnn._linear import bilinear_ridge, graph_embedding, pca_gene_embedding, relative_penalties
-from pertpy_gnn._utils import get_adata, get_matrix, logger, to_dense
-from pertpy_gnn.pp._de import group_moments
-from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_parsed, layer_of
+from pertpy_gnn._training import _Training, _training_data
+from pertpy_gnn._utils import get_adata, logger, to_dense
+from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_context
 
 from .._prediction import PREDICTION_UNS_KEY, make_prediction_adata
 
 #: the kinds understood by :func:`fit_baseline`
 BASELINE_KINDS = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
-
-
-@dataclass
-class _Training:
-    """Per-perturbation summaries of the training cells (computed once per fit)."""
-
-    var_names: pd.Index
-    control_x: object  # training control cells x genes (sparse or dense)
-    control_mean: np.ndarray  # (genes,)
-    sets: list[tuple[str, ...]]  # training perturbations (control excluded)
-    means: np.ndarray  # (len(sets), genes) mean expression
-    n_cells: np.ndarray  # (len(sets),)
-
-    @property
-    def deltas(self) -> np.ndarray:
-        return self.means - self.control_mean[None, :]
-
-    @property
-    def seen_genes(self) -> set[str]:
-        return {g for s in self.sets for g in s}
-
-
-def _training_data(adata: AnnData, split_key: str, layer: str | None) -> _Training:
-    col, sets = get_parsed(adata)
-    if split_key not in adata.obs:
-        raise KeyError(
-            f"obs[{split_key!r}] not found: split the perturbations first, e.g. "
-            "pg.pp.split_perturbations(adata, kind='simulation'), or pass `split_key=` naming your split column."
-        )
-    train = (adata.obs[split_key].astype(str) == "train").to_numpy()
-    codes = col.cat.codes.to_numpy().astype(np.int64)
-    codes = np.where(train, codes, -1)
-    ci = list(col.cat.categories).index(CONTROL)
-    ctrl_rows = np.flatnonzero(codes == ci)
-    if ctrl_rows.size == 0:
-        raise ValueError(
-            f"No control cells have obs[{split_key!r}] == 'train'; control cells must be in the training split "
-            "(pg.pp.split_perturbations always puts them there)."
-        )
-    x = get_matrix(adata, layer_of(adata) if layer is None else layer)
-    # the same float64 sums as pg.tl.evaluate, so that no_change is exactly the evaluated control mean
-    n_cells, means, _ = group_moments(x, codes, len(sets))
-    n_cells = n_cells.astype(np.int64)
-    keep = [i for i in range(len(sets)) if i != ci and n_cells[i] > 0]
-    if not keep:
-        raise ValueError(
-            f"No perturbed cells have obs[{split_key!r}] == 'train': nothing to fit a baseline on."
-        )
-    control_x = x[ctrl_rows] if sp.issparse(x) else np.asarray(x[ctrl_rows])
-    return _Training(
-        var_names=pd.Index(adata.var_names.astype(str)),
-        control_x=control_x,
-        control_mean=means[ci].astype(np.float64),
-        sets=[sets[i] for i in keep],
-        means=means[keep].astype(np.float64),
-        n_cells=n_cells[keep],
-    )
 
 
 def _indicator(sets: Sequence[tuple[str, ...]], genes: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -200,8 +142,7 @@ class TrainMeanBaseline(Baseline):
 
     def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
         super().__init__(train, name=name)
-        w = train.n_cells / train.n_cells.sum()
-        self.train_delta = w @ train.deltas
+        self.train_delta = train.mean_delta
 
     def _delta(self, sets):
         return np.broadcast_to(self.train_delta, (len(sets), len(self.var_names))).copy(), {}
@@ -219,9 +160,7 @@ class AdditiveBaseline(Baseline):
 
     def __init__(self, train: _Training, adata: AnnData, *, name: str | None = None):
         super().__init__(train, name=name)
-        singles = [i for i, s in enumerate(train.sets) if len(s) == 1]
-        self.single_genes = pd.Index([train.sets[i][0] for i in singles])
-        self.single_deltas = train.deltas[singles]
+        self.single_genes, self.single_deltas = train.single_deltas()
 
     def _delta(self, sets):
         ind, available = _indicator(sets, self.single_genes)
@@ -572,6 +511,7 @@ def fit_baseline(
     split_key: str = SPLIT_KEY,
     layer: str | None = None,
     name: str | None = None,
+    per_context: bool = True,
     modality: str | None = None,
     **kwargs,
 ) -> Baseline:
@@ -604,12 +544,26 @@ def fit_baseline(
             embeddings of the graphs, ``embedding_dim=10``) or a gene x d matrix (e.g. GeneCompass
             gene embeddings); genes without one are embedded from their GO neighbours (``go_graph=``,
             default ``uns['pg_go_graph']``) or as zero (see ``LinearEmbeddingBaseline``).
+        ``'context_transfer'``
+            data with contexts only: the cell-weighted mean change of the same set in the *other*
+            contexts' training cells, over the context's control mean (NaN and
+            ``obs['available'] == False`` where no other context trained the set). The baseline of
+            the held-out-context task.
     split_key
         Column of ``obs`` with the train / val / test assignment.
     layer
         Expression layer; by default the one recorded by ``parse_perturbations``.
     name
         Name of the predictor (default: ``kind``).
+    per_context
+        Data parsed with a ``context_key`` only. ``True`` (default): one baseline per context, fitted
+        on its training cells, predicting over its control mean; a context without training
+        perturbations (a held-out context) gets the pooled training mean change (``train_mean`` and
+        the linear kinds) or pooled single-gene changes (``additive``, also for genes of a set
+        without a single in that context), flagged ``obs['available'] == False``. ``False``
+        (``no_change``, ``train_mean``, ``additive``): the pooled baseline, whose change comes
+        from all contexts' training cells (each relative to its own context's control mean) and
+        is added to each context's control mean.
     modality
         Modality of a MuData.
     **kwargs
@@ -618,10 +572,23 @@ def fit_baseline(
     Returns
     -------
     A fitted ``Baseline`` with ``.name``, ``.seen_genes`` and ``.predict``; nothing is written into ``data``.
+    With contexts a :class:`~pertpy_gnn.tl._contexts.ContextBaseline`, whose ``predict`` takes ``context=``.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"Unknown baseline kind {kind!r}; choose one of {list(BASELINE_KINDS)}.")
     adata = get_adata(data, modality)
+    if kind == "context_transfer" and get_context(adata) is None:
+        raise ValueError("kind='context_transfer' needs data parsed with a `context_key`.")
+    if kind not in _KINDS and kind != "context_transfer":
+        raise ValueError(f"Unknown baseline kind {kind!r}; choose one of {list(BASELINE_KINDS)}.")
+    if get_context(adata) is not None:  # one baseline per context, pooled fallback (tl/_contexts.py)
+        from ._contexts import ContextBaseline
+
+        model = ContextBaseline(
+            adata, kind, split_key=split_key, layer=layer, name=name, per_context=per_context, **kwargs
+        )
+        logger.info("Fitted %s.", model)
+        return model
+    if not per_context:
+        raise ValueError("`per_context=False` needs data parsed with a `context_key`.")
     train = _training_data(adata, split_key, layer)
     model = _KINDS[kind](train, adata, name=name, **kwargs)
     logger.info("Fitted %s on %d training perturbations.", model, len(train.sets))

@@ -13,7 +13,7 @@ from scipy.stats import rankdata
 from pertpy_gnn._constants import CONTROL, DE_KEY, DELIM, EVAL_KEY, SPLIT_KEY, SUBGROUP_KEY
 from pertpy_gnn._utils import check_overwrite, get_adata, get_matrix, logger
 from pertpy_gnn.pp._de import group_moments
-from pertpy_gnn.pp._perturbations import canonical_name, get_parsed, layer_of
+from pertpy_gnn.pp._perturbations import canonical_name, get_context, get_parsed, layer_of
 
 from .._prediction import PREDICTION_UNS_KEY
 
@@ -287,6 +287,12 @@ def evaluate(
     prediction's ``obs['available']`` says the model fell back, e.g. ``linear_coexpression`` on a gene
     outside ``var_names``, and a warning is logged). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
     that frame, ``'summary':`` :func:`summarize_evaluation` of it, ``'params': {...}}``.
+
+    With contexts (``parse_perturbations(..., context_key=)``) every context is scored on its own:
+    truth, control mean, DE genes (``'context|perturbation'`` rows of ``uns[de_key]``), perturbed
+    centroid and the discrimination pool are those of the context; predictors are asked
+    ``predict(sets, context=c)``, a prediction AnnData needs ``obs['context']``; the frame gets a
+    ``context`` column (after ``perturbation``).
     """
     adata = get_adata(data, modality)
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
@@ -315,6 +321,22 @@ def evaluate(
             raise TypeError(
                 f"predictions[{name!r}] is a {type(m).__name__}; expected a predictor or a prediction AnnData."
             )
+
+    if get_context(adata) is not None:  # each context against its own control cells, DE genes and centroid
+        from ._contexts import evaluate_contexts
+
+        df = evaluate_contexts(
+            adata,
+            models,
+            split_key=split_key,
+            subset=subset,
+            de_key=de_key,
+            layer=layer,
+            predict_kwargs=predict_kwargs,
+            evaluate=evaluate,
+        )
+        _store(adata, key_added, df, split_key, subset, de_key, layer, _N_TOP, models)
+        return df
 
     in_subset = np.ones(adata.n_obs, dtype=bool)
     if subset is not None:
@@ -473,6 +495,12 @@ def evaluate(
     df = df[["model", "perturbation", "subgroup", "metric", "value", "available"]]
     for k in ("model", "perturbation", "subgroup", "metric"):
         df[k] = df[k].astype(str)
+    _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models)
+    logger.info("Evaluated %d models on %d perturbations of subset %r.", len(models), len(names), subset)
+    return df
+
+
+def _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models) -> None:
     adata.uns[key_added] = {
         "results": df,
         "summary": summarize_evaluation(df),
@@ -485,8 +513,6 @@ def evaluate(
             "models": list(models),
         },
     }
-    logger.info("Evaluated %d models on %d perturbations of subset %r.", len(models), len(names), subset)
-    return df
 
 
 def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFrame:

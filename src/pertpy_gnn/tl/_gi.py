@@ -959,7 +959,8 @@ def gi_map(
             )
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
-    if callable(getattr(model, "predict_deltas", None)):  # one pass, no AnnData per batch (GEARS)
+    one_pass = callable(getattr(model, "predict_deltas", None)) and not getattr(model, "contexts_", None)
+    if one_pass:  # one pass, no AnnData per batch (GEARS without contexts)
         delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=int(batch_size))
         names = [DELIM.join(c) for c in sets]
         if list(obs.index) != names:

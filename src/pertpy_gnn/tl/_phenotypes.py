@@ -7,7 +7,6 @@ score every set against reference DE vectors (e.g. a cell-state transition towar
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Mapping, Sequence
 
@@ -154,18 +153,6 @@ def _measured_sets(measured, measured_split) -> set[str]:
     return {canonical_name(s) for s in as_perturbation_sets(list(measured))}
 
 
-def _louvain(conn: sp.spmatrix, resolution: float, seed: int) -> np.ndarray:
-    """Louvain communities (networkx) of a weighted undirected graph: the fallback without igraph."""
-    import networkx as nx
-
-    graph = nx.from_scipy_sparse_array(sp.csr_matrix(conn), edge_attribute="weight")
-    communities = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
-    labels = np.empty(conn.shape[0], dtype=np.int64)
-    for i, members in enumerate(communities):
-        labels[list(members)] = i
-    return labels
-
-
 def phenotypes(
     pred: AnnData,
     *,
@@ -186,8 +173,7 @@ def phenotypes(
     GEARS Fig. 3: the model predicts every pair of a gene panel; the predicted changes over
     control (``layers['delta']``) are embedded (PCA of the centred changes), a k-nearest-neighbour
     graph is built on the embedding (:func:`scanpy.pp.neighbors`) and clustered (Leiden,
-    :func:`scanpy.tl.leiden` with the ``igraph`` flavour, when ``igraph`` is installed; else
-    Louvain from networkx on the same graph, recorded in ``uns``). A cluster is *known* when it
+    :func:`scanpy.tl.leiden` with the ``igraph`` flavour). A cluster is *known* when it
     holds at least ``min_measured`` measured perturbations (e.g. the training perturbations) and
     *novel* otherwise: a phenotype the screen has not shown. Each set is scored against each
     reference DE vector by the dot product of its predicted change with the reference over their
@@ -245,7 +231,7 @@ def phenotypes(
     ``obsp[key + '_connectivities']``, ``obsp[key + '_distances']``
         The kNN graph.
     ``uns[key]``
-        ``params``; ``method`` (``'leiden'`` or ``'louvain'``); ``variance_ratio`` of the
+        ``params``; ``method`` (``'leiden'``); ``variance_ratio`` of the
         components; ``clusters`` (DataFrame per cluster: ``n_sets``, ``n_measured``, ``status``,
         mean score per reference); ``references`` (DataFrame per reference: its columns, genes
         in the reference and shared with the prediction).
@@ -317,14 +303,10 @@ def phenotypes(
     tmp = AnnData(obsm={"X": emb}, obs=pd.DataFrame(index=pd.RangeIndex(pred.n_obs).astype(str)))
     sc.pp.neighbors(tmp, n_neighbors=int(min(n_neighbors, pred.n_obs - 1)), use_rep="X", random_state=seed)
     conn = tmp.obsp["connectivities"]
-    if importlib.util.find_spec("igraph") is not None:
-        sc.tl.leiden(
-            tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False
-        )
-        raw, method = tmp.obs["leiden"].astype(int).to_numpy(), "leiden"
-    else:
-        logger.info("igraph is not installed: clustering with Louvain (networkx) instead of Leiden.")
-        raw, method = _louvain(conn, resolution, seed), "louvain"
+    sc.tl.leiden(
+        tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False
+    )
+    raw, method = tmp.obs["leiden"].astype(int).to_numpy(), "leiden"
     sizes = np.bincount(raw)
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(sizes.size)
