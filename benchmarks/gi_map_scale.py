@@ -83,13 +83,24 @@ class Timed:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def predict(self, *args, **kwargs):
+    def __getattribute__(self, name):
+        if name == "predict_deltas" and not hasattr(object.__getattribute__(self, "model"), name):
+            raise AttributeError(name)  # gi_map then calls predict batch by batch
+        return object.__getattribute__(self, name)
+
+    def _timed(self, fn, *args, **kwargs):
         t0, c0 = time.perf_counter(), cpu_seconds()
-        out = self.model.predict(*args, **kwargs)
+        out = fn(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += cpu_seconds() - c0
         self.calls += 1
         return out
+
+    def predict(self, *args, **kwargs):
+        return self._timed(self.model.predict, *args, **kwargs)
+
+    def predict_deltas(self, *args, **kwargs):
+        return self._timed(self.model.predict_deltas, *args, **kwargs)
 
 
 def train_gears(adata, epochs: int, seed: int):
@@ -110,6 +121,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="GEARS training epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (numba uses all cores); 2 cost 4x the CPU on a shared 2-core machine",
+    )
+    parser.add_argument(
         "--published-pairs",
         type=int,
         default=0,
@@ -120,7 +137,7 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     import pertpy_gnn as pg
 
     load_start = os.getloadavg()
@@ -187,7 +204,7 @@ def main() -> None:
         "defaults": {
             "n_subsamples": 10_000,
             "subsample_size": 1000,
-            "n_projections": 6,
+            "n_projections": 4,
             "model_fit": "pearson",
         },
         "gi_map_seconds": round(t_map, 2),
@@ -198,8 +215,9 @@ def main() -> None:
         "scoring_seconds": round(t_map - model.seconds, 2),
         "scoring_cpu_seconds": round(c_map - model.cpu_seconds, 2),
         "scoring_ms_per_pair": round(1e3 * (t_map - model.seconds) / len(df), 2),
-        "target_seconds": 120,
-        "under_target": bool(t_map < 120),
+        "target_seconds": 30,
+        "under_target": bool(t_map < 30),
+        "ideal_wall_seconds_2_idle_cores": round(c_map / 2, 2),
         "numba_kernel_load_seconds": round(t_compile, 2),
         "simulate_seconds": round(t_sim, 2),
         "gears_train_seconds": None if t_train is None else round(t_train, 2),

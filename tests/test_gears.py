@@ -186,6 +186,29 @@ def test_gene_graph_computed_once_and_shared_by_every_cell(training):
         torch.testing.assert_close(module.post_mlp[-1].running_var, ref.post_mlp[-1].running_var)
 
 
+@pytest.mark.parametrize(("block_rows", "cross_gene"), [(1, True), (7, True), (10_000, True), (7, False)])
+def test_folded_blocked_inference_equals_plain_layers(block_rows, cross_gene):
+    """Eval-mode prediction with the batch norms folded and the gene grid in blocks gives the plain path's values."""
+    module = _small_module(uncertainty=True, cross_gene=cross_gene)
+    module.train()
+    for seed in range(3):  # non-trivial running statistics
+        module(_batch(module, seed=seed))
+    with torch.no_grad():
+        for bn in (module.bn_post, module.post_mlp[1], module.post_mlp[-1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    module.eval()
+    pert_idx = torch.tensor([[2, 5], [5, 2], [-1, -1], [3, -1], [7, 1]])
+    with torch.no_grad():
+        plain = module.generative(**module._get_generative_input({}, module.inference(pert_idx)))
+        zhat, logvar = module.predict_delta(pert_idx, block_rows=block_rows)
+        zhat2, _ = module.predict_delta(pert_idx, h_gene=module.gene_states())
+    torch.testing.assert_close(zhat, plain["zhat"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar, plain["logvar"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zhat2, zhat)
+    torch.testing.assert_close(zhat[0], zhat[1])  # order within a set does not matter
+
+
 def test_loss_averages_over_distinct_perturbations_on_expressed_genes():
     module = _small_module(direction_lambda=0.0)
     batch = _batch(module)
@@ -227,6 +250,24 @@ def test_uncertainty_loss_is_minimized_at_log_error():
     assert s.grad.abs().max() < 1e-5
     far = module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt + 3}).loss
     assert far > module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt}).loss
+
+
+def test_bf16_autocast_trains_with_float32_statistics():
+    """Under ``torch.autocast(bfloat16)`` a step runs forward and backward; batch-norm buffers stay float32."""
+    losses = []
+    for autocast in (False, True):
+        module = _small_module(uncertainty=True)
+        module.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, _, out = module(_batch(module))
+        out.loss.backward()
+        losses.append(out.loss.detach().float())
+        for bn in (module.bn_post, module.post_mlp[-1], module.cross_gene[1]):
+            assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+            assert torch.isfinite(bn.running_var).all()
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
 
 
 # ----------------------------------------------------------------------------- model
@@ -494,6 +535,87 @@ def test_gene_embeddings_name_and_errors(toy, tmp_path):
     assert isinstance(model.module.gene_encoder, PretrainedGeneEncoder)
     assert toy.uns["pg_gears"]["params"]["name"] == "GEARS+embeddings"
     assert toy.uns["pg_gears"]["params"]["coexpression_graph"] == "not used"
+
+
+def test_predict_deltas_and_gi_map_fast_path_match_predict(trained_toy):
+    """``predict_deltas`` gives ``predict``'s changes; gi_map's one-pass path gives the batched path's scores."""
+    adata, model = trained_toy
+    sets = ["G000", "G001+G005", "G002+G003", "G004"]
+    pred = model.predict(sets, n_control=50, seed=3)
+    delta, obs = model.predict_deltas(sets, n_control=50, seed=3, batch_size=2)
+    np.testing.assert_array_equal(delta, pred.layers["delta"])
+    pd.testing.assert_frame_equal(obs, pred.obs[obs.columns], check_names=False)
+
+    class PredictOnly:  # no predict_deltas: gi_map calls predict batch by batch
+        seen_genes = model.seen_genes
+
+        def predict(self, perturbations, **kwargs):
+            return model.predict(perturbations, **kwargs)
+
+    genes = ["G000", "G001", "G002", "G005", "G006"]
+    kwargs = {"n_subsamples": 50, "subsample_size": 5, "progress_bar": False}
+    fast = pg.tl.gi_map(model, genes, batch_size=3, **kwargs)
+    slow = pg.tl.gi_map(PredictOnly(), genes, batch_size=3, **kwargs)
+    pd.testing.assert_frame_equal(fast, slow)
+
+
+# ----------------------------------------------------------------------------- set batches
+def test_set_batches_draw_whole_sets_evenly():
+    from pertpy_gnn.gears._data import SetBatches
+
+    codes = np.repeat([0, 1, 2, 3, 4], [50, 3, 10, 40, 7])  # 110 cells of 5 sets
+    sampler = SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0)
+    # an epoch draws about as many cells as there are: mean drawn per set (8+3+8+8+7)/5 = 6.8
+    assert len(sampler) == int(np.ceil(110 / (2 * 6.8)))
+    seen = np.zeros(5, dtype=int)
+    for _ in range(3):
+        for batch in sampler:
+            sets, counts = np.unique(codes[batch], return_counts=True)
+            assert len(sets) == 2 and len(set(batch)) == len(batch)
+            assert (counts == np.minimum([50, 3, 10, 40, 7], 8)[sets]).all()
+            seen[sets] += 1
+    assert seen.max() - seen.min() <= 2  # every set equally often (a permutation stream)
+    again = SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0)
+    assert list(again) == list(SetBatches(codes, sets_per_batch=2, cells_per_set=8, seed=0))
+    whole = next(iter(SetBatches(codes, sets_per_batch=5, cells_per_set=None, seed=1)))
+    assert sorted(whole) == list(range(110))
+    with pytest.raises(ValueError, match="sets_per_batch"):
+        SetBatches(codes, sets_per_batch=0, cells_per_set=8, seed=0)
+
+
+def test_set_batch_loss_equals_per_cell_loss(toy):
+    """A set batch runs the network once per set; its loss is the per-cell loss of its cells run one by one."""
+    from pertpy_gnn.gears._data import make_set_loader
+
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=8, uncertainty=True, seed=0)
+    train, *_ = model._training_data(0)
+    batch = next(iter(make_set_loader(train, sets_per_batch=3, cells_per_set=5, seed=0)))
+    assert len(batch[K.GROUP].unique()) == 3 and batch[K.X].shape[0] > 3
+    module = model.module.eval()
+    module.control_mean.copy_(torch.rand(module.n_genes))
+    with torch.no_grad():
+        loss = module(batch)[2].loss
+        per_set: dict[int, list] = {}
+        for i in range(batch[K.X].shape[0]):  # one network pass per cell
+            zhat, s = module.predict_delta(batch[K.PERT_IDX][i : i + 1])
+            pred, x, m = zhat[0] + batch[K.X_CTRL][i], batch[K.X][i], batch[K.MASK][i].float()
+            err = (pred - x).abs() ** 4
+            dirn = (torch.sign(x - module.control_mean) - torch.tanh((pred - module.control_mean) / 0.1)) ** 2
+            cell = err + 0.1 * dirn + torch.exp(-s[0]) * err + s[0]
+            per_set.setdefault(int(batch[K.GROUP][i]), []).append((cell * m).sum() / m.sum())
+    expected = torch.stack([torch.stack(v).mean() for v in per_set.values()]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_train_with_set_batches(toy):
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=16, seed=0)
+    model.train(max_epochs=2, batching="sets", sets_per_batch=4, cells_per_set=8, progress_bar=False)
+    assert len(model.history_) == 2 and np.isfinite(model.history_["train_loss"]).all()
+    assert np.isfinite(model.best_val)
+    with pytest.raises(ValueError, match="batching"):
+        model.train(max_epochs=1, batching="genes")
 
 
 # ----------------------------------------------------------------------------- ablations (Extended Data Fig. 4)

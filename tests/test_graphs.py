@@ -209,3 +209,19 @@ def test_coexpression_absolute_and_warnings(caplog):
     adata.obs["pg_split"] = pd.Categorical(["test"] * 199 + ["train"])
     with pytest.raises(ValueError, match="at least 2"):
         pg.pp.coexpression_graph(adata, overwrite=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_covariance_of_selected_rows_in_blocks(monkeypatch, sparse):
+    """The covariance of a subset of cells, gathered a block at a time, is numpy's; ``x`` is not written."""
+    rng = np.random.default_rng(1)
+    x = np.log1p(rng.poisson(0.7, (400, 40))).astype(np.float32)
+    matrix = sp.csr_matrix(x) if sparse else x.copy()
+    rows = np.flatnonzero(rng.random(400) < 0.6)
+    monkeypatch.setattr(_graphs, "_CHUNK_ELEMENTS", 50 * 40)  # 50 cells per block
+    monkeypatch.setattr(_graphs, "_STRIP_GENES", 8)  # 5 gene strips
+    monkeypatch.setattr(_graphs, "_SPARSE_DENSITY", 0.0)  # dense blocks
+    cov = _graphs._covariance(matrix, rows)
+    np.testing.assert_allclose(cov, np.cov(x[rows].astype(np.float64), rowvar=False), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(cov, cov.T)
+    np.testing.assert_array_equal(matrix.toarray() if sparse else matrix, x)

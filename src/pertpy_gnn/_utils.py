@@ -55,19 +55,43 @@ def to_dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def group_means(x, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean of the rows of ``x`` per group, vectorized with a sparse indicator matrix.
+def group_means(x, codes: np.ndarray, n_groups: int, *, chunk_elements: int = 1 << 21) -> np.ndarray:
+    """Mean of the rows of ``x`` per group (``float32``), summed in ``float64`` a block of rows at a time.
 
-    ``codes`` holds a group index per row (``-1`` rows are ignored).
+    ``codes`` holds a group index per row (``-1`` rows are ignored). Each block of about
+    ``chunk_elements`` stored values is converted to ``float64`` and summed into the groups by a
+    sparse indicator product, so the extra memory is one block (16 MiB by default), not a
+    ``float64`` copy of ``x``.
     """
+    codes = np.asarray(codes)
+    n_obs, n_vars = x.shape
     keep = codes >= 0
-    rows = codes[keep]
-    ind = sp.csr_matrix(
-        (np.ones(rows.size, dtype=np.float64), (rows, np.flatnonzero(keep))), shape=(n_groups, x.shape[0])
-    )
-    counts = np.asarray(ind.sum(axis=1)).ravel()
-    sums = ind @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.float64)
+    sums = np.zeros((n_groups, n_vars))
+    sparse = sp.issparse(x)
+    if sparse:
+        x = x.tocsr() if x.format != "csr" else x
+        per_row = max(1.0, x.nnz / max(1, n_obs))
+    else:
+        per_row = max(1, n_vars)
+    step = max(1, int(chunk_elements // per_row))
+    for start in range(0, n_obs, step):
+        stop = min(n_obs, start + step)
+        c = codes[start:stop]
+        k = np.flatnonzero(c >= 0)
+        if k.size == 0:
+            continue
+        ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, stop - start))
+        if sparse:  # the block's float64 values over the index arrays of x (no copy of those)
+            a, b = x.indptr[start], x.indptr[stop]
+            block = sp.csr_matrix(
+                (x.data[a:b].astype(np.float64), x.indices[a:b], x.indptr[start : stop + 1] - a),
+                shape=(stop - start, n_vars),
+            )
+        else:
+            block = np.asarray(x[start:stop], dtype=np.float64)
+        part = ind @ block
+        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (sums / counts[:, None]).astype(np.float32)
 

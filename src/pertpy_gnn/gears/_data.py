@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._constants import TENSOR_KEYS as K
 
@@ -169,6 +171,79 @@ class TensorDict(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([position])
+
+
+class SetBatches(Sampler[list[int]]):
+    """Batches of whole perturbation sets: each batch is ``sets_per_batch`` sets and their cells.
+
+    The network runs once per distinct set of a batch, so a batch of a few sets and many cells
+    costs little more than one of a few cells, and the paper's per-cell loss (averaged per set,
+    then over the sets of the batch) is applied to every drawn cell. Sets are drawn from a stream
+    of random permutations of the training sets (every set equally often); a set with more than
+    ``cells_per_set`` cells contributes a random sample of that many (a new one each time), the
+    others all their cells. An epoch has as many batches as it takes to draw as many cells as
+    there are training cells (so epochs, and a per-epoch learning-rate decay, mean what they
+    mean with cell batches).
+
+    Parameters
+    ----------
+    codes
+        Perturbation category of each training cell (position in the dataset).
+    sets_per_batch
+        Sets per batch.
+    cells_per_set
+        Most cells drawn from one set per batch; ``None``: all of them.
+    seed
+        Seed of the set order and of the cell samples.
+    """
+
+    def __init__(self, codes, sets_per_batch: int, cells_per_set: int | None, seed: int):
+        if sets_per_batch < 1:
+            raise ValueError(f"`sets_per_batch` must be at least 1, got {sets_per_batch}.")
+        if cells_per_set is not None and cells_per_set < 1:
+            raise ValueError(f"`cells_per_set` must be at least 1 or None (all cells), got {cells_per_set}.")
+        codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+        order = torch.argsort(codes, stable=True)
+        _, counts = torch.unique_consecutive(codes[order], return_counts=True)
+        self.members = list(torch.split(order, counts.tolist()))  # positions of each set's cells
+        self.sets_per_batch = min(int(sets_per_batch), len(self.members))
+        self.cells_per_set = cells_per_set
+        drawn = counts if cells_per_set is None else counts.clamp(max=cells_per_set)
+        per_batch = float(drawn.double().mean()) * self.sets_per_batch
+        self.n_batches = max(1, math.ceil(len(codes) / per_batch))
+        self.generator = torch.Generator().manual_seed(seed)
+        self._queue: list[int] = []
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _next_sets(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.sets_per_batch:
+            if not self._queue:
+                self._queue = torch.randperm(len(self.members), generator=self.generator).tolist()
+            s = self._queue.pop()
+            if s not in out:  # a set at most once per batch (across a permutation boundary)
+                out.append(s)
+        return out
+
+    def __iter__(self):
+        for _ in range(self.n_batches):
+            parts = []
+            for s in self._next_sets():
+                cells = self.members[s]
+                if self.cells_per_set is not None and len(cells) > self.cells_per_set:
+                    cells = cells[torch.randperm(len(cells), generator=self.generator)[: self.cells_per_set]]
+                parts.append(cells)
+            yield torch.cat(parts).tolist()
+
+
+def make_set_loader(
+    dataset: TrainCells, sets_per_batch: int, cells_per_set: int | None, *, seed: int = 0
+) -> DataLoader:
+    """Single-process loader of :class:`SetBatches` of the training cells."""
+    sampler = SetBatches(dataset.codes, sets_per_batch, cells_per_set, seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:

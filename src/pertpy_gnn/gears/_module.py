@@ -53,9 +53,12 @@ def _bn_moments(
 
     In training mode the batch moments, with the running statistics updated as
     :class:`torch.nn.BatchNorm1d` does (unbiased variance); in eval mode the running statistics.
+    The moments are taken in the dtype of the running buffers (``float32``), also under
+    :func:`torch.autocast`, whose ``bfloat16`` activations would otherwise reach the buffers.
     """
     if not bn.training:
         return bn.running_mean, bn.running_var
+    mean, var = mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
     with torch.no_grad():
         bn.running_mean.lerp_(mean.detach(), bn.momentum)
         bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), bn.momentum)
@@ -139,9 +142,11 @@ class GraphEncoder(nn.Module):
         self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
 
     def propagate(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``A x`` for all nodes, or for the nodes ``rows`` only."""
+        """``A x`` for all nodes, or for the nodes ``rows`` only (in the graph's dtype, also under autocast)."""
+        x = x.to(self.weight.dtype)
         if rows is None:
-            return torch.sparse.mm(self.adj, x)
+            with torch.autocast(x.device.type, enabled=False):  # sparse.mm has no bfloat16 backward
+                return torch.sparse.mm(self.adj, x)
         start = self.crow[rows]
         counts = self.crow[rows + 1] - start
         seg = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), counts)
@@ -497,6 +502,30 @@ class GEARSModule(BaseModuleClass):
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
         return {"h_post": inference_outputs["h_post"]}
 
+    def _set_embeddings(
+        self, pert_idx: torch.Tensor, like: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h_P = MLP(sum_i h_pert[P_i])`` of each set (``n x d``; zero for the empty set), plus anchor / context terms."""
+        n, d = pert_idx.shape[0], self.hidden_dim
+        valid = pert_idx >= 0
+        h_p = like.new_zeros(n, d)
+        if valid.any():
+            nodes, node_of = torch.unique(pert_idx[valid], return_inverse=True)
+            h_nodes = self.pert_encoder(rows=nodes)
+            summed = like.new_zeros(n, d).index_add(
+                0, torch.nonzero(valid)[:, 0], h_nodes[node_of].to(like.dtype)
+            )
+            perturbed = torch.nonzero(valid.any(1)).squeeze(1)
+            h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]).to(like.dtype))
+            if self.anchor is not None:
+                additive = self._anchor(pert_idx, own_out=self.training)[1]
+                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
+        if self.n_contexts > 0:
+            if context is None:
+                raise ValueError("This GEARS module has contexts: give the context of every set.")
+            h_p = h_p + self.context_embedding[context]
+        return h_p
+
     def inference(
         self, pert_idx: torch.Tensor, context: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -518,21 +547,7 @@ class GEARSModule(BaseModuleClass):
         """
         h_gene = self.gene_mlp(self.gene_encoder())
         n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
-        valid = pert_idx >= 0
-        h_p = h_gene.new_zeros(n, d)
-        if valid.any():
-            nodes, node_of = torch.unique(pert_idx[valid], return_inverse=True)
-            h_nodes = self.pert_encoder(rows=nodes)
-            summed = h_gene.new_zeros(n, d).index_add(0, torch.nonzero(valid)[:, 0], h_nodes[node_of])
-            perturbed = torch.nonzero(valid.any(1)).squeeze(1)
-            h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]))
-            if self.anchor is not None:
-                additive = self._anchor(pert_idx, own_out=self.training)[1]
-                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
-        if self.n_contexts > 0:
-            if context is None:
-                raise ValueError("This GEARS module has contexts: give the context of every set.")
-            h_p = h_p + self.context_embedding[context]
+        h_p = self._set_embeddings(pert_idx, h_gene, context)
         # BN(h_gene_u + h_P) over the K x n grid: its moments are sums of those of the two terms, so the
         # normalization folds into the K + n embeddings before they are broadcast (same values as
         # self.bn_post on the K * n rows, without a pass over them)
@@ -557,6 +572,13 @@ class GEARSModule(BaseModuleClass):
         b_eff = b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)
         return torch.baddbmm(b_eff, y, w_eff).squeeze(-1)
 
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``zhat`` (``n x K``) from the gene-specific effects ``z`` (``K x n``), through the cross-gene state."""
+        if self.cross_gene is None:  # ablation: gene-specific decoder on z_u alone
+            return (z * self.w2 + self.b2).T
+        h_cg = self.cross_gene(z.T)  # n x d
+        return (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+
     def generative(self, h_post: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Gene-specific effects ``z`` and predicted change ``zhat`` (``n x K``), log-variance ``s`` (or ``None``).
 
@@ -574,11 +596,7 @@ class GEARSModule(BaseModuleClass):
         scale = bn.weight / torch.sqrt(var + bn.eps)
         shift = bn.bias - mean * scale
         z = self._gene_linear(h_post, self.w1, self.b1, shift, scale)  # K x n
-        if self.cross_gene is None:  # ablation: gene-specific decoder on z_u alone
-            zhat = (z * self.w2 + self.b2).T
-        else:
-            h_cg = self.cross_gene(z.T)  # n x d
-            zhat = (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
+        zhat = self._decode(z)
         logvar = (
             self._gene_linear(h_post, self.w_unc, self.b_unc, shift, scale).T if self.uncertainty else None
         )
@@ -630,11 +648,61 @@ class GEARSModule(BaseModuleClass):
         """GEARS is not a generative model of cells; use :meth:`pertpy_gnn.gears.GEARS.predict`."""
         raise NotImplementedError("GEARS does not sample cells; use GEARS.predict.")
 
+    def gene_states(self) -> torch.Tensor:
+        """``h_gene = MLP(GNN(genes))`` (``K x d``): shared by every set, computed once per prediction."""
+        return self.gene_mlp(self.gene_encoder())
+
     def predict_delta(
-        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        pert_idx: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        h_gene: torch.Tensor | None = None,
+        block_rows: int = 8192,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` (anchor + residual with an anchor) and log-variance of a batch of sets (call in eval mode)."""
-        inf = self.inference(pert_idx) if self.n_contexts == 0 else self.inference(pert_idx, context)
-        out = self.generative(**self._get_generative_input({}, inf))
-        zhat = out["zhat"] if self.anchor is None else out["zhat"] + self.anchor_delta(pert_idx)
-        return zhat, out["logvar"]
+        """``zhat`` (anchor + residual with an anchor) and log-variance of a batch of sets (``n x K`` each).
+
+        In eval mode the network runs folded and blocked: the batch norms (running statistics) are
+        folded into the adjacent linear layers and the ``K x n`` grid of post-perturbation
+        embeddings is computed a block of genes at a time (about ``block_rows`` rows), straight
+        into the gene-specific decoders, so it is never held whole. Same values as
+        ``generative(inference(pert_idx))`` up to float rounding (tested). ``h_gene`` may be passed
+        from :meth:`gene_states` to share it between batches. In training mode: the plain path.
+        """
+        if self.training:
+            inf = self.inference(pert_idx) if self.n_contexts == 0 else self.inference(pert_idx, context)
+            out = self.generative(**self._get_generative_input({}, inf))
+            zhat, logvar = out["zhat"], out["logvar"]
+        else:
+            h = self.gene_states() if h_gene is None else h_gene
+            zhat, logvar = self._predict_folded(pert_idx, h, block_rows, context)
+        return (zhat if self.anchor is None else zhat + self.anchor_delta(pert_idx)), logvar
+
+    def _predict_folded(
+        self, pert_idx: torch.Tensor, h_gene: torch.Tensor, block_rows: int, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k, n, d = self.n_genes, pert_idx.shape[0], self.hidden_dim
+        h_p = self._set_embeddings(pert_idx, h_gene, context)
+        bn = self.bn_post
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        g = (h_gene - bn.running_mean) * scale + bn.bias  # K x d
+        hp = h_p * scale  # n x d
+        lin1, bn1, _, lin2, bn_last = self.post_mlp
+        s1 = bn1.weight / torch.sqrt(bn1.running_var + bn1.eps)
+        w1 = lin1.weight * s1[:, None]
+        b1 = (lin1.bias - bn1.running_mean) * s1 + bn1.bias
+        s_last = bn_last.weight / torch.sqrt(bn_last.running_var + bn_last.eps)
+        shift = bn_last.bias - bn_last.running_mean * s_last
+        heads = [(self.w1, self.b1)] + ([(self.w_unc, self.b_unc)] if self.uncertainty else [])
+        folded = [
+            (w * s_last.unsqueeze(1), b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)) for w, b in heads
+        ]
+        outs = [h_gene.new_empty(k, n) for _ in heads]
+        step = max(1, int(block_rows) // max(n, 1))
+        for lo in range(0, k, step):
+            hi = min(k, lo + step)
+            h = (g[lo:hi, None, :] + hp[None, :, :]).relu_().reshape(-1, d)
+            h = F.linear(F.linear(h, w1, b1).relu_(), lin2.weight, lin2.bias).reshape(hi - lo, n, d)
+            for out, (w, b) in zip(outs, folded, strict=True):
+                out[lo:hi] = torch.baddbmm(b[lo:hi], h, w[lo:hi]).squeeze(-1)
+        return self._decode(outs[0]), (outs[1].T if self.uncertainty else None)

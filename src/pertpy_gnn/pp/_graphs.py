@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import COEXPR_GRAPH_KEY, GO_ANNOTATIONS_KEY, GO_GRAPH_KEY, SPLIT_KEY
-from .._utils import check_overwrite, get_adata, get_matrix, logger
+from .._utils import check_overwrite, get_adata, get_matrix, group_means, logger
 from ._perturbations import layer_of
 
 #: number of similarity values held in memory at once (rows x genes of one chunk)
@@ -34,8 +34,9 @@ def _top_neighbors(sim: np.ndarray, start: int, k: int, threshold: float) -> tup
     if k <= 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0, dtype=np.float32)
-    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    val = np.take_along_axis(sim, idx, axis=1)
+    np.negative(sim, out=sim)  # in place (the chunk is a scratch array): no copy for argpartition
+    idx = np.argpartition(sim, k - 1, axis=1)[:, :k]
+    val = -np.take_along_axis(sim, idx, axis=1)
     order = np.argsort(-val, axis=1, kind="stable")
     idx, val = np.take_along_axis(idx, order, axis=1), np.take_along_axis(val, order, axis=1)
     keep = np.isfinite(val) & (val > threshold)
@@ -200,30 +201,48 @@ def _use_sparse_gram(x) -> bool:
     return sp.issparse(x) and x.nnz < _SPARSE_DENSITY * np.sqrt(2 / n_cpu) * x.shape[0] * x.shape[1]
 
 
-def _covariance(x, n: int) -> np.ndarray:
-    """Covariance matrix (float64, genes x genes) of the rows of ``x`` (sparse or dense)."""
-    if sp.issparse(x):
+def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
+    """Covariance matrix (float64, genes x genes) of the rows ``rows`` (default all) of ``x`` (sparse or dense).
+
+    Working memory beyond the ``genes x genes`` result is one block of cells (``_CHUNK_ELEMENTS``
+    float32 values): the rows are gathered block by block (no copy of the selected cells) and the
+    lower triangle is filled in place from the upper one.
+    """
+    if sp.issparse(x) and x.format != "csr":
         x = sp.csr_matrix(x)
-    mean = np.asarray(x.sum(axis=0), dtype=np.float64).ravel() / n
+    n = x.shape[0] if rows is None else rows.size
     if _use_sparse_gram(x):
-        x = x.astype(np.float64)
-        gram = (x.T @ x).toarray()
+        xs = (x if rows is None else x[rows]).astype(np.float64)
+        mean = np.asarray(xs.sum(axis=0)).ravel() / n
+        gram = (xs.T @ xs).toarray()
+        del xs
         gram -= n * np.outer(mean, mean)
-        return gram / (n - 1)
-    # dense float32 blocks of cells, centred, accumulated in float64; upper triangle by row strips
+        gram /= n - 1
+        return gram
     g = x.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // g)
+
+    codes = np.zeros(x.shape[0], dtype=np.int64)
+    if rows is not None:
+        codes -= 1
+        codes[rows] = 0
+    mean32 = group_means(x, codes, 1)[0]
+    # dense float32 blocks of cells, centred, accumulated in float64; upper triangle by row strips
     gram = np.zeros((g, g), dtype=np.float64)
     bounds = np.linspace(0, g, max(1, min(8, g // _STRIP_GENES)) + 1).astype(int)
-    mean32 = mean.astype(np.float32)
-    chunk = max(1, _CHUNK_ELEMENTS // g)
     for start in range(0, n, chunk):
-        block = x[start : start + chunk]
+        block = x[start : start + chunk] if rows is None else x[rows[start : start + chunk]]
         block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        block = block.astype(np.float32) - mean32
+        block = np.subtract(block, mean32, dtype=np.float32)  # a new array: x is never written
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             gram[lo:hi, lo:] += block[:, lo:hi].T @ block[:, lo:]
-    gram = np.triu(gram) + np.triu(gram, 1).T
-    return gram / (n - 1)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):  # lower triangle from the upper one, in place
+        gram[lo:hi, :lo] = gram[:lo, lo:hi].T
+        diag = gram[lo:hi, lo:hi]
+        low = np.tril_indices(hi - lo, -1)
+        diag[low] = diag.T[low]
+    gram /= n - 1
+    return gram
 
 
 def coexpression_graph(
@@ -285,19 +304,21 @@ def coexpression_graph(
     layer = layer_of(adata) if layer is None else layer
     x = get_matrix(adata, layer)
     mask, cells = _train_mask(adata, split_key)
-    x = x[mask] if not mask.all() else x
     n = int(mask.sum())
-    cov = _covariance(x, n)
+    cov = _covariance(x, None if mask.all() else np.flatnonzero(mask))
     var = np.diag(cov).copy()
     constant = var <= 1e-12 * max(1.0, float(var.max(initial=0.0)))
     if constant.any():
         logger.info("%d genes are constant over the %d training cells and get no edges.", constant.sum(), n)
     inv = np.where(constant, 0.0, 1.0 / np.sqrt(np.where(constant, 1.0, var)))
-    chunk = max(1, _CHUNK_ELEMENTS // cov.shape[0])
+    chunk = max(1, _CHUNK_ELEMENTS // 4 // cov.shape[0])  # float64 correlations: 32 MiB at a time
     parts = []
     for start in range(0, cov.shape[0], chunk):
-        r = np.clip(cov[start : start + chunk] * inv[start : start + chunk, None] * inv[None, :], -1, 1)
-        r = np.abs(r) if absolute else r
+        r = cov[start : start + chunk] * inv[start : start + chunk, None]
+        r *= inv[None, :]
+        np.clip(r, -1, 1, out=r)
+        if absolute:
+            np.abs(r, out=r)
         r[:, constant] = -np.inf
         r[constant[start : start + chunk]] = -np.inf
         parts.append(_top_neighbors(r, start, int(n_neighbors), threshold))

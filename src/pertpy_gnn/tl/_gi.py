@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -316,7 +317,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
 
     With ``r^v_i = mean_j |x^v_i - x^v_j|`` (row means of the distance matrix of row ``v``):
     ``mixed[p, t] = sum_ij |x^u_i - x^u_j| |x^w_i - x^w_j|`` for every task ``t = (u, w)``,
-    ``gram[p, v, w] = sum_i r^v_i r^w_i`` and ``sums[p, v] = sum_i r^v_i``. ``orders`` holds the
+    ``gram[p, v, w] = sum_i r^v_i r^w_i``, ``sums[p, v] = sum_i r^v_i`` and ``sq[p, v] = 2 var(x^v)``. ``orders`` holds the
     argsort of every row. A mixed sum runs over the genes in increasing ``x^w`` with a Fenwick
     tree over the ranks of ``x^u``: O(n log n).
     """
@@ -325,6 +326,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
     mixed = np.zeros((n_pairs, n_tasks))
     gram = np.zeros((n_pairs, n_rows, n_rows))
     sums = np.zeros((n_pairs, n_rows))
+    sq = np.zeros((n_pairs, n_rows))
     for p in _prange(n_pairs):
         rank = np.empty((n_rows, n), np.int64)
         rmean = np.empty((n_rows, n))
@@ -335,6 +337,11 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
             for k in range(n):
                 rank[v, o[k]] = k + 1
                 total += x[o[k]]
+            mu = total / n
+            acc = 0.0
+            for k in range(n):
+                acc += (x[k] - mu) * (x[k] - mu)
+            sq[p, v] = 2.0 * acc / n  # mean_ij (x_i - x_j)^2
             before = 0.0
             for k in range(n):
                 xk = x[o[k]]
@@ -390,7 +397,7 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
                 cy += yi
                 cxy += xi * yi
             mixed[p, t] = 2.0 * acc
-    return mixed, gram, sums
+    return mixed, gram, sums, sq
 
 
 @functools.cache
@@ -398,6 +405,11 @@ def _dcov_kernel():
     """:func:`_dcov_terms` compiled by numba (a dependency of dcor), parallel over pairs, cached on disk."""
     import numba
 
+    # numba's OpenMP layer keeps its threads spinning beside torch's: torch then took ~5x the CPU for
+    # the same prediction (measured: 2.2 vs 12.6 CPU s for 1,035 sets). Its own pool ('workqueue') sleeps.
+    # Only when nobody chose a layer (NUMBA_THREADING_LAYER unset) and numba has not started one yet.
+    if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
     global _prange
     _prange = numba.prange
     return numba.njit(parallel=True, nogil=True, cache=True)(_dcov_terms)
@@ -486,8 +498,8 @@ def distance_correlations(
     tasks = [(v, 0) for v in one_d + [v for v in proj if v not in one_d]]
     tasks += list(itertools.combinations(proj, 2))
     xs = np.stack(rows, axis=1)  # (P, V, n)
-    mixed, gram, sums = _dcov_kernel()(xs, np.argsort(xs, axis=2), np.array(tasks, dtype=np.int64))
-    ss = 2.0 * xs.var(axis=2)  # mean_ij (x_i - x_j)^2 = mixed sum of a row with itself / n^2
+    # ss: mean_ij (x_i - x_j)^2 = mixed sum of a row with itself / n^2 = 2 var(x)
+    mixed, gram, sums, ss = _dcov_kernel()(xs, np.argsort(xs, axis=2), np.array(tasks, dtype=np.int64))
     m = sums / n  # grand means of the distance matrices
     task = {t: i for i, t in enumerate(tasks)}
 
@@ -818,6 +830,32 @@ def gi_scores(
 # ----------------------------------------------------------------------------------------------
 # GI map of all pairs of a gene set, through a predictor
 # ----------------------------------------------------------------------------------------------
+def _predict_in_batches(model, sets, n_control, batch_size: int, seed: int, progress_bar: bool):
+    """Changes over control and obs of ``sets`` from ``model.predict``, ``batch_size`` sets per call."""
+    starts = range(0, len(sets), batch_size)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="Predicting", unit="batch")
+    deltas, obs, var_names = [], [], None
+    for s in starts:
+        chunk = sets[s : s + batch_size]
+        pred = model.predict(chunk, n_control=n_control, seed=seed)
+        d, rows, _ = _deltas_of(pred)
+        names = [DELIM.join(c) for c in chunk]
+        missing = [nm for nm in names if nm not in rows]
+        if missing:
+            raise ValueError(f"model.predict returned no row for {missing[:5]}.")
+        if var_names is None:
+            var_names = pd.Index(pred.var_names)
+        elif not pred.var_names.equals(var_names):
+            raise ValueError("model.predict returned different genes in different batches.")
+        idx = np.array([rows[nm] for nm in names])
+        deltas.append(d[idx])
+        obs.append(pred.obs.iloc[idx].reset_index(drop=True))
+    return np.concatenate(deltas, axis=0), pd.concat(obs, ignore_index=True)
+
+
 def gi_map(
     model,
     genes: Sequence[str],
@@ -849,9 +887,9 @@ def gi_map(
     training uncertainty); ``uncertainty_quantile=0.5`` instead keeps the lower half of those pairs,
     as the paper reports them.
 
-    Scale: scoring the 5,460 pairs of 105 genes over 5,000 genes takes ~45 CPU-seconds with the
-    defaults (numba-parallel over pairs; ``benchmarks/gi_map_scale.py``), on top of the model's
-    predictions of 5,565 sets; ``n_projections=4`` is ~25% faster (similarity within 1e-2).
+    Scale: a GEARS map of the 5,460 pairs of 105 genes over 5,000 genes (5,565 sets predicted in
+    one pass, then scored numba-parallel over pairs) is measured by ``benchmarks/gi_map_scale.py``;
+    the effect of each scoring setting on time and scores by ``benchmarks/gi_scoring_knobs.py``.
 
     Parameters
     ----------
@@ -863,7 +901,8 @@ def gi_map(
     n_control
         Control cells averaged per prediction (passed to ``model.predict``).
     batch_size
-        Perturbation sets per call of ``model.predict``.
+        Perturbation sets per call of ``model.predict`` or, for a model with ``predict_deltas``
+        (GEARS: all sets in one call, no AnnData per batch), per forward pass.
     seed
         Seed of the control cells drawn by ``model.predict`` (the same for every batch, so singles
         and doubles are relative to the same control mean) and of the Theil-Sen subsets.
@@ -874,7 +913,12 @@ def gi_map(
         uncertainty is above this quantile of theirs.
     drop_uncertain
         Drop the flagged pairs instead of flagging them.
-    thresholds, n_subsamples, subsample_size, n_projections, model_fit
+    n_projections
+        As in :func:`gi_scores`, but ``'auto'`` is exact up to 500 genes, else 4 projections (not
+        6): a third less scoring time, similarity within 7e-3 of the 6-projection value on
+        Norman-sized maps (``benchmarks/results/gi_scoring_knobs.json``; 6 projections are within
+        2e-3 of the exact value).
+    thresholds, n_subsamples, subsample_size, model_fit
         As in :func:`gi_scores`.
     progress_bar
         Show progress bars.
@@ -915,31 +959,19 @@ def gi_map(
             )
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
-    starts = range(0, len(sets), int(batch_size))
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="Predicting", unit="batch")
-    deltas, obs, var_names = [], [], None
-    for s in starts:
-        chunk = sets[s : s + int(batch_size)]
-        pred = model.predict(chunk, n_control=n_control, seed=seed)
-        d, rows, _ = _deltas_of(pred)
-        names = [DELIM.join(c) for c in chunk]
-        missing = [nm for nm in names if nm not in rows]
-        if missing:
-            raise ValueError(f"model.predict returned no row for {missing[:5]}.")
-        if var_names is None:
-            var_names = pd.Index(pred.var_names)
-        elif not pred.var_names.equals(var_names):
-            raise ValueError("model.predict returned different genes in different batches.")
-        idx = np.array([rows[nm] for nm in names])
-        deltas.append(d[idx])
-        obs.append(pred.obs.iloc[idx].reset_index(drop=True))
-    delta = np.concatenate(deltas, axis=0)
-    obs = pd.concat(obs, ignore_index=True)
+    one_pass = callable(getattr(model, "predict_deltas", None)) and not getattr(model, "contexts_", None)
+    if one_pass:  # one pass, no AnnData per batch (GEARS without contexts)
+        delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=int(batch_size))
+        names = [DELIM.join(c) for c in sets]
+        if list(obs.index) != names:
+            raise ValueError("model.predict_deltas returned rows that are not the requested sets.")
+        obs = obs.reset_index(drop=True)
+    else:
+        delta, obs = _predict_in_batches(model, sets, n_control, int(batch_size), seed, progress_bar)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
+    if n_projections == "auto":
+        n_projections = None if delta.shape[1] <= _EXACT_SIMILARITY_MAX_GENES else 4
     df = _score_table(
         delta,
         {DELIM.join(c): i for i, c in enumerate(sets)},
