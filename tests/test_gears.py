@@ -252,6 +252,20 @@ def test_uncertainty_loss_is_minimized_at_log_error():
     assert far > module.loss(batch, {}, {"zhat": zhat, "logvar": s_opt}).loss
 
 
+def test_uncertainty_loss_stays_finite_for_a_runaway_log_variance():
+    """A log-variance far below the errors (a constant learning rate reached it in 3 epochs) gives a
+    finite loss and finite gradients: ``s`` is bounded, and unexpressed genes (weight 0) add nothing."""
+    module = _small_module(uncertainty=True, direction_lambda=0.0)
+    batch = _batch(module)
+    batch[K.MASK][:, 0] = False  # an unexpressed gene with a large error
+    batch[K.X][:, 0] = 50.0
+    zhat = torch.randn(4, module.n_genes)
+    s = torch.full((4, module.n_genes), -1e4, requires_grad=True)
+    loss = module.loss(batch, {}, {"zhat": zhat, "logvar": s}).loss
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
 def test_bf16_autocast_trains_with_float32_statistics():
     """Under ``torch.autocast(bfloat16)`` a step runs forward and backward; batch-norm buffers stay float32."""
     losses = []

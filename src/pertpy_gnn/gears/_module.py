@@ -22,6 +22,9 @@ DIRECTION_KINDS = ("tanh", "sign")
 ANCHOR_KINDS = ("additive", "train_mean")
 LOSS_KINDS = ("autofocus", "mse")
 
+#: bound of the log-variance ``s`` inside the uncertainty term (``exp(10)`` is about 2.2e4)
+LOGVAR_BOUND = 10.0
+
 
 class MLP(nn.Sequential):
     """``Linear -> BatchNorm -> ReLU`` blocks; the last block keeps its batch norm and drops the ReLU.
@@ -634,8 +637,10 @@ class GEARSModule(BaseModuleClass):
             total = total + self.anchor_reg * residual
             extra["residual"] = residual.detach()
         if self.uncertainty:
-            s = generative_outputs["logvar"][inverse]
-            unc = ((torch.exp(-s) * err + s) * weight).sum()
+            # bounded log-variance, and only where the weight is non-zero: exp(-s) * err overflows to inf
+            # for a runaway s (then inf * 0 = NaN), which a constant learning rate reaches in a few epochs
+            s = generative_outputs["logvar"][inverse].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+            unc = (torch.where(weight > 0, torch.exp(-s) * err + s, 0.0) * weight).sum()
             total = total + self.uncertainty_reg * unc
             extra["uncertainty"] = unc.detach()
         return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)
