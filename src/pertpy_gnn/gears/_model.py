@@ -99,6 +99,28 @@ def _check_gene_embeddings(embeddings, adata: AnnData) -> np.ndarray:
     return e
 
 
+def _validation_batch(
+    adata: AnnData, x, codes: np.ndarray, val_mask: np.ndarray, labels, n_groups: int, what: str, hint: str
+) -> tuple[np.ndarray, dict | None]:
+    """Validation groups and their top-DE targets: ``(val_codes, {DE_IDX, DE_MEAN})``, ``None`` if none."""
+    val_codes = np.unique(codes[val_mask])
+    if not val_codes.size:
+        logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
+        return val_codes, None
+    if DE_KEY not in adata.uns:
+        raise KeyError(
+            f"Validation needs the top DE genes in adata.uns[{DE_KEY!r}]: run pg.pp.rank_de_genes(adata) first."
+        )
+    de = adata.uns[DE_KEY]["indices"]
+    names = [labels[c] for c in val_codes]
+    missing = [n for n in names if n not in de.index]
+    if missing:
+        raise KeyError(f"adata.uns[{DE_KEY!r}] has no DE genes for validation {what} {missing[:10]}: {hint}")
+    de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
+    val_means = torch.from_numpy(group_means(x, np.where(val_mask, codes, -1), n_groups)[val_codes])
+    return val_codes, {TENSOR_KEYS.DE_IDX: de_idx, TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx)}
+
+
 @contextlib.contextmanager
 def _quiet(verbose: bool):
     """Silence Lightning's banner (and its worker-count hint: loading is single-process on purpose)."""
@@ -565,30 +587,18 @@ class GEARS(BaseModelClass):
         control_mean = means[ctrl_code]
 
         val_mask = (split == VAL) & known[codes] & ~is_ctrl
-        val_codes = np.unique(codes[val_mask])
-        val = None
-        if val_codes.size:
-            if DE_KEY not in adata.uns:
-                raise KeyError(
-                    f"Validation needs the top DE genes in adata.uns[{DE_KEY!r}]: run pg.pp.rank_de_genes(adata) first."
-                )
-            de = adata.uns[DE_KEY]["indices"]
-            names = [cats[c] for c in val_codes]
-            missing = [n for n in names if n not in de.index]
-            if missing:
-                raise KeyError(
-                    f"adata.uns[{DE_KEY!r}] has no DE genes for validation perturbations {missing[:10]}: "
-                    "rerun pg.pp.rank_de_genes(adata, overwrite=True)."
-                )
-            de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
-            val_means = torch.from_numpy(group_means(x, np.where(val_mask, codes, -1), len(cats))[val_codes])
-            val = {
-                TENSOR_KEYS.PERT_IDX: pert_table[val_codes],
-                TENSOR_KEYS.DE_IDX: de_idx,
-                TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx),
-            }
-        else:
-            logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
+        val_codes, val = _validation_batch(
+            adata,
+            x,
+            codes,
+            val_mask,
+            cats,
+            len(cats),
+            "perturbations",
+            "rerun pg.pp.rank_de_genes(adata, overwrite=True).",
+        )
+        if val is not None:
+            val[TENSOR_KEYS.PERT_IDX] = pert_table[val_codes]
         train = TrainCells(
             ExpressionRows(x),
             train_cells,
@@ -656,33 +666,19 @@ class GEARS(BaseModelClass):
         control_mean = group_means(x, np.where(np.isin(np.arange(adata.n_obs), control_cells), 0, -1), 1)[0]
 
         val_mask = (split == VAL) & known[codes] & ~is_ctrl
-        val_codes = np.unique(codes[val_mask])
-        val = None
-        if val_codes.size:
-            if DE_KEY not in adata.uns:
-                raise KeyError(
-                    f"Validation needs the top DE genes in adata.uns[{DE_KEY!r}]: run pg.pp.rank_de_genes(adata) first."
-                )
-            de = adata.uns[DE_KEY]["indices"]
-            names = [groups.labels[c] for c in val_codes]
-            missing = [n for n in names if n not in de.index]
-            if missing:
-                raise KeyError(
-                    f"adata.uns[{DE_KEY!r}] has no DE genes for validation groups {missing[:10]}: rerun "
-                    "pg.pp.rank_de_genes(adata, overwrite=True) on the data parsed with its context_key."
-                )
-            de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
-            val_means = torch.from_numpy(
-                group_means(x, np.where(val_mask, codes, -1), len(groups))[val_codes]
-            )
-            val = {
-                TENSOR_KEYS.PERT_IDX: pert_table[groups.pert[val_codes]],
-                TENSOR_KEYS.DE_IDX: de_idx,
-                TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx),
-                TENSOR_KEYS.CONTEXT: torch.from_numpy(groups.context[val_codes]),
-            }
-        else:
-            logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
+        val_codes, val = _validation_batch(
+            adata,
+            x,
+            codes,
+            val_mask,
+            groups.labels,
+            len(groups),
+            "groups",
+            "rerun pg.pp.rank_de_genes(adata, overwrite=True) on the data parsed with its context_key.",
+        )
+        if val is not None:
+            val[TENSOR_KEYS.PERT_IDX] = pert_table[groups.pert[val_codes]]
+            val[TENSOR_KEYS.CONTEXT] = torch.from_numpy(groups.context[val_codes])
         train = TrainCells(
             ExpressionRows(x),
             train_cells,
