@@ -142,6 +142,25 @@ def test_sgc_matches_torch_geometric_and_row_subsets():
         torch.testing.assert_close(enc2(rows=rows), enc2()[rows])
 
 
+def test_gcn_norm_equals_torch_geometric():
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm as pyg_gcn_norm
+
+    from pertpy_gnn.gears._module import gcn_norm
+
+    g = torch.Generator().manual_seed(2)
+    edges = torch.randint(0, 25, (2, 150), generator=g)  # with self-loops, duplicates and isolated nodes
+    edges[:, :5] = torch.tensor([[3, 3, 7, 9, 9], [3, 3, 7, 9, 4]])
+    weights = torch.rand(150, generator=g)
+
+    def dense(ei, w):
+        return torch.zeros(30, 30).index_put_((ei[1], ei[0]), w, accumulate=True)
+
+    ei, w = gcn_norm(edges, weights, 30)
+    ref_ei, ref_w = pyg_gcn_norm(edges, weights, 30, add_self_loops=True)
+    assert ei.shape == ref_ei.shape
+    torch.testing.assert_close(dense(ei, w), dense(ref_ei, ref_w))
+
+
 @pytest.mark.parametrize("gnn", ["sgc", "gcn", "gat"])
 def test_every_gnn_kind_trains(gnn):
     module = _small_module(gnn=gnn, n_gene_gnn_layers=2, n_go_gnn_layers=2)

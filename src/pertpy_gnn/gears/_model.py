@@ -541,12 +541,21 @@ class GEARS(BaseModelClass):
 
     def _pert_index(self, sets: Sequence[tuple[str, ...]]) -> torch.Tensor:
         """``len(sets) x max_set`` GO-node indices (``-1`` for padding and for genes not in the graph)."""
-        width = max([len(s) for s in sets] + [1])
-        out = np.full((len(sets), width), -1, dtype=np.int64)
-        for i, s in enumerate(sets):
-            if s:
-                out[i, : len(s)] = self._go_index.get_indexer(list(s))
+        lengths = np.fromiter((len(s) for s in sets), dtype=np.int64, count=len(sets))
+        out = np.full((len(sets), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
+        genes = [g for s in sets for g in s]
+        if genes:  # one look-up for the genes of all sets
+            rows = np.repeat(np.arange(len(sets)), lengths)
+            cols = np.arange(len(genes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            out[rows, cols] = self._go_index.get_indexer(genes)
         return torch.from_numpy(out)
+
+    @staticmethod
+    def _in_graph(sets: Sequence[tuple[str, ...]], table: torch.Tensor) -> np.ndarray:
+        """Whether every gene of each set is a GO-graph node, from its rows of :meth:`_pert_index`."""
+        lengths = np.fromiter((len(s) for s in sets), dtype=np.int64, count=len(sets))
+        idx = table.numpy()
+        return ((idx >= 0) | (np.arange(idx.shape[1]) >= lengths[:, None])).all(1)
 
     # ------------------------------------------------------------------ training
     def _training_data(self, seed: int):
@@ -559,7 +568,7 @@ class GEARS(BaseModelClass):
         x = self._matrix()
         ctrl_code = cats.index(CONTROL)
         pert_table = self._pert_index(sets)
-        known = np.array([bool((self._go_index.get_indexer(list(s)) >= 0).all()) for s in sets])
+        known = self._in_graph(sets, pert_table)
         used = np.isin(split, [TRAIN, VAL])
         excluded = sorted({cats[c] for c in np.unique(codes[used & ~known[codes]])})
         if excluded:
@@ -629,7 +638,7 @@ class GEARS(BaseModelClass):
         split = adata.obs[SPLIT_KEY].astype(str).to_numpy()
         x = self._matrix()
         pert_table = self._pert_index(sets)
-        known_pert = np.array([bool((self._go_index.get_indexer(list(s)) >= 0).all()) for s in sets])
+        known_pert = self._in_graph(sets, pert_table)
         known = known_pert[groups.pert]
         used = np.isin(split, [TRAIN, VAL])
         excluded = sorted(

@@ -69,6 +69,29 @@ def _bn_moments(
     return mean, var
 
 
+def gcn_norm(
+    edge_index: torch.Tensor, edge_weight: torch.Tensor, n_nodes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GCN-normalized adjacency with self-loops, ``D^-1/2 (A + I) D^-1/2`` as edges (sources row 0, targets row 1).
+
+    The edges of :func:`torch_geometric.nn.conv.gcn_conv.gcn_norm` (``add_self_loops=True``): a node
+    that has a self-loop keeps its weight, every other node gets one of weight 1; ``D`` sums the
+    weights of each target's incoming edges (the test checks equality with torch_geometric). Here
+    so that building a model does not import torch_geometric (seconds of import for six lines).
+    """
+    src, dst = edge_index[0], edge_index[1]
+    loop = src == dst
+    loop_weight = torch.ones(n_nodes, dtype=edge_weight.dtype, device=edge_weight.device)
+    loop_weight[src[loop]] = edge_weight[loop]
+    nodes = torch.arange(n_nodes, device=edge_index.device)
+    src = torch.cat([src[~loop], nodes])
+    dst = torch.cat([dst[~loop], nodes])
+    w = torch.cat([edge_weight[~loop], loop_weight])
+    deg = torch.zeros(n_nodes, dtype=w.dtype, device=w.device).index_add_(0, dst, w)
+    inv_sqrt = deg.pow(-0.5).masked_fill_(deg == 0, 0.0)
+    return torch.stack([src, dst]), inv_sqrt[src] * w * inv_sqrt[dst]
+
+
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
     """Rows of ``w`` rescaled to norm at most 1 (the published ``nn.Embedding(max_norm=1)``, without in-place edits)."""
     return w / w.norm(dim=1, keepdim=True).clamp(min=1.0)
@@ -78,7 +101,7 @@ class GraphEncoder(nn.Module):
     """Learnable node embeddings refined by a GNN over a fixed graph; computed once per step, not per cell.
 
     ``'sgc'`` (the paper's choice) is ``Linear(A^L x)`` with ``A`` the GCN-normalized adjacency with
-    self-loops (:func:`torch_geometric.nn.conv.gcn_conv.gcn_norm`): for ``L = 1`` exactly
+    self-loops (:func:`gcn_norm`, as :func:`torch_geometric.nn.conv.gcn_conv.gcn_norm`): for ``L = 1`` exactly
     :class:`torch_geometric.nn.SGConv` (``K=1``), the published layer. ``'gcn'`` stacks ``L``
     layers ``Linear(A h)`` with ReLU in between (:class:`~torch_geometric.nn.GCNConv`; also what the
     published code computes when it stacks several ``SGConv`` layers). ``'gat'`` stacks
@@ -113,9 +136,6 @@ class GraphEncoder(nn.Module):
         edge_weight: torch.Tensor,
     ):
         super().__init__()
-        from torch_geometric.nn import GATConv
-        from torch_geometric.nn.conv.gcn_conv import gcn_norm
-
         if n_layers < 1:
             raise ValueError(f"GNN layers must be at least 1, got {n_layers}.")
         self.gnn, self.n_layers, self.n_nodes = gnn, n_layers, n_nodes
@@ -123,10 +143,12 @@ class GraphEncoder(nn.Module):
         edge_index = torch.as_tensor(edge_index, dtype=torch.long)
         edge_weight = torch.as_tensor(edge_weight, dtype=torch.float32)
         if gnn == "gat":
+            from torch_geometric.nn import GATConv  # only here: importing torch_geometric takes seconds
+
             self.convs = nn.ModuleList(GATConv(dim, dim) for _ in range(n_layers))
             self.register_buffer("edge_index", edge_index, persistent=False)
             return
-        ei, w = gcn_norm(edge_index, edge_weight, n_nodes, add_self_loops=True)
+        ei, w = gcn_norm(edge_index, edge_weight, n_nodes)
         order = torch.argsort(ei[1] * n_nodes + ei[0])
         src, dst, w = ei[0][order], ei[1][order], w[order]
         crow = torch.zeros(n_nodes + 1, dtype=torch.long)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import ExitStack
 
 import lightning.pytorch as pl
 import torch
 
+from .._malloc import keep_freed_memory
 from ._constants import TENSOR_KEYS as K
 from ._module import GEARSModule
 
@@ -36,6 +38,12 @@ class GEARSTrainingPlan(pl.LightningModule):
     select_best
         Keep the state of the epoch with the lowest validation score (``False``: the last epoch is
         kept, validation is only recorded).
+
+    Notes
+    -----
+    While fitting, freed memory stays in the process heap (glibc's ``mallopt``, see
+    :func:`pertpy_gnn._malloc.keep_freed_memory`): the large activations of one step are reused by
+    the next instead of being returned to the system and faulted in again.
     """
 
     def __init__(
@@ -58,6 +66,17 @@ class GEARSTrainingPlan(pl.LightningModule):
         self._epoch_loss = [0.0, 0]
         self._val_sums: list[torch.Tensor] = []
         self._val = math.nan
+        self._memory: ExitStack | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._memory is None:
+            self._memory = ExitStack()
+            self._memory.enter_context(keep_freed_memory())
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._memory is not None:
+            self._memory.close()
+            self._memory = None
 
     def forward(self, batch):
         return self.module(batch)

@@ -27,18 +27,23 @@ def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.n
     if sp.issparse(x):
         x = x if x.format == "csr" else x.tocsr()
         nnz_row = np.diff(x.indptr)
-        target = max(1 << 23, n_groups * n_genes)  # non-zeros per block: amortizes the dense bincount output
+        # non-zeros per block (2**22: 64 MiB of keys and float64 values at a time), at least the size of
+        # the dense bincount output so that its cost is amortized
+        target = max(1 << 22, n_groups * n_genes)
         bounds = np.searchsorted(x.indptr, np.arange(0, x.indptr[-1] + target, target), side="right") - 1
         bounds = np.unique(np.r_[0, np.clip(bounds, 0, x.shape[0]), x.shape[0]])
         for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):  # blocks of rows, vectorized inside
             lo, hi = x.indptr[r0], x.indptr[r1]
-            key = np.repeat(codes[r0:r1] * n_genes, nnz_row[r0:r1]) + x.indices[lo:hi]
-            val = np.asarray(x.data[lo:hi], dtype=np.float64)
+            key = np.repeat(codes[r0:r1] * n_genes, nnz_row[r0:r1])
+            key += x.indices[lo:hi]
+            val = x.data[lo:hi].astype(np.float64)  # always a copy: squared in place below
             if (codes[r0:r1] < 0).any():  # rows of no group
                 keep = key >= 0
                 key, val = key[keep], val[keep]
             s1 += np.bincount(key, weights=val, minlength=s1.size)
-            s2 += np.bincount(key, weights=val * val, minlength=s2.size)
+            np.square(val, out=val)  # in place: val is a float64 copy (or a masked one) of the block
+            s2 += np.bincount(key, weights=val, minlength=s2.size)
+            del key, val
     else:
         x = np.asarray(x)
         step = max(1, (1 << 22) // max(n_genes, 1))

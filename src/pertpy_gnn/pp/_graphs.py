@@ -14,8 +14,9 @@ from .._constants import COEXPR_GRAPH_KEY, GO_ANNOTATIONS_KEY, GO_GRAPH_KEY, SPL
 from .._utils import check_overwrite, get_adata, get_matrix, group_means, logger
 from ._perturbations import layer_of
 
-#: number of similarity values held in memory at once (rows x genes of one chunk)
-_CHUNK_ELEMENTS = 2**24
+#: number of values held in memory at once (rows x genes of one chunk of similarities, of one dense block of
+#: cells for the covariance): 16 MiB of float32, 32 MiB of float64; sparse and BLAS products stay efficient
+_CHUNK_ELEMENTS = 2**22
 #: sparse inputs sparser than this (on 2 cores; less on more cores) take the sparse Gram product
 _SPARSE_DENSITY = 0.05
 #: minimum width of the gene strips of the dense Gram product (up to 8 strips: ~44% fewer flops)
@@ -232,8 +233,12 @@ def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
     bounds = np.linspace(0, g, max(1, min(8, g // _STRIP_GENES)) + 1).astype(int)
     for start in range(0, n, chunk):
         block = x[start : start + chunk] if rows is None else x[rows[start : start + chunk]]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        block = np.subtract(block, mean32, dtype=np.float32)  # a new array: x is never written
+        if sp.issparse(block) and block.dtype == np.float32:  # a new dense array: centred in place
+            block = block.toarray()
+            block -= mean32
+        else:  # a new array: x is never written
+            block = block.toarray() if sp.issparse(block) else np.asarray(block)
+            block = np.subtract(block, mean32, dtype=np.float32)
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             gram[lo:hi, lo:] += block[:, lo:hi].T @ block[:, lo:]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):  # lower triangle from the upper one, in place
@@ -311,7 +316,7 @@ def coexpression_graph(
     if constant.any():
         logger.info("%d genes are constant over the %d training cells and get no edges.", constant.sum(), n)
     inv = np.where(constant, 0.0, 1.0 / np.sqrt(np.where(constant, 1.0, var)))
-    chunk = max(1, _CHUNK_ELEMENTS // 4 // cov.shape[0])  # float64 correlations: 32 MiB at a time
+    chunk = max(1, _CHUNK_ELEMENTS // cov.shape[0])  # float64 correlations: 32 MiB at a time
     parts = []
     for start in range(0, cov.shape[0], chunk):
         r = cov[start : start + chunk] * inv[start : start + chunk, None]
