@@ -50,6 +50,7 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
         # the reference GEARS in its own venv (created on first use); the settings of the committed results
         "reference_gears": ["bash", "benchmarks/reference_gears/run_all.sh", "norman", "sim20k"],
         "compare_speed": [PY, "benchmarks/compare_speed.py", "--device", device, *s],
+        "train_step_alloc": [PY, "benchmarks/train_step_alloc.py"],
         "compare_accuracy": [PY, "benchmarks/compare_accuracy.py", "--device", device, *s],
         "ablations": [PY, "benchmarks/ablations.py", "--epochs", "5"],
         "compass_throughput": [PY, "benchmarks/compass_throughput.py", "--device", device],
