@@ -33,7 +33,6 @@ from ._ds_core import (
 )
 from ._ds_embed import _embed
 
-
 #: units of a numeric overexpression ``level`` (see :func:`in_silico`)
 LEVEL_UNITS = ("fold", "median", "token")
 
