@@ -313,7 +313,7 @@ def in_silico(
     overwrite
         Replace existing results.
     progress_bar
-        Show tqdm progress bars.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
 
@@ -625,7 +625,7 @@ def in_silico_screen(
     overwrite
         Replace an existing result.
     progress_bar
-        Show tqdm progress bars.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
 
