@@ -321,13 +321,13 @@ def check_resume(path: Path, *, batch_size: int, n_cells: int, seed: int, distri
     )
     if distributed:
         raise ValueError(
-            f"{path} was written part-way through an epoch ({done} batches in), and a distributed (DDP) run "
+            f"{path} was written part-way through an epoch ({done} batch{'es' if done != 1 else ''} in), and a distributed (DDP) run "
             f"cannot restart its samplers part-way, so it would not continue as the interrupted run. {fix}, "
             "or resume on one device."
         )
     if not state.get("resumable"):
         raise ValueError(
-            f"{path} was written part-way through an epoch ({done} batches in) without the train loader's "
+            f"{path} was written part-way through an epoch ({done} batch{'es' if done != 1 else ''} in) without the train loader's "
             f"position (an older pertpy-gnn, or a distributed run), so a resume would not continue as the "
             f"interrupted run. {fix}."
         )
