@@ -640,8 +640,9 @@ def in_silico_screen(
     ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene),
     ``n_paired_cells`` (those where another candidate also has a variant: the specific shift is
     averaged over these only, and ``z`` is ``NaN`` -- explicitly absent -- below 2 of them) and ``rank``
-    (1 = strongest driver by ``target_shift``; for overexpression, where every gene is edited in
-    every cell, the same order as ``specific_shift``). Also sets ``adata.uns[key_added]`` = ``{'results': df,
+    (1 = strongest driver by ``target_shift``; for overexpression to a level, where every gene is
+    edited in every cell, the same order as ``specific_shift``; not so for a fold change, which edits
+    only the cells expressing the gene). Also sets ``adata.uns[key_added]`` = ``{'results': df,
     'params': {...}, 'n_cells', 'n_variants'}``.
     """
     import torch
