@@ -614,6 +614,21 @@ def test_overexpression_fold_change_doubles_normalized_expression(log_base):
         scale=scale,
     )
     np.testing.assert_allclose((p_vals / scale)[p_ids == 12], [2.5, 2.5], rtol=1e-6)
+    # normalized expression: x = 6 for a gene of median 2 is three medians
+    _, _, p_ids, p_vals, _ = _variants(
+        ids,
+        model_vals * scale,
+        targets,
+        mode="overexpress",
+        factor=None,
+        level=6,
+        max_len=4,
+        min_rank_fraction=None,
+        level_unit="normalized",
+        scale=scale,
+        medians=torch.tensor([2.0]),
+    )
+    np.testing.assert_allclose(b ** (p_vals / scale)[p_ids == 12] - 1, [3.0, 3.0], rtol=1e-5)
 
 
 def test_overexpression_level_units_end_to_end(adata, model):
@@ -624,6 +639,12 @@ def test_overexpression_level_units_end_to_end(adata, model):
     np.testing.assert_allclose(adata.obs["fold_cos"].dropna(), adata.obs["med_cos"].dropna(), atol=2e-3)
     assert (adata.obs["fold_cos"].dropna() < 1).all()  # raised: the cells changed
     assert adata.uns["fold"]["params"]["level_unit"] == "fold"
+    # normalized expression 4 of a gene with median 2 is two medians
+    med2 = {**kw, "gene_medians": pd.Series(2.0, index=GENES)}
+    pg.tl.in_silico(adata, model, "G00", level=4, level_unit="normalized", key_added="norm", **med2)
+    pg.tl.in_silico(adata, model, "G00", level=2, level_unit="median", key_added="med2", **med2)
+    np.testing.assert_array_equal(adata.obs["norm_cos"].dropna(), adata.obs["med2_cos"].dropna())
+    assert list(adata.uns["norm"]["level_median"]) == [2.0] and (adata.obs["norm_cos"].dropna() < 1).all()
     # a fold change leaves cells without the gene alone: G01 is expressed in group a only
     pg.tl.in_silico(adata, model, "G01", mode="overexpress", level=3, key_added="g1", gene_shift=False, **TOK)
     np.testing.assert_array_equal(adata.obs["g1_kept"], adata.obs["group"] == "a")
@@ -633,6 +654,19 @@ def test_overexpression_level_units_end_to_end(adata, model):
         adata, model, target=("group", "b"), cells=("group", "a"), candidates=["G01", "G07"], level=2, **TOK
     )
     assert list(df.index) == ["G01"]  # G07 is not expressed in group a: no fold variant
+    med = {k: v for k, v in med2.items() if k not in ("mode", "target", "gene_shift")}
+    df = pg.tl.in_silico_screen(
+        adata,
+        model,
+        target=("group", "b"),
+        cells=("group", "a"),
+        candidates=["G00", "G07"],
+        level=4,
+        level_unit="normalized",
+        key_added="scr",
+        **med,
+    )
+    assert set(df.index) == {"G00", "G07"} and (df["cos"] < 1).all()
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from ._ds_core import (
 from ._ds_embed import _embed
 
 #: units of a numeric overexpression ``level`` (see :func:`in_silico`)
-LEVEL_UNITS = ("fold", "median", "token")
+LEVEL_UNITS = ("fold", "median", "normalized", "token")
 
 
 def _check_edit(mode: str, factor, level, min_rank_fraction, level_unit: str = "fold") -> None:
@@ -51,8 +51,8 @@ def _check_edit(mode: str, factor, level, min_rank_fraction, level_unit: str = "
         if level_unit not in LEVEL_UNITS:
             raise ValueError(
                 f"level_unit must be one of {LEVEL_UNITS} ('fold': times the cell's current expression of the "
-                "gene; 'median': times the gene's corpus median; 'token': the model's token value), "
-                f"got {level_unit!r}."
+                "gene; 'median': times the gene's corpus median; 'normalized': normalized expression, e.g. "
+                "counts per 10,000; 'token': the model's token value), got {level_unit!r}."
             )
         numeric = isinstance(level, (int, float, np.number)) and not isinstance(level, bool)
         if not (level in ("median", "max") or numeric):
@@ -67,8 +67,8 @@ def _check_edit(mode: str, factor, level, min_rank_fraction, level_unit: str = "
                 f"level={level!r} with level_unit='fold' would lower the gene; overexpression raises it "
                 "(fold >= 1). For a reduction use mode='knockdown' with factor=<fraction left>."
             )
-        if numeric and level_unit == "median" and not float(level) > 0:
-            raise ValueError(f"level in units of the corpus median must be positive, got {level!r}.")
+        if numeric and level_unit in ("median", "normalized") and not float(level) > 0:
+            raise ValueError(f"level in level_unit={level_unit!r} must be positive, got {level!r}.")
     if min_rank_fraction is not None and not 0 < float(min_rank_fraction) <= 1:
         raise ValueError(f"min_rank_fraction must be in (0, 1] or None, got {min_rank_fraction!r}.")
 
@@ -84,11 +84,12 @@ def _current(ids, values, targets):
     return cur, match.any(1)
 
 
-def _levels(level, level_unit: str, ids, values, targets, scale: float):
+def _levels(level, level_unit: str, ids, values, targets, scale: float, medians=None):
     """Overexpression value per (row, target) in natural-log units (``log1p(x / median)``).
 
     ``ids, values``: the cells' tokens as read (natural-log values); ``scale``: :func:`value_scale`
-    of the model (a ``'token'`` level is in the model's units). Returns ``(levels, known)``: ``known``
+    of the model (a ``'token'`` level is in the model's units); ``medians``: the targets' corpus
+    medians (``(e,)`` or ``(b, e)``; for ``'normalized'``). Returns ``(levels, known)``: ``known``
     is ``False`` where a ``'fold'`` level has no current expression to multiply (the gene is not
     among the tokens read).
     """
@@ -104,12 +105,27 @@ def _levels(level, level_unit: str, ids, values, targets, scale: float):
         v = torch.full((b, e), float(np.log1p(float(level))))
     elif level_unit == "token":
         v = torch.full((b, e), float(level) * scale)
+    elif level_unit == "normalized":
+        med = torch.as_tensor(medians, dtype=torch.float64)
+        v = torch.log1p(float(level) / med).float().expand(b, e)
     else:  # fold of the current normalized expression
         cur, known = _current(ids, values, targets)
         v = torch.where(
             known, torch.log1p(float(level) * torch.expm1(cur.clamp(min=0))), torch.zeros_like(cur)
         )
     return v, known
+
+
+def _target_medians(corpus, vocab, tokens: np.ndarray) -> np.ndarray:
+    """Corpus medians the tokenization used for ``tokens`` (a ``'normalized'`` level needs them)."""
+    med = corpus.gene_medians.reindex(vocab.tokens[tokens].astype(str)).to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(med) & (med > 0))
+    if bad.any():
+        raise ValueError(
+            f"level_unit='normalized' needs each gene's corpus median, and {list(vocab.tokens[tokens[bad]])[:10]} "
+            "have none here (not among the data's genes?). Give `gene_medians=` or use level_unit='median'."
+        )
+    return med
 
 
 def _at_least_current(lv, ids, values, targets):
@@ -150,6 +166,7 @@ def _variants(
     min_rank_fraction,
     level_unit: str = "fold",
     scale: float = 1.0,
+    medians=None,
 ):
     """Original (re-ranked, truncated) and perturbed sequences of a batch, and which rows qualify.
 
@@ -164,7 +181,7 @@ def _variants(
     o_ids, o_vals, _ = edit_tokens(ids, values, none, mode="delete", max_len=max_len)
     lv, edited, known = None, targets, None
     if mode == "overexpress":
-        lv, known = _levels(level, level_unit, ids, values, targets, scale)
+        lv, known = _levels(level, level_unit, ids, values, targets, scale, medians)
         lv, edited = _at_least_current(lv, ids, values, targets)
         edited = torch.where(known, edited, torch.full_like(edited, -1))
     p_ids, p_vals, _ = edit_tokens(ids, values, edited, mode=mode, factor=factor, level=lv, max_len=max_len)
@@ -258,6 +275,9 @@ def in_silico(
         edited (``kept`` is ``False``: a fold of no expression is none);
       - ``'median'``: times the gene's corpus median (``level=3``: ``x = 3 m``; ``level=1`` is
         ``'median'``);
+      - ``'normalized'``: the normalized expression ``x`` itself (for a model of ours on counts:
+        counts per 10,000 in the cell; for a published checkpoint: counts), mapped with the gene's
+        median ``m`` used for this data (``uns[key_added]['level_median']``);
       - ``'token'``: the model's token value itself, in the model's own log base (for experts).
 
     The cell's total is not renormalized after an edit (as in the paper).
@@ -286,7 +306,8 @@ def in_silico(
         never below the gene's current value).
     level_unit
         Unit of a numeric ``level``: ``'fold'`` (of the cell's current expression), ``'median'``
-        (multiples of the gene's corpus median) or ``'token'`` (the model's token value).
+        (multiples of the gene's corpus median), ``'normalized'`` (normalized expression, e.g. counts
+        per 10,000) or ``'token'`` (the model's token value).
     cells
         Cells to perturb (mask, positions, names, ``(column, values)`` or ``{column: values}``);
         default all cells (minus the ``target`` cells).
@@ -389,6 +410,11 @@ def in_silico(
             ) as corpus,
             torch.inference_mode(),
         ):
+            medians = (
+                _target_medians(corpus, vocab, tgt_tok.numpy())
+                if mode == "overexpress" and level_unit == "normalized" and level not in ("median", "max")
+                else None
+            )
             for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc=f"in-silico {mode}"):
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
                 ids, values = (
@@ -407,6 +433,7 @@ def in_silico(
                     min_rank_fraction=min_rank_fraction,
                     level_unit=level_unit,
                     scale=vs,
+                    medians=medians,
                 )
                 kept[sl] = ok.numpy()
                 if mode == "knockdown" and float(factor) > 0:
@@ -474,6 +501,10 @@ def in_silico(
         "n_kept": n_kept,
         "mean_cos": float(cos.mean()),
     }
+    if (
+        medians is not None
+    ):  # the medians a 'normalized' level was mapped with, one per gene of params['genes']
+        uns["level_median"] = np.asarray(medians, dtype=np.float64)
     adata.obs[f"{key_added}_kept"] = obs_kept
     adata.obs[f"{key_added}_cos"] = obs_cos
     if target is not None:
@@ -696,6 +727,11 @@ def in_silico_screen(
             torch.inference_mode(),
         ):
             ids_all, vals_all = corpus.read(np.arange(rows.size))
+            cand_med = (
+                _target_medians(corpus, vocab, cand)
+                if mode == "overexpress" and level_unit == "normalized" and level not in ("median", "max")
+                else None
+            )
         ids_all = torch.from_numpy(ids_all.astype(np.int64))
         vs = value_scale(model)
         vals_all = torch.from_numpy(vals_all.astype(np.float32)) * vs  # edits in natural-log units
@@ -746,7 +782,8 @@ def in_silico_screen(
                 targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
                 lv = None
                 if mode == "overexpress":
-                    lv, _ = _levels(level, level_unit, ids_all[c], vals_all[c], targets, vs)
+                    med = None if cand_med is None else cand_med[slot[sl]][:, None]
+                    lv, _ = _levels(level, level_unit, ids_all[c], vals_all[c], targets, vs, med)
                     lv, targets = _at_least_current(lv, ids_all[c], vals_all[c], targets)
                 p_ids, p_vals, _ = edit_tokens(
                     ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L
