@@ -350,7 +350,9 @@ def in_silico(
       with ``target``: ``effect`` (mean target shift) and ``target_cos`` (DataFrame over kept cells,
       columns ``original`` and ``perturbed``: mean cosine to the target cells); with
       ``gene_shift``: ``gene_shift`` (DataFrame indexed by gene token, columns ``shift``,
-      ``n_cells``, sorted by decreasing shift).
+      ``n_cells``, sorted by decreasing shift); with knockdown: ``n_left_window``,
+      ``window_needed``, ``window_needed_is_lower_bound``; with ``level_unit='normalized'``:
+      ``level_median`` (the median of each gene the level was mapped with).
     """
     import torch
 
