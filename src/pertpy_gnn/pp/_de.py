@@ -16,8 +16,8 @@ def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.n
     """Per-group cell counts, means and unbiased variances of the rows of ``x``.
 
     ``codes`` holds a group index per row; rows with ``-1`` are ignored. Sums are accumulated in
-    float64 block by block: for a sparse ``x`` with one weighted ``bincount`` over the non-zeros of
-    each block of rows (no float64 copy of ``x``), for a dense ``x`` with one indicator-matrix product.
+    float64 block by block, each with a sparse group-indicator product (no float64 copy of ``x``:
+    one block of about 2**21 values at a time).
     """
     codes = np.asarray(codes, dtype=np.int64)
     n_genes = x.shape[1]
@@ -26,24 +26,22 @@ def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.n
     s2 = np.zeros(n_groups * n_genes)
     if sp.issparse(x):
         x = x if x.format == "csr" else x.tocsr()
-        nnz_row = np.diff(x.indptr)
-        # non-zeros per block (2**22: 64 MiB of keys and float64 values at a time), at least the size of
-        # the dense bincount output so that its cost is amortized
-        target = max(1 << 22, n_groups * n_genes)
-        bounds = np.searchsorted(x.indptr, np.arange(0, x.indptr[-1] + target, target), side="right") - 1
-        bounds = np.unique(np.r_[0, np.clip(bounds, 0, x.shape[0]), x.shape[0]])
-        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):  # blocks of rows, vectorized inside
+        step = max(1, int((1 << 21) // max(1.0, x.nnz / max(1, x.shape[0]))))  # about 2**21 non-zeros a block
+        for r0 in range(0, x.shape[0], step):  # blocks of rows: one sparse indicator product per moment
+            r1 = min(x.shape[0], r0 + step)
+            c = codes[r0:r1]
+            k = np.flatnonzero(c >= 0)
+            if not k.size:
+                continue
+            ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, r1 - r0))
             lo, hi = x.indptr[r0], x.indptr[r1]
-            key = np.repeat(codes[r0:r1] * n_genes, nnz_row[r0:r1])
-            key += x.indices[lo:hi]
-            val = x.data[lo:hi].astype(np.float64)  # always a copy: squared in place below
-            if (codes[r0:r1] < 0).any():  # rows of no group
-                keep = key >= 0
-                key, val = key[keep], val[keep]
-            s1 += np.bincount(key, weights=val, minlength=s1.size)
-            np.square(val, out=val)  # in place: val is a float64 copy (or a masked one) of the block
-            s2 += np.bincount(key, weights=val, minlength=s2.size)
-            del key, val
+            block = sp.csr_matrix(  # float64 values of the block over the index arrays of x (no copy of those)
+                (x.data[lo:hi].astype(np.float64), x.indices[lo:hi], x.indptr[r0 : r1 + 1] - lo),
+                shape=(r1 - r0, n_genes),
+            )
+            s1 += (ind @ block).toarray().ravel()
+            np.square(block.data, out=block.data)  # the block's own float64 copy
+            s2 += (ind @ block).toarray().ravel()
     else:
         x = np.asarray(x)
         step = max(1, (1 << 22) // max(n_genes, 1))
