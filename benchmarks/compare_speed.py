@@ -185,6 +185,7 @@ def run_ours(args) -> dict:
         p = model.predict(singles + gi_doubles, seed=args.seed)
         gi = pg.tl.gi_scores(p, gi_doubles, seed=args.seed)
     rec.phases["gi"]["n_doubles"] = len(gi_doubles)
+    n_go_nodes = len(model.go_genes)
     if not args.skip_sets:
         del model, pred, p
         train(GEARS(adata, hidden_dim=64, seed=args.seed), "train_sets", "sets")
@@ -194,7 +195,7 @@ def run_ours(args) -> dict:
             max(rec.process_peak_mib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1
         ),
         "gi_scores": json.loads(gi.select_dtypes("number").to_json(orient="index")),
-        "data": {"shape": list(adata.shape), "n_go_nodes": len(model.go_genes)},
+        "data": {"shape": list(adata.shape), "n_go_nodes": n_go_nodes},
     }
 
 
