@@ -11,13 +11,17 @@ Layout of a corpus folder (written by :func:`pertpy_gnn.pp.compass_tokenize`)::
 
 Row ``i`` of a shard is one cell: the species token, then up to ``max_len`` genes in decreasing
 order of value, then padding. Rows are read with positioned reads (``readinto`` at an offset), not
-memory maps, so streaming a corpus larger than memory keeps the process memory flat.
+memory maps, so streaming a corpus larger than memory keeps the process memory flat. At most
+``max_open_files`` shard files are open at once per process (the least recently used one is closed
+first), however many shards the corpus has: the open-file limit of the system (often 1,024) never
+caps the corpus size.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +33,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 MANIFEST = "manifest.json"
 FORMAT = "pertpy_gnn.compass_corpus"
+#: default bound on the shard files a corpus keeps open at once (per process)
+MAX_OPEN_FILES = 128
+#: positions of a shuffled epoch turned into Python ints at a time (:class:`EpochRandomSampler`)
+_SAMPLER_CHUNK = 65_536
 
 
 def write_manifest(
@@ -62,6 +70,18 @@ def write_manifest(
     (Path(path) / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from byte ``offset`` of the file ``fd`` (no shared file position)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # platforms without preadv (Windows)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        return f.readinto(view)
+
+
 def _npy_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """Byte offset of the data, shape and dtype of a ``.npy`` file."""
     with open(path, "rb") as f:
@@ -80,10 +100,18 @@ class CompassCorpus:
     ----------
     path
         The corpus folder (holding ``manifest.json``).
+    max_open_files
+        Most shard files kept open at once in one process (each shard is two files, ids and
+        values); the least recently used file is closed when another is needed. Reads are the same
+        whatever the bound; a bound below the number of shard files costs a re-open (about 2 µs) per
+        shard a batch touches outside the open ones. DataLoader workers each keep their own.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, max_open_files: int = MAX_OPEN_FILES):
         self.path = Path(path)
+        if int(max_open_files) < 1:
+            raise ValueError(f"max_open_files must be at least 1, got {max_open_files}.")
+        self.max_open_files = int(max_open_files)
         file = self.path / MANIFEST
         if not file.is_file():
             raise FileNotFoundError(
@@ -97,34 +125,57 @@ class CompassCorpus:
         self.n_cells = int(self.manifest["n_cells"])
         self.seq_len = int(self.manifest["seq_len"])
         self.value_dtype = np.dtype(self.manifest.get("value_dtype", "float16"))
-        self._starts = np.array(
-            [s["start"] for s in self.manifest["shards"]] + [self.n_cells], dtype=np.int64
-        )
-        self._files = []
-        for s in self.manifest["shards"]:
+        shards = self.manifest["shards"]
+        self._starts = np.array([s["start"] for s in shards] + [self.n_cells], dtype=np.int64)
+        # per shard: the two file paths and the byte offsets of their data (headers read once, files closed)
+        self._paths: list[tuple[str, str]] = []
+        self._offsets = np.empty((len(shards), 2), dtype=np.int64)
+        for k, s in enumerate(shards):
             entry = []
-            for key, dtype in (("ids", np.int32), ("values", self.value_dtype)):
+            for j, (key, dtype) in enumerate((("ids", np.int32), ("values", self.value_dtype))):
                 p = self.path / s[key]
                 offset, shape, dt = _npy_offset(p)
                 if shape != (s["n_cells"], self.seq_len) or dt != dtype:
                     raise ValueError(
                         f"{p} has shape {shape} / dtype {dt}, the manifest says {(s['n_cells'], self.seq_len)} / {np.dtype(dtype)}."
                     )
-                entry.append((str(p), offset))
-            self._files.append(entry)
-        self._handles: dict = {}
+                entry.append(str(p))
+                self._offsets[k, j] = offset
+            self._paths.append((entry[0], entry[1]))
+        # open shard files, least recently used first: path -> file descriptor
+        self._handles: OrderedDict[str, int] = OrderedDict()
         self._pid = None
+
+    @property
+    def n_shards(self) -> int:
+        """Number of shards (each an ids file and a values file)."""
+        return len(self._paths)
 
     def __len__(self) -> int:
         return self.n_cells
 
     def __repr__(self) -> str:
-        return f"CompassCorpus({str(self.path)!r}: {self.n_cells} cells x {self.seq_len} tokens, {len(self._files)} shards)"
+        return f"CompassCorpus({str(self.path)!r}: {self.n_cells} cells x {self.seq_len} tokens, {self.n_shards} shards)"
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None
+        state["_handles"], state["_pid"] = OrderedDict(), None  # descriptors belong to this process
         return state
+
+    def close(self) -> None:
+        """Close the shard files this process has open (reads reopen them as needed)."""
+        handles = getattr(self, "_handles", None)
+        while handles:
+            os.close(handles.popitem(last=False)[1])
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> CompassCorpus:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @cached_property
     def vocab(self):
@@ -148,13 +199,19 @@ class CompassCorpus:
         """Maximum number of gene tokens per cell (``seq_len - 1``)."""
         return self.seq_len - 1
 
-    def _handle(self, path: str):
-        if self._pid != os.getpid():  # new process (DataLoader worker, DDP rank): reopen
-            self._handles, self._pid = {}, os.getpid()
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = open(path, "rb", buffering=0)
-        return h
+    def _handle(self, path: str) -> int:
+        """The open file descriptor of ``path``, opened (closing the least recently used one past the bound) if needed."""
+        if self._pid != os.getpid():  # new process (forked DataLoader worker): its own files
+            self.close()  # this process's copies of the parent's descriptors
+            self._pid = os.getpid()
+        fd = self._handles.get(path)
+        if fd is not None:
+            self._handles.move_to_end(path)
+            return fd
+        while len(self._handles) >= self.max_open_files:
+            os.close(self._handles.popitem(last=False)[1])
+        fd = self._handles[path] = os.open(path, _OPEN_FLAGS)
+        return fd
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int32) and values (float16 or float32) of cells ``indices``, each ``(len(indices), seq_len)``."""
@@ -169,17 +226,30 @@ class CompassCorpus:
             np.empty((idx.size, self.seq_len), np.int32),
             np.empty((idx.size, self.seq_len), self.value_dtype),
         )
-        # runs of consecutive rows of one shard are read with one call each
+        if idx.size == 0:
+            return out
+        # runs of consecutive rows of one shard are read with one call each; the runs of a shard
+        # follow each other (sorted rows), so each file is looked up once per shard a read touches
         brk = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) != 1)) + 1
-        bounds = np.concatenate([[0], brk, [idx.size]])
-        for k0, k1 in zip(bounds[:-1], bounds[1:], strict=True):
-            for arr, (path, offset) in zip(out, self._files[shard[k0]], strict=True):
+        run_start = np.concatenate([[0], brk])
+        run_end = np.append(brk, idx.size).tolist()
+        run_shard = shard[run_start]
+        groups = np.append(np.flatnonzero(np.diff(run_shard, prepend=-1) != 0), run_start.size).tolist()
+        run_local, run_shard, run_start = local[run_start].tolist(), run_shard.tolist(), run_start.tolist()
+        for g0, g1 in zip(groups[:-1], groups[1:], strict=True):
+            k = run_shard[g0]
+            for arr, path, offset in zip(out, self._paths[k], self._offsets[k].tolist(), strict=True):
                 row = self.seq_len * arr.itemsize
-                f = self._handle(path)
-                f.seek(offset + int(local[k0]) * row)
-                view = memoryview(arr[k0:k1]).cast("B")
-                if f.readinto(view) != view.nbytes:
-                    raise OSError(f"short read from {path}; the corpus files are truncated.")
+                fd = self._handle(path)
+                buf = memoryview(arr).cast("B")
+                for r in range(g0, g1):
+                    view = buf[run_start[r] * row : run_end[r] * row]
+                    at, got = offset + run_local[r] * row, 0
+                    while got < view.nbytes:  # a single read may return less (e.g. over 2 GB on Linux)
+                        n = _pread_into(fd, view[got:], at + got)
+                        if n <= 0:
+                            raise OSError(f"short read from {path}; the corpus files are truncated.")
+                        got += n
         inv = np.empty_like(order)
         inv[order] = np.arange(order.size)
         return out[0][inv], out[1][inv]
@@ -245,7 +315,10 @@ class EpochRandomSampler(RandomSampler):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+        perm = torch.randperm(len(self.data_source), generator=gen)
+        # Python ints a chunk at a time: a list of every position costs ~36 bytes per cell
+        for chunk in perm.split(_SAMPLER_CHUNK):
+            yield from chunk.tolist()
 
 
 def make_dataloader(
