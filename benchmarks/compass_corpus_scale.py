@@ -15,7 +15,9 @@ line through the samples after the first ``--warmup`` fraction of the cells, in 
 cells. Results: ``benchmarks/results/compass_corpus_scale.json`` and ``.md`` (``--out``).
 
     OMP_NUM_THREADS=1 python benchmarks/compass_corpus_scale.py
-    # the previous reader for comparison (no max_open_files): PYTHONPATH=<old tree>/src ... --phases stream
+    # the previous reader for comparison (no max_open_files), then both in one table:
+    PYTHONPATH=<old tree>/src python benchmarks/compass_corpus_scale.py --phases stream --out before.json
+    python benchmarks/compass_corpus_scale.py --table-only --before before.json
 """
 
 from __future__ import annotations
@@ -155,8 +157,9 @@ def markdown(rec: dict) -> str:
         "| phase | cells | batch | CPU s | cells / CPU s | max open files | RSS first / after warm-up / last / max (MB) | RSS slope (MB per 100k cells) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("stream", "train"):
-        r = rec.get(name)
+    rows = [(name, rec.get(name)) for name in ("stream", "train")]
+    rows += [(f"{name}, previous reader", rec.get("before", {}).get(name)) for name in ("stream", "train")]
+    for name, r in rows:
         if r is None:
             continue
         lines.append(
@@ -164,6 +167,14 @@ def markdown(rec: dict) -> str:
             f"{r['max_open_files']} | {r['rss_first_MB']:.0f} / {r['rss_after_warmup_MB']:.0f} / "
             f"{r['rss_last_MB']:.0f} / {r['rss_max_MB']:.0f} | {r['rss_slope_MB_per_100k_cells']} |"
         )
+    if rec.get("before"):
+        b = rec["before"]
+        lines += [
+            "",
+            f"Previous reader (every shard file kept open; a Python list of the whole epoch's positions): "
+            f"same corpus, max_open_files {b['corpus']['max_open_files']}, load average "
+            f"{b['machine']['load_average_at_start']} at its start.",
+        ]
     if rec.get("note"):
         lines += ["", rec["note"]]
     return "\n".join(lines)
@@ -189,8 +200,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=str(HERE / "work" / "compass_corpus_scale"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--before", default=None, help="JSON of a run with the previous reader, shown beside")
+    ap.add_argument(
+        "--table-only", action="store_true", help="only rewrite the table (and --before) of --out"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "compass_corpus_scale.json"))
     args = ap.parse_args()
+
+    out = Path(args.out)
+    if args.table_only:
+        rec = json.loads(out.read_text())
+        if args.before:
+            rec["before"] = json.loads(Path(args.before).read_text())
+        write_record(rec, out)
+        out.with_suffix(".md").write_text(markdown(rec) + "\n")
+        return
 
     import torch
     from compass_throughput import build_corpus
@@ -230,7 +254,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rec[phase].items() if k != "samples"}), flush=True)
     rec["machine"] = machine(load, torch=torch.__version__, torch_threads=torch.get_num_threads())
     rec["versions"] = versions("pertpy_gnn", "torch", "lightning")
-    out = Path(args.out)
+    if args.before:
+        rec["before"] = json.loads(Path(args.before).read_text())
     write_record(rec, out)
     out.with_suffix(".md").write_text(markdown(rec) + "\n")
 
