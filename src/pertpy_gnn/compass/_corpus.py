@@ -169,7 +169,10 @@ class CompassCorpus:
             os.close(handles.popitem(last=False)[1])
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to close with
+            pass
 
     def __enter__(self) -> CompassCorpus:
         return self
