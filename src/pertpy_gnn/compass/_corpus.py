@@ -104,7 +104,8 @@ class CompassCorpus:
         Most shard files kept open at once in one process (each shard is two files, ids and
         values); the least recently used file is closed when another is needed. Reads are the same
         whatever the bound; a bound below the number of shard files costs a re-open (about 2 µs) per
-        shard a batch touches outside the open ones. DataLoader workers each keep their own.
+        shard a batch touches outside the open ones. DataLoader workers each keep their own; threads
+        should not share one corpus object (a file may be closed under another thread's read).
     """
 
     def __init__(self, path: str | Path, *, max_open_files: int = MAX_OPEN_FILES):
