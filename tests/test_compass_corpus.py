@@ -166,3 +166,23 @@ def test_training_returns_freed_memory(many_shards, monkeypatch):
     monkeypatch.setattr(GeneCompass, "_train_runner_cls", staticmethod(runner))
     model.train(corpus, accelerator="cpu", progress_bar=False)
     assert [type(c) for c in seen if isinstance(c, ReleaseFreedMemory)] == [ReleaseFreedMemory]
+
+
+@pytest.mark.parametrize("n", [10, 12, 2])
+def test_sampler_shares_an_epoch_over_ranks_as_distributed_sampler(n):
+    """Each rank takes every num_replicas-th position of the order padded by its start (torch's rule)."""
+    gen = torch.Generator().manual_seed(7 * 1_000_003 + 1)
+    order = torch.randperm(n, generator=gen).tolist()
+    size = -(-n // 3) * 3
+    padded = (order * 3)[:size]
+    shares = []
+    for rank in range(3):
+        s = EpochRandomSampler(range(n), seed=7, num_replicas=3, rank=rank)
+        s.set_epoch(1)
+        assert len(s) == size // 3 and list(s) == padded[rank::3]
+        shares += list(s)
+    assert sorted(set(shares)) == list(range(n))
+    in_order = EpochRandomSampler(range(n), shuffle=False, num_replicas=3, rank=2)
+    assert list(in_order) == (list(range(n)) * 3)[:size][2::3]
+    with pytest.raises(ValueError, match="rank"):
+        EpochRandomSampler(range(n), num_replicas=2, rank=2)
