@@ -6,8 +6,9 @@
    small shards (``--shard-size`` 1,800: 556 shards = 1,112 files, more than the usual limit of 1,024
    open files) under ``benchmarks/work/compass_corpus_scale/`` (git-ignored; kept for reruns).
 2. ``stream``: every cell once through the training DataLoader (shuffled).
-3. ``train``: one epoch of a tiny GeneCompass (1 layer, d_model 32, 2 heads: the cost is the data
-   path) over every cell through ``GeneCompass.train`` (Lightning, the default logger).
+3. ``train``: a tiny GeneCompass (1 layer, d_model 32, 2 heads: the cost is the data path) trained
+   through ``GeneCompass.train`` (Lightning, the default logger) over the first ``--train-cells``
+   cells (default 300,000; 0: all) of a shuffled epoch of the whole corpus.
 
 Every ``--every`` batches each phase records the resident memory (VmRSS), the open files of the
 process (``/proc/self/fd``), the cells streamed and the CPU seconds. The RSS slope is a least-squares
@@ -16,8 +17,10 @@ cells. Results: ``benchmarks/results/compass_corpus_scale.json`` and ``.md`` (``
 
     OMP_NUM_THREADS=1 python benchmarks/compass_corpus_scale.py
     # the previous reader for comparison (no max_open_files), then both in one table:
-    PYTHONPATH=<old tree>/src python benchmarks/compass_corpus_scale.py --phases stream --out before.json
-    python benchmarks/compass_corpus_scale.py --table-only --before before.json
+    PYTHONPATH=<old tree>/src python benchmarks/compass_corpus_scale.py --phases stream --out old.json
+    python benchmarks/compass_corpus_scale.py --phases stream --out new.json   # at the same time
+    python benchmarks/compass_corpus_scale.py --table-only --compare "previous reader=old.json" \
+        "bound 128, beside the previous reader=new.json"
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def stream(corpus, batch_size: int, every: int, warmup: float) -> dict:
     return {"batch_size": batch_size, "checksum": checksum, **rec.summary(warmup)}
 
 
-def train(corpus, batch_size: int, every: int, warmup: float, seed: int) -> dict:
+def train(corpus, batch_size: int, every: int, warmup: float, seed: int, cells: int | None) -> dict:
     import torch
     from lightning.pytorch import Callback
 
@@ -132,6 +135,7 @@ def train(corpus, batch_size: int, every: int, warmup: float, seed: int) -> dict
         progress_bar=False,
         callbacks=[cb],
         seed=seed,
+        **({} if cells is None else {"limit_train_batches": -(-cells // batch_size)}),
     )
     rec(0, cb.cells)
     loss = model.history_["loss_train_step"] if "loss_train_step" in model.history_ else None
@@ -158,7 +162,8 @@ def markdown(rec: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = [(name, rec.get(name)) for name in ("stream", "train")]
-    rows += [(f"{name}, previous reader", rec.get("before", {}).get(name)) for name in ("stream", "train")]
+    for label, other in rec.get("compare", {}).items():
+        rows += [(f"{name}, {label}", other.get(name)) for name in ("stream", "train")]
     for name, r in rows:
         if r is None:
             continue
@@ -167,13 +172,12 @@ def markdown(rec: dict) -> str:
             f"{r['max_open_files']} | {r['rss_first_MB']:.0f} / {r['rss_after_warmup_MB']:.0f} / "
             f"{r['rss_last_MB']:.0f} / {r['rss_max_MB']:.0f} | {r['rss_slope_MB_per_100k_cells']} |"
         )
-    if rec.get("before"):
-        b = rec["before"]
+    for label, other in rec.get("compare", {}).items():
         lines += [
             "",
-            f"Previous reader (every shard file kept open; a Python list of the whole epoch's positions): "
-            f"same corpus, max_open_files {b['corpus']['max_open_files']}, load average "
-            f"{b['machine']['load_average_at_start']} at its start.",
+            f"{label}: max_open_files {other['corpus']['max_open_files']}, batch "
+            f"{(other.get('stream') or other.get('train'))['batch_size']}, load average "
+            f"{other['machine']['load_average_at_start']} at its start.",
         ]
     if rec.get("note"):
         lines += ["", rec["note"]]
@@ -186,7 +190,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=33)
     ap.add_argument("--vocab-size", type=int, default=2_000)
     ap.add_argument("--shard-size", type=int, default=1_800)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument(
+        "--train-cells",
+        type=int,
+        default=300_000,
+        help="cells trained over (a shuffled sample of the whole corpus; 0: every cell)",
+    )
     ap.add_argument("--every", type=int, default=100, help="sample every this many batches")
     ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the cells before the RSS slope")
     ap.add_argument("--max-open-files", type=int, default=None, help="reader bound (default: the reader's)")
@@ -200,18 +210,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=str(HERE / "work" / "compass_corpus_scale"))
     ap.add_argument("--note", default="")
-    ap.add_argument("--before", default=None, help="JSON of a run with the previous reader, shown beside")
     ap.add_argument(
-        "--table-only", action="store_true", help="only rewrite the table (and --before) of --out"
+        "--compare", nargs="+", default=[], help="LABEL=PATH: results of other runs (JSON) shown beside"
+    )
+    ap.add_argument(
+        "--table-only", action="store_true", help="only rewrite the table (and --compare) of --out"
     )
     ap.add_argument("--out", default=str(HERE / "results" / "compass_corpus_scale.json"))
     args = ap.parse_args()
+    args.train_cells = args.train_cells or None
 
     out = Path(args.out)
     if args.table_only:
         rec = json.loads(out.read_text())
-        if args.before:
-            rec["before"] = json.loads(Path(args.before).read_text())
+        add_compare(rec, args.compare)
+        rec["note"] = args.note or rec.get("note", "")
         write_record(rec, out)
         out.with_suffix(".md").write_text(markdown(rec) + "\n")
         return
@@ -249,13 +262,28 @@ def main() -> None:
         if phase == "stream":
             rec["stream"] = stream(corpus, args.batch_size, args.every, args.warmup)
         else:
-            rec["train"] = train(corpus, args.batch_size, args.every, args.warmup, args.seed)
+            rec["train"] = train(
+                corpus, args.batch_size, args.every, args.warmup, args.seed, args.train_cells
+            )
         rec[phase]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({k: v for k, v in rec[phase].items() if k != "samples"}), flush=True)
+        finish(rec, args, load, out)  # what is done so far survives an interrupted run
+
+
+def add_compare(rec: dict, items: list[str]) -> None:
+    """Attach ``LABEL=PATH`` results (JSON of other runs) under ``rec['compare']``."""
+    for item in items:
+        label, _, path = item.partition("=")
+        rec.setdefault("compare", {})[label] = json.loads(Path(path).read_text())
+
+
+def finish(rec: dict, args, load, out: Path) -> None:
+    """Write the record and its table."""
+    import torch
+
     rec["machine"] = machine(load, torch=torch.__version__, torch_threads=torch.get_num_threads())
     rec["versions"] = versions("pertpy_gnn", "torch", "lightning")
-    if args.before:
-        rec["before"] = json.loads(Path(args.before).read_text())
+    add_compare(rec, args.compare)
     write_record(rec, out)
     out.with_suffix(".md").write_text(markdown(rec) + "\n")
 
