@@ -16,7 +16,7 @@ CKPT_KEY = "pertpy_gnn_compass"
 #: key of the RNG state in a checkpoint (exact resume)
 RNG_KEY = "pertpy_gnn_rng"
 #: training steps between two returns of freed heap memory to the system (:class:`ReleaseFreedMemory`)
-RELEASE_EVERY_N_STEPS = 50
+RELEASE_EVERY_N_STEPS = 10
 
 
 def warmup_linear(step: int, warmup: int, total: int) -> float:
