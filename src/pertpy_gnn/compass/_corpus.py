@@ -360,17 +360,23 @@ def make_dataloader(
     seed: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
+    loader_cls=DataLoader,
+    sampler_cls=None,
 ):
     """A torch DataLoader streaming ``indices`` of ``corpus`` in batches (shuffled by ``(seed, epoch)``).
 
     ``num_replicas > 1``: this ``rank``'s share of them (see :class:`EpochRandomSampler`).
+    ``loader_cls`` / ``sampler_cls`` (default :class:`EpochRandomSampler`): subclasses to use instead,
+    e.g. the resumable ones of pre-training.
     """
     dataset = CompassDataset(corpus, indices)
     sharded = shuffle or num_replicas > 1
-    return DataLoader(
+    return loader_cls(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
-        sampler=EpochRandomSampler(dataset, seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank)
+        sampler=(sampler_cls or EpochRandomSampler)(
+            dataset, seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank
+        )
         if sharded
         else None,
         num_workers=num_workers,
