@@ -3,8 +3,8 @@
 A GEARS training step allocates and frees the same large activations (``genes x sets x hidden``
 values, tens of MiB each) every step. glibc's ``malloc`` returns such blocks to the system when they
 are freed (``munmap``, or trimming the top of the heap), and the next step faults every page back in:
-at 5,000 genes about 60,000 minor page faults and about a fifth of the CPU time of a step
-(``benchmarks/train_step_alloc.py``). During training, :func:`keep_freed_memory` raises glibc's
+at 5,000 genes about 45,000 minor page faults a step (``benchmarks/train_step_alloc.py``; issue 13
+estimated a fifth of a step's CPU time). During training, :func:`keep_freed_memory` raises glibc's
 thresholds with ``mallopt`` so that blocks up to 32 MiB (glibc's largest ``M_MMAP_THRESHOLD`` on
 64-bit systems) come from the heap and freed memory stays there for the next step; afterwards it
 sets moderate thresholds and hands the free memory back (``malloc_trim``).
