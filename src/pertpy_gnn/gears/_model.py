@@ -758,16 +758,22 @@ class GEARS(BaseModelClass):
         val_batch_size
             Validation perturbations per forward pass.
         batching
-            ``'cells'``: minibatches of ``batch_size`` random cells (the paper's). ``'sets'``: each
+            ``'cells'`` (the paper's): minibatches of ``batch_size`` random cells. ``'sets'``: each
             step draws ``sets_per_batch`` perturbation sets and up to ``cells_per_set`` cells of
             each (:class:`~pertpy_gnn.gears._data.SetBatches`); the network runs once per set
-            and the same per-cell loss is applied to every drawn cell. An epoch draws as many
-            cells as there are training cells either way.
+            and the same per-cell loss is applied to every drawn cell (tested equal). An epoch
+            draws as many cells as there are training cells either way. Measured over 5 seeds
+            (``benchmarks/results/compare_batching.md``): with a constant learning rate and the last
+            epoch kept (``train_gears(preset='anchored')``, which uses set batches) they are as
+            accurate as cell batches within the paired spread, for 0.5-0.75x the CPU; with this
+            method's defaults (the paper's schedule: ``lr_decay=0.5``, validation-selected epoch)
+            they lost test Pearson delta on the Norman subset (-0.06 +- 0.05), so cell batches stay
+            the default here.
         sets_per_batch, cells_per_set
-            Sizes of the set batches (``cells_per_set=None``: all cells of each drawn set); the
-            defaults (4 x 8 = 32 cells a step) are the measured setting of
-            ``benchmarks/compare_batching.py``: as accurate as cell batches within the spread over 5
-            seeds, 1.6-2x less CPU per epoch (cell batches stay the default).
+            Sizes of the set batches (``cells_per_set=None``: all cells of each drawn set). The
+            defaults, 4 x 8 (32 cells a step, as a cell batch), were as good as any size of the
+            sweep in ``benchmarks/compare_batching.py`` (8 x 8, 4 x 32, 4 x all at equal CPU) and
+            better than 2 x 8; learning rates of 3e-3 and 1e-2 did not help them.
         **trainer_kwargs
             Further :class:`lightning.pytorch.Trainer` arguments.
 
