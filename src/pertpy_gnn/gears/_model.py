@@ -259,6 +259,10 @@ class GEARS(BaseModelClass):
       MSE is kept (in memory) and restored after training.
     - Training and validation perturbations with a gene absent from the GO graph are left out
       with a warning (as published); they are listed in ``train_summary_``.
+    - Data-parallel training (``train(strategy='ddp', devices=n)``, gloo on CPU): every process
+      draws the same seeded batches and trains on its own shard (every ``n``-th batch), gradients
+      are averaged, batch-norm statistics are rank 0's, and all processes end with the same
+      parameters (tested with two CPU processes, ``tests/test_gears_ddp.py``).
 
     Examples
     --------
