@@ -115,6 +115,7 @@ def main() -> None:
         seed=args.seed,
     )
     rss_after_sim = psutil.Process().memory_info().rss / 2**30
+    peak_sim = peak_rss_gib()  # the process's peak so far: imports and the simulation
     with PeakRSS() as prep_peak:
         t_prep = time.perf_counter()
         timed("parse_perturbations_s", pg.pp.parse_perturbations, adata, perturbation_key="condition")
@@ -208,6 +209,7 @@ def main() -> None:
             float(((control_mean[val["de_idx"].numpy()] - val["de_mean"].numpy()) ** 2).mean()), 5
         ),
         "rss_gib_after_simulate": round(rss_after_sim, 3),
+        "peak_rss_gib_simulate": round(peak_sim, 3),
         "peak_rss_gib_preparation": round(prep_peak.peak, 3),
         "peak_rss_gib_training": round(train_peak.peak, 3),
         "peak_rss_gib_training_above_data": round(train_peak.peak - rss_after_sim, 3),
@@ -246,8 +248,9 @@ def summary_md(r: dict, name: str) -> str:
         )
     p = r["preparation"]
     lines.append(
-        f"\nPeak resident memory (whole process): {r['rss_gib_after_simulate']} GiB after simulating "
-        f"(the AnnData itself, simulate {p['simulate_s']} s wall), {r['peak_rss_gib_preparation']} GiB during "
+        f"\nResident memory (whole process): {r['rss_gib_after_simulate']} GiB after simulating (the AnnData "
+        f"itself; peak {r.get('peak_rss_gib_simulate', 'n/a')} GiB while simulating, {p['simulate_s']} s wall); "
+        f"peak {r['peak_rss_gib_preparation']} GiB during "
         f"preparation ({p['total_s']} s wall: DE, GO and co-expression graphs, model, training tables), "
         f"{r['peak_rss_gib_training']} GiB during training (so {r['peak_rss_gib_training_above_data']} GiB "
         f"above the data). Load averages at start {r['machine']['load_average_at_start']}, at end "
