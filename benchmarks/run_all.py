@@ -61,6 +61,7 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
         "compare_accuracy": [PY, "benchmarks/compare_accuracy.py", "--device", device, *s],
         "ablations": [PY, "benchmarks/ablations.py", "--epochs", "5"],
         "compass_throughput": [PY, "benchmarks/compass_throughput.py", "--device", device],
+        "compass_corpus_scale": [PY, "benchmarks/compass_corpus_scale.py"],
         "compass_pretrain_real": [PY, "benchmarks/compass_pretrain_real.py", *s],
         "compass_downstream": [
             PY,
