@@ -259,6 +259,10 @@ class GEARS(BaseModelClass):
       MSE is kept (in memory) and restored after training.
     - Training and validation perturbations with a gene absent from the GO graph are left out
       with a warning (as published); they are listed in ``train_summary_``.
+    - Data-parallel training (``train(strategy='ddp', devices=n)``, gloo on CPU): every process
+      draws the same seeded batches and trains on its own shard (every ``n``-th batch), gradients
+      are averaged, batch-norm statistics are rank 0's, and all processes end with the same
+      parameters (tested with two CPU processes, ``tests/test_gears_ddp.py``).
 
     Examples
     --------
@@ -752,6 +756,13 @@ class GEARS(BaseModelClass):
             Seed of the data order and of the control partners; default the model's ``seed``.
         accelerator, devices, strategy
             Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
+            Data-parallel training: ``strategy='ddp', devices=n`` (on CPU over gloo, e.g.
+            ``accelerator='cpu', devices=2``); Lightning starts the other processes by running the
+            calling script again, so call it from a script, not a notebook. Every process draws the
+            same seeded batches and trains on its own shard of them (batches ``rank``,
+            ``rank + n``, ...; the last ``len % n`` batches of an epoch are left out), gradients
+            are averaged over the processes, each process validates on every validation
+            perturbation, and every process ends with the same parameters.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
@@ -825,12 +836,14 @@ class GEARS(BaseModelClass):
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
                 enable_progress_bar=show_bar,
+                # the loaders shard their own seeded batches over data-parallel processes (ShardedBatches)
+                use_distributed_sampler=trainer_kwargs.pop("use_distributed_sampler", False),
                 **trainer_kwargs,
             )
             if batching == "sets":
                 loader = make_set_loader(train, sets_per_batch, cells_per_set, seed=seed)
             else:
-                loader = make_loader(train, batch_size, shuffle=True, seed=seed)
+                loader = make_loader(train, batch_size, shuffle=True, seed=seed, shard=True)
             trainer.fit(plan, loader, val_loader)
         if plan.best_state is not None:
             self.module.load_state_dict(plan.best_state)

@@ -66,7 +66,8 @@ def train_gears(
     seed
         Seed of weights, data order and control partners: a fixed seed gives identical results on CPU.
     accelerator, devices, strategy
-        Passed to the Lightning Trainer (e.g. ``accelerator='gpu', devices=1``).
+        Passed to the Lightning Trainer (e.g. ``accelerator='gpu', devices=1``; data-parallel:
+        ``strategy='ddp', devices=2``, see :meth:`~pertpy_gnn.gears.GEARS.train`).
     uncertainty
         Train the uncertainty head (predictions then carry ``uncertainty`` and ``uncertainty_z``).
     layer
