@@ -718,10 +718,11 @@ def _score_rows(
     seed: int,
     n_projections: int | None,
     model_fit: str,
+    engine: str = "numba",
 ) -> dict[str, np.ndarray]:
     """All GI scores for a chunk of doubles (rows)."""
     coef = theil_sen_no_intercept(
-        a, b, y, n_subsamples=n_subsamples, subsample_size=subsample_size, seed=seed
+        a, b, y, n_subsamples=n_subsamples, subsample_size=subsample_size, seed=seed, engine=engine
     )
     ca, cb = coef[:, 0], coef[:, 1]
     fit = ca[:, None] * a + cb[:, None] * b
@@ -765,11 +766,12 @@ def _score_table(
     chunk_size: int | None = None,
     progress_bar: bool = False,
     n_jobs: int | None = None,
+    engine: str = "numba",
 ) -> pd.DataFrame:
     """Score the doubles ``pairs`` (sorted gene pairs); ``rows`` maps ``A``, ``B``, ``A+B`` to rows of ``delta``.
 
     Chunks of pairs in turn, each scored by numba kernels parallel over its pairs (``n_jobs`` threads,
-    see :func:`_n_threads`).
+    see :func:`_n_threads`); ``engine='numpy'``: Theil-Sen by the vectorized reference.
     """
     names = [DELIM.join(p) for p in pairs]
     ia = np.array([rows[a] for a, _ in pairs])
@@ -813,6 +815,7 @@ def _score_table(
                     seed=seed,
                     n_projections=n_projections,
                     model_fit=model_fit,
+                    engine=engine,
                 )
             )
     cols = {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in parts[0]}
