@@ -57,6 +57,38 @@ class Ctx:
         return a, pg.tl.train_gears(a, max_epochs=1, hidden_dim=16, progress_bar=False)
 
     @cached_property
+    def compass(self):
+        """A small AnnData and an untrained tiny GeneCompass over its genes."""
+        import anndata as ad
+
+        from pertpy_gnn.compass import GeneCompass
+
+        genes = [f"G{i}" for i in range(12)]
+        x = np.random.default_rng(0).poisson(5.0, (16, 12)).astype(np.float32)
+        a = ad.AnnData(x, var=pd.DataFrame(index=genes))
+        vocab = pg.pp.compass_vocab(human_genes=genes)
+        return a, GeneCompass(vocab=vocab, seq_len=9, n_layers=1, d_model=16, n_heads=2)
+
+    @cached_property
+    def compass_midepoch(self) -> tuple:
+        """A corpus and a checkpoint written part-way through an epoch by an older pertpy-gnn
+        (no train loader position): an epoch-end checkpoint with its loop state set back one batch."""
+        import torch
+
+        a, model = self.compass
+        corpus = pg.pp.compass_tokenize(
+            a, self.tmp / "corpus", model.vocab, species="human", max_len=8, progress_bar=False
+        )
+        model.train(corpus, batch_size=8, ckpt_dir=self.tmp / "ckpt", accelerator="cpu", progress_bar=False)
+        ckpt = torch.load(self.tmp / "ckpt" / "last.ckpt", weights_only=True)
+        loop = ckpt["loops"]["fit_loop"]
+        loop["epoch_loop.batch_progress"]["current"]["processed"] = 1
+        loop["epoch_loop.batch_progress"]["is_last_batch"] = False
+        loop["state_dict"].pop("combined_loader", None)
+        torch.save(ckpt, self.tmp / "old_mid_epoch.ckpt")
+        return corpus, self.tmp / "old_mid_epoch.ckpt"
+
+    @cached_property
     def saved(self) -> Path:
         path = self.tmp / "model"
         self.trained[1].save(path, overwrite=True)
@@ -310,6 +342,28 @@ CASES: list[tuple[str, str, object]] = [
         lambda c: GEARS.load(c.saved, adata=c.trained[0][:, ::-1].copy()),
     ),
     ("files", "save a model into a folder that exists", lambda c: c.trained[1].save(c.saved)),
+    (
+        "compass",
+        "overexpress with an unknown level unit",
+        lambda c: pg.tl.in_silico(*c.compass, "G1", mode="overexpress", level=2, level_unit="percent"),
+    ),
+    (
+        "compass",
+        "overexpress by a fold change below 1",
+        lambda c: pg.tl.in_silico(*c.compass, "G1", mode="overexpress", level=0.5),
+    ),
+    (
+        "compass",
+        "knock down by a factor of 1 or more",
+        lambda c: pg.tl.in_silico(*c.compass, "G1", mode="knockdown", factor=2),
+    ),
+    (
+        "compass",
+        "resume pre-training from a part-way checkpoint without the loader's position",
+        lambda c: c.compass[1].train(
+            c.compass_midepoch[0], batch_size=8, resume_from=c.compass_midepoch[1], progress_bar=False
+        ),
+    ),
 ]
 
 SECTIONS = {
@@ -319,6 +373,7 @@ SECTIONS = {
     "predict": "Prediction",
     "gi": "Genetic interactions",
     "files": "Model files",
+    "compass": "GeneCompass",
 }
 
 

@@ -171,6 +171,7 @@ def test_unchanged_cell_has_zero_shift(adata, model, cell_embedding):
         "G00",
         mode="overexpress",
         level=level,
+        level_unit="token",
         target=("group", "b"),
         cell_embedding=cell_embedding,
         **TOK,
@@ -557,3 +558,127 @@ def test_gene_shift_min_cells_and_screen_z_without_pairs(adata, model):
         adata, model, target=("group", "b"), candidates=["G02"], cells=("group", "a"), **TOK
     )
     assert (df["n_paired_cells"] == 0).all() and df["z"].isna().all() and df["specific_shift"].isna().all()
+
+
+@pytest.mark.parametrize("log_base", [None, 2.0])
+def test_overexpression_fold_change_doubles_normalized_expression(log_base):
+    """level=2 (fold) doubles the gene's normalized expression x/median, in the model's value space:
+    ``log(1 + 2r)/log(b)`` from ``log(1 + r)/log(b)``, for our natural-log models and published log2 ones."""
+    from pertpy_gnn.compass._ds_insilico import _variants
+
+    b = np.e if log_base is None else log_base
+    scale = float(np.log(b))  # what value_scale() gives for such a model
+    r = torch.tensor([[9.0, 3.0, 1.5, 0.5], [9.0, 4.0, 0.25, 0.0]])  # x / median of tokens 10..13
+    ids = torch.tensor([[2, 10, 11, 12, 13], [2, 10, 11, 12, 0]])
+    model_vals = torch.cat([torch.zeros(2, 1), torch.log1p(r) / scale], 1)  # values as the model stores them
+    targets = torch.tensor([[12], [12]])
+    _, _, p_ids, p_vals, ok = _variants(
+        ids,
+        model_vals * scale,
+        targets,
+        mode="overexpress",
+        factor=None,
+        level=2,
+        max_len=4,
+        min_rank_fraction=None,
+        level_unit="fold",
+        scale=scale,
+    )
+    new = (p_vals / scale)[p_ids == 12]  # back in model units
+    np.testing.assert_allclose(b**new - 1, [3.0, 0.5], rtol=1e-5)  # 2 x 1.5 and 2 x 0.25
+    assert ok.all() and p_ids[0, 2] == 12 and p_ids[1, 3] == 12  # re-ranked: 3.0 ties 11's 3.0, goes first
+    # multiples of the corpus median and token values mean the same in both kinds of model
+    _, _, p_ids, p_vals, _ = _variants(
+        ids,
+        model_vals * scale,
+        targets,
+        mode="overexpress",
+        factor=None,
+        level=5,
+        max_len=4,
+        min_rank_fraction=None,
+        level_unit="median",
+        scale=scale,
+    )
+    np.testing.assert_allclose(b ** (p_vals / scale)[p_ids == 12] - 1, [5.0, 5.0], rtol=1e-5)
+    _, _, p_ids, p_vals, _ = _variants(
+        ids,
+        model_vals * scale,
+        targets,
+        mode="overexpress",
+        factor=None,
+        level=2.5,
+        max_len=4,
+        min_rank_fraction=None,
+        level_unit="token",
+        scale=scale,
+    )
+    np.testing.assert_allclose((p_vals / scale)[p_ids == 12], [2.5, 2.5], rtol=1e-6)
+    # normalized expression: x = 6 for a gene of median 2 is three medians
+    _, _, p_ids, p_vals, _ = _variants(
+        ids,
+        model_vals * scale,
+        targets,
+        mode="overexpress",
+        factor=None,
+        level=6,
+        max_len=4,
+        min_rank_fraction=None,
+        level_unit="normalized",
+        scale=scale,
+        medians=torch.tensor([2.0]),
+    )
+    np.testing.assert_allclose(b ** (p_vals / scale)[p_ids == 12] - 1, [3.0, 3.0], rtol=1e-5)
+
+
+def test_overexpression_level_units_end_to_end(adata, model):
+    # G00 is at its corpus median (x = median = 1) in every cell: a fold of 2 is two medians
+    kw = {"mode": "overexpress", "target": ("group", "b"), "gene_shift": False, **TOK}
+    pg.tl.in_silico(adata, model, "G00", level=2, key_added="fold", **kw)
+    pg.tl.in_silico(adata, model, "G00", level=2, level_unit="median", key_added="med", **kw)
+    np.testing.assert_allclose(adata.obs["fold_cos"].dropna(), adata.obs["med_cos"].dropna(), atol=2e-3)
+    assert (adata.obs["fold_cos"].dropna() < 1).all()  # raised: the cells changed
+    assert adata.uns["fold"]["params"]["level_unit"] == "fold"
+    # normalized expression 4 of a gene with median 2 is two medians
+    med2 = {**kw, "gene_medians": pd.Series(2.0, index=GENES)}
+    pg.tl.in_silico(adata, model, "G00", level=4, level_unit="normalized", key_added="norm", **med2)
+    pg.tl.in_silico(adata, model, "G00", level=2, level_unit="median", key_added="med2", **med2)
+    np.testing.assert_array_equal(adata.obs["norm_cos"].dropna(), adata.obs["med2_cos"].dropna())
+    assert list(adata.uns["norm"]["level_median"]) == [2.0] and (adata.obs["norm_cos"].dropna() < 1).all()
+    # a fold change leaves cells without the gene alone: G01 is expressed in group a only
+    pg.tl.in_silico(adata, model, "G01", mode="overexpress", level=3, key_added="g1", gene_shift=False, **TOK)
+    np.testing.assert_array_equal(adata.obs["g1_kept"], adata.obs["group"] == "a")
+    with pytest.raises(ValueError, match="No cell expresses"):
+        pg.tl.in_silico(adata, model, "G29", mode="overexpress", level=2, key_added="g29", **TOK)
+    df = pg.tl.in_silico_screen(
+        adata, model, target=("group", "b"), cells=("group", "a"), candidates=["G01", "G07"], level=2, **TOK
+    )
+    assert list(df.index) == ["G01"]  # G07 is not expressed in group a: no fold variant
+    med = {k: v for k, v in med2.items() if k not in ("mode", "target", "gene_shift")}
+    df = pg.tl.in_silico_screen(
+        adata,
+        model,
+        target=("group", "b"),
+        cells=("group", "a"),
+        candidates=["G00", "G07"],
+        level=4,
+        level_unit="normalized",
+        key_added="scr",
+        **med,
+    )
+    assert set(df.index) == {"G00", "G07"} and (df["cos"] < 1).all()
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"level": 2, "level_unit": "percent"}, "level_unit must be one of"),
+        ({"level": 0.5}, "would lower the gene.*knockdown"),
+        ({"level": -1, "level_unit": "median"}, "must be positive"),
+        ({"level": "high"}, "Overexpression needs `level`"),
+        ({"mode": "knockdown", "factor": 1.5}, r"fraction of the gene's normalized expression left"),
+    ],
+)
+def test_overexpression_bad_level_unit(adata, model, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        pg.tl.in_silico(adata, model, "G01", **{"mode": "overexpress", **kw}, **TOK)

@@ -237,3 +237,61 @@ def test_resume_is_exact(tmp_path):
         whole.module.state_dict().items(), resumed.module.state_dict().items(), strict=True
     ):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_resume_mid_epoch_is_exact_or_refused(tmp_path):
+    """A checkpoint written part-way through an epoch (``ckpt_every_n_steps``) resumes bit for bit:
+    the rest of the epoch's cells in the same order, the same masks, dropout and schedule. A resume
+    that cannot continue exactly (other batch size, or no stored loader position) is refused by name."""
+    from lightning.pytorch import Callback
+
+    class Interrupted(Exception):
+        pass
+
+    class CrashAfterStep(Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                raise Interrupted
+
+    corpus, _ = toy_corpus(tmp_path / "corpus", n_cells=64)  # 4 batches per epoch
+    kw = {"batch_size": 16, "lr": 3e-3, "warmup": 2, "accelerator": "cpu", "progress_bar": False}
+    kw["max_epochs"] = 2
+
+    def fresh():
+        torch.manual_seed(0)
+        return GeneCompass(vocab=corpus.vocab, seq_len=corpus.seq_len, **TINY)
+
+    whole = fresh()
+    whole.train(corpus, **kw)
+    # the checkpoint of step 2 (batch 2 of 4 of epoch 1) is the last one written before the crash at step 3
+    with pytest.raises(Interrupted):
+        fresh().train(
+            corpus, ckpt_dir=tmp_path / "b", ckpt_every_n_steps=2, callbacks=[CrashAfterStep(3)], **kw
+        )
+    ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert (
+        ckpt["global_step"] == 2
+        and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 2
+    )
+    torch.save(ckpt, tmp_path / "mid.ckpt")
+    resumed = fresh()
+    resumed.train(corpus, ckpt_dir=tmp_path / "b", resume_from="last", **kw)
+    assert resumed.trainer.global_step == whole.trainer.global_step == 8
+    for (n1, p1), (n2, p2) in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().items(), strict=True
+    ):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+    # refused: the cells left in the epoch depend on the batch size
+    with pytest.raises(
+        ValueError, match=r"part-way through an epoch.*batch_size 16 in the checkpoint, 8 now"
+    ):
+        fresh().train(corpus, resume_from=tmp_path / "mid.ckpt", **{**kw, "batch_size": 8})
+    # refused: a mid-epoch checkpoint without the loader's position (older pertpy-gnn)
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"without the train loader's position.*end of an epoch"):
+        fresh().train(corpus, resume_from=tmp_path / "old.ckpt", **kw)

@@ -359,3 +359,28 @@ def test_compass_gears_with_published_checkpoint(official):
     model.train(max_epochs=1, progress_bar=False)
     pred = model.predict(a.obs["pg_perturbation"].cat.categories[1:3].tolist(), n_control=None)
     assert np.isfinite(pred.X).all()
+
+
+def test_overexpression_fold_change_in_published_log2_units(official, monkeypatch):
+    """A published checkpoint's values are log2(1 + x/median): a fold change of 2 reaches the model as
+    log2(1 + 2 x/median), not as a natural-log value (and not as the token value 2)."""
+    import pertpy_gnn.compass._ds_insilico as insilico
+    from pertpy_gnn.compass._ds_core import value_scale
+
+    assert value_scale(official) == pytest.approx(np.log(2.0))
+    a = _fixture_adata(official)
+    gene = a.var_names[0]  # high in every cell
+    tok = int(official.vocab.lookup([a.var["ensembl"].iloc[0]], "human")[0])
+    seen = []
+    encode = insilico.encode
+
+    def spy(module, ids, values):
+        seen.append((np.asarray(ids), np.asarray(values, dtype=np.float64)))
+        return encode(module, ids, values)
+
+    monkeypatch.setattr(insilico, "encode", spy)
+    pg.tl.in_silico(a, official, gene, mode="overexpress", level=2, gene_shift=False, progress_bar=False)
+    (o_ids, o_vals), (p_ids, p_vals) = seen  # one batch: original, then perturbed (model units)
+    before, after = o_vals[o_ids == tok], p_vals[p_ids == tok]
+    assert before.size == a.n_obs == after.size
+    np.testing.assert_allclose(2.0**after - 1, 2 * (2.0**before - 1), rtol=1e-5)

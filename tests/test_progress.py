@@ -45,3 +45,50 @@ def test_import_does_not_load_pyplot():
         "print('ok')\n"
     )
     assert _run(code).stdout.strip() == "ok"
+
+
+def _lines(caplog, prefix):
+    return [
+        r.getMessage() for r in caplog.records if r.name == "pertpy_gnn" and r.getMessage().startswith(prefix)
+    ]
+
+
+def test_tokenize_and_embed_log_progress_when_not_a_terminal(caplog, monkeypatch, tmp_path):
+    """Output redirected: one log line per tenth of the chunks / batches; progress_bar=False: none."""
+    import logging
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import pertpy_gnn as pg
+    import pertpy_gnn._progress as progress
+    from pertpy_gnn.compass import GeneCompass
+
+    monkeypatch.setattr(progress, "interactive", lambda: False)
+    genes = [f"G{i}" for i in range(12)]
+    x = np.random.default_rng(0).poisson(5.0, (40, 12)).astype(np.float32)
+    adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
+    vocab = pg.pp.compass_vocab(human_genes=genes)
+    with caplog.at_level(logging.INFO, logger="pertpy_gnn"):
+        pg.pp.compass_tokenize(adata, tmp_path / "c", vocab, species="human", max_len=8, chunk_size=2)
+    tok = _lines(caplog, "tokenize: ")
+    assert len(tok) == 10 and tok[0].startswith("tokenize: 2/20 chunks (10%)")  # 20 chunks, a line per 2
+    assert tok[-1].startswith("tokenize: 20/20 chunks (100%), ") and tok[-1].endswith(" s")
+    assert len(_lines(caplog, "gene medians: ")) == 10
+    caplog.clear()
+    torch.manual_seed(0)
+    model = GeneCompass(vocab=vocab, seq_len=9, n_layers=1, d_model=16, n_heads=2)
+    kw = {"species": "human", "gene_medians": pd.Series(1.0, index=genes), "batch_size": 8}
+    with caplog.at_level(logging.INFO, logger="pertpy_gnn"):
+        pg.tl.embed_compass(adata, model, genes=False, **kw)
+    emb = _lines(caplog, "GeneCompass embeddings: ")
+    assert [m.split(" (")[0] for m in emb] == [f"GeneCompass embeddings: {i}/5 batches" for i in range(1, 6)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pertpy_gnn"):
+        pg.tl.embed_compass(adata, model, genes=False, overwrite=True, progress_bar=False, **kw)
+        pg.pp.compass_tokenize(
+            adata, tmp_path / "d", vocab, species="human", max_len=8, chunk_size=2, progress_bar=False
+        )
+    assert not [r for r in caplog.records if "%)" in r.getMessage()]

@@ -1,9 +1,11 @@
-"""Training progress that works everywhere: a bar in a terminal, one log line per epoch elsewhere.
+"""Progress that works everywhere: a bar in a terminal, log lines elsewhere.
 
 A progress bar needs a terminal (or a notebook); when output is redirected to a file it shows
 nothing useful, so training logs one line per epoch through the ``pertpy_gnn`` logger instead:
 the epoch, its time and the logged metrics (training loss, validation metric). Lightning's own
 console handler is dropped while the root logger has handlers, so that each line appears once.
+Other long loops (tokenizing a corpus, encoding cells) use :class:`Progress`: a tqdm bar in a
+terminal, else one log line per tenth of the work. The same ``progress_bar=False`` silences both.
 """
 
 from __future__ import annotations
@@ -98,3 +100,62 @@ def progress(progress_bar: bool, max_epochs: int | None = None) -> tuple[bool, l
     if interactive():
         return True, []
     return False, [EpochLog(max_epochs)]
+
+
+class Progress:
+    """Progress of a loop of ``total`` steps: a tqdm bar where one can be drawn, else log lines.
+
+    In a terminal or notebook (:func:`interactive`) a tqdm bar. Elsewhere one INFO line through the
+    ``pertpy_gnn`` logger each time another tenth of the steps is done:
+    ``<desc>: <done>/<total> <unit> (<percent>%), <seconds> s``; nothing for a single step.
+    ``enabled=False``: nothing at all. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, unit: str = "chunks"):
+        self.total, self.desc, self.unit = int(total), desc, unit
+        self.done, self._mark = 0, 0
+        self._t0 = time.perf_counter()
+        self._bar = None
+        self._log = bool(enabled) and not interactive() and self.total > 1
+        if enabled and interactive():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=desc, unit=unit)
+
+    def update(self, n: int = 1) -> None:
+        self.done += int(n)
+        if self._bar is not None:
+            self._bar.update(n)
+        if not self._log:
+            return
+        mark = min(10, 10 * self.done // self.total)
+        if mark > self._mark:
+            self._mark = mark
+            logger.info(
+                "%s: %d/%d %s (%d%%), %.1f s",
+                self.desc,
+                self.done,
+                self.total,
+                self.unit,
+                100 * self.done // self.total,
+                time.perf_counter() - self._t0,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def track(iterable, total: int, desc: str, *, enabled: bool = True, unit: str = "batches"):
+    """Iterate over ``iterable`` (``total`` items) with :class:`Progress`."""
+    with Progress(total, desc, enabled=enabled, unit=unit) as bar:
+        for item in iterable:
+            yield item
+            bar.update()

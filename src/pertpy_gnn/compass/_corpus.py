@@ -249,14 +249,26 @@ class EpochRandomSampler(RandomSampler):
 
 
 def make_dataloader(
-    corpus: CompassCorpus, indices, *, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
+    corpus: CompassCorpus,
+    indices,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    loader_cls=DataLoader,
+    sampler_cls=None,
 ):
-    """A torch DataLoader streaming ``indices`` of ``corpus`` in batches (shuffled by ``(seed, epoch)``)."""
+    """A torch DataLoader streaming ``indices`` of ``corpus`` in batches (shuffled by ``(seed, epoch)``).
+
+    ``loader_cls`` / ``sampler_cls`` (default :class:`EpochRandomSampler`): subclasses to use instead,
+    e.g. the resumable ones of pre-training.
+    """
     dataset = CompassDataset(corpus, indices)
-    return DataLoader(
+    return loader_cls(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
-        sampler=EpochRandomSampler(dataset, seed) if shuffle else None,
+        sampler=(sampler_cls or EpochRandomSampler)(dataset, seed) if shuffle else None,
         num_workers=num_workers,
         collate_fn=_collate,
         persistent_workers=num_workers > 0,

@@ -163,7 +163,7 @@ def annotate_compass(
     overwrite
         Replace existing results.
     progress_bar
-        Show a tqdm progress bar.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
 
@@ -241,9 +241,9 @@ def annotate_compass(
         return clf.logits(feats[b.to(dev)]) if feats is not None else clf(ids[b].to(dev), vals[b].to(dev))
 
     history = []
-    from tqdm.auto import tqdm
+    from .._progress import track
 
-    for epoch in tqdm(range(epochs), desc="fine-tune GeneCompass", disable=not progress_bar):
+    for epoch in track(range(epochs), epochs, "fine-tune GeneCompass", enabled=progress_bar, unit="epochs"):
         clf.train()
         perm = torch.from_numpy(tr)[torch.randperm(tr.size, generator=gen)]
         total = 0.0

@@ -117,13 +117,13 @@ def token_arrays(corpus, rows: np.ndarray | None = None) -> tuple[np.ndarray, np
 
 
 def batches(n: int, batch_size: int, *, progress_bar: bool, desc: str):
-    """``slice`` objects over ``range(n)`` with an optional tqdm bar."""
-    from tqdm.auto import tqdm
+    """``slice`` objects over ``range(n)`` with progress (see :class:`pertpy_gnn._progress.Progress`)."""
+    from .._progress import track
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress_bar, total=len(starts)):
+    for s in track(starts, len(starts), desc, enabled=progress_bar):
         yield slice(s, min(s + batch_size, n))
 
 

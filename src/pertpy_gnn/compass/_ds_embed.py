@@ -160,7 +160,7 @@ def embed_compass(
     overwrite
         Replace existing results.
     progress_bar
-        Show tqdm progress bars.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
     copy

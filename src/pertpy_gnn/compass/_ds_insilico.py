@@ -33,31 +33,99 @@ from ._ds_core import (
 )
 from ._ds_embed import _embed
 
+#: units of a numeric overexpression ``level`` (see :func:`in_silico`)
+LEVEL_UNITS = ("fold", "median", "normalized", "token")
 
-def _check_edit(mode: str, factor, level, min_rank_fraction) -> None:
+
+def _check_edit(mode: str, factor, level, min_rank_fraction, level_unit: str = "fold") -> None:
     if mode not in EDIT_MODES:
         raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}.")
-    if mode == "knockdown" and (factor is None or not 0 <= float(factor) < 1):
-        raise ValueError(f"Knockdown needs `factor` in [0, 1) (e.g. 0.5, 0.25 or 0), got {factor!r}.")
-    if mode == "overexpress" and not (level in ("median", "max") or isinstance(level, (int, float))):
+    if mode == "knockdown" and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= float(factor) < 1
+    ):
         raise ValueError(
-            f"Overexpression needs `level` 'median' (corpus median), 'max' (the cell's maximum) or a value, got {level!r}."
+            "Knockdown needs `factor` in [0, 1): the fraction of the gene's normalized expression left "
+            f"(0.25 keeps a quarter, a 75% knockdown; 0 removes it), got {factor!r}."
         )
+    if mode == "overexpress":
+        if level_unit not in LEVEL_UNITS:
+            raise ValueError(
+                f"level_unit must be one of {LEVEL_UNITS} ('fold': times the cell's current expression of the "
+                "gene; 'median': times the gene's corpus median; 'normalized': normalized expression, e.g. "
+                "counts per 10,000; 'token': the model's token value), got {level_unit!r}."
+            )
+        numeric = isinstance(level, (int, float, np.number)) and not isinstance(level, bool)
+        if not (level in ("median", "max") or numeric):
+            raise ValueError(
+                "Overexpression needs `level` 'median' (the gene's corpus median), 'max' (the cell's top gene) "
+                f"or a number in `level_unit` ({level_unit!r}), got {level!r}."
+            )
+        if numeric and not np.isfinite(float(level)):
+            raise ValueError(f"`level` must be finite, got {level!r}.")
+        if numeric and level_unit == "fold" and float(level) < 1:
+            raise ValueError(
+                f"level={level!r} with level_unit='fold' would lower the gene; overexpression raises it "
+                "(fold >= 1). For a reduction use mode='knockdown' with factor=<fraction left>."
+            )
+        if numeric and level_unit in ("median", "normalized") and not float(level) > 0:
+            raise ValueError(f"level in level_unit={level_unit!r} must be positive, got {level!r}.")
     if min_rank_fraction is not None and not 0 < float(min_rank_fraction) <= 1:
         raise ValueError(f"min_rank_fraction must be in (0, 1] or None, got {min_rank_fraction!r}.")
 
 
-def _levels(level, orig_values, n_targets: int):
-    """Overexpression value per (row, target): corpus median, the cell's maximum, or a given value."""
+def _current(ids, values, targets):
+    """Value of each target in each row (``(b, e)``, natural-log units) and whether it is among the tokens."""
     import torch
 
+    match = (ids[:, 1:].unsqueeze(2) == targets.unsqueeze(1)) & (targets >= 0).unsqueeze(1)
+    cur = torch.where(
+        match, values[:, 1:].float().unsqueeze(2), torch.full_like(match, float("-inf"), dtype=torch.float32)
+    ).amax(1)
+    return cur, match.any(1)
+
+
+def _levels(level, level_unit: str, ids, values, targets, scale: float, medians=None):
+    """Overexpression value per (row, target) in natural-log units (``log1p(x / median)``).
+
+    ``ids, values``: the cells' tokens as read (natural-log values); ``scale``: :func:`value_scale`
+    of the model (a ``'token'`` level is in the model's units); ``medians``: the targets' corpus
+    medians (``(e,)`` or ``(b, e)``; for ``'normalized'``). Returns ``(levels, known)``: ``known``
+    is ``False`` where a ``'fold'`` level has no current expression to multiply (the gene is not
+    among the tokens read).
+    """
+    import torch
+
+    b, e = targets.shape
+    known = torch.ones((b, e), dtype=torch.bool)
     if level == "median":
-        v = torch.full((orig_values.shape[0],), MEDIAN_VALUE)
+        v = torch.full((b, e), MEDIAN_VALUE)
     elif level == "max":
-        v = orig_values[:, 1].float()  # the top gene token's value
-    else:
-        v = torch.full((orig_values.shape[0],), float(level))
-    return v.unsqueeze(1).expand(-1, n_targets)
+        v = values[:, 1].float().unsqueeze(1).expand(-1, e)  # the top gene token's value
+    elif level_unit == "median":
+        v = torch.full((b, e), float(np.log1p(float(level))))
+    elif level_unit == "token":
+        v = torch.full((b, e), float(level) * scale)
+    elif level_unit == "normalized":
+        med = torch.as_tensor(medians, dtype=torch.float64)
+        v = torch.log1p(float(level) / med).float().expand(b, e)
+    else:  # fold of the current normalized expression
+        cur, known = _current(ids, values, targets)
+        v = torch.where(
+            known, torch.log1p(float(level) * torch.expm1(cur.clamp(min=0))), torch.zeros_like(cur)
+        )
+    return v, known
+
+
+def _target_medians(corpus, vocab, tokens: np.ndarray) -> np.ndarray:
+    """Corpus medians the tokenization used for ``tokens`` (a ``'normalized'`` level needs them)."""
+    med = corpus.gene_medians.reindex(vocab.tokens[tokens].astype(str)).to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(med) & (med > 0))
+    if bad.any():
+        raise ValueError(
+            f"level_unit='normalized' needs each gene's corpus median, and {list(vocab.tokens[tokens[bad]])[:10]} "
+            "have none here (not among the data's genes?). Give `gene_medians=` or use level_unit='median'."
+        )
+    return med
 
 
 def _at_least_current(lv, ids, values, targets):
@@ -68,10 +136,7 @@ def _at_least_current(lv, ids, values, targets):
     """
     import torch
 
-    match = (ids[:, 1:].unsqueeze(2) == targets.unsqueeze(1)) & (targets >= 0).unsqueeze(1)
-    cur = torch.where(
-        match, values[:, 1:].float().unsqueeze(2), torch.full_like(match, float("-inf"), dtype=torch.float32)
-    ).amax(1)
+    cur, _ = _current(ids, values, targets)
     lv = lv.float()
     return lv, torch.where(lv > cur, targets, torch.full_like(targets, -1))
 
@@ -89,22 +154,39 @@ def _window_needed(ids, values, targets, factor: float, max_len: int):
     return pos <= max_len, pos
 
 
-def _variants(ids, values, targets, *, mode, factor, level, max_len: int, min_rank_fraction):
+def _variants(
+    ids,
+    values,
+    targets,
+    *,
+    mode,
+    factor,
+    level,
+    max_len: int,
+    min_rank_fraction,
+    level_unit: str = "fold",
+    scale: float = 1.0,
+    medians=None,
+):
     """Original (re-ranked, truncated) and perturbed sequences of a batch, and which rows qualify.
 
-    A row qualifies for deletion / knockdown when every target is among its tokens and ranks in the
-    top ``min_rank_fraction`` of them (``None``: present anywhere); overexpression always qualifies.
+    ``values`` in natural-log units (model values times ``scale``). A row qualifies for deletion /
+    knockdown when every target is among its tokens and ranks in the top ``min_rank_fraction`` of them
+    (``None``: present anywhere); for overexpression always, except by a ``'fold'`` level, which needs
+    every target among the tokens read (a fold of no expression is none).
     """
     import torch
 
     none = torch.full_like(targets, -1)
     o_ids, o_vals, _ = edit_tokens(ids, values, none, mode="delete", max_len=max_len)
-    lv, edited = None, targets
+    lv, edited, known = None, targets, None
     if mode == "overexpress":
-        lv, edited = _at_least_current(_levels(level, o_vals, targets.shape[1]), o_ids, o_vals, targets)
+        lv, known = _levels(level, level_unit, ids, values, targets, scale, medians)
+        lv, edited = _at_least_current(lv, ids, values, targets)
+        edited = torch.where(known, edited, torch.full_like(edited, -1))
     p_ids, p_vals, _ = edit_tokens(ids, values, edited, mode=mode, factor=factor, level=lv, max_len=max_len)
     if mode == "overexpress":
-        ok = torch.ones(ids.shape[0], dtype=torch.bool)
+        ok = (known | (targets < 0)).all(1)
     else:
         pos, n_tok = target_ranks(o_ids, targets)
         frac = 1.0 if min_rank_fraction is None else float(min_rank_fraction)
@@ -136,6 +218,7 @@ def in_silico(
     mode: str = "delete",
     factor: float = 0.5,
     level: str | float = "median",
+    level_unit: str = "fold",
     cells=None,
     target=None,
     min_rank_fraction: float | None = 0.5,
@@ -164,14 +247,40 @@ def in_silico(
 
     - ``'delete'``: the gene tokens are removed (the next-ranked genes move up; a gene beyond the
       model's length can enter);
-    - ``'knockdown'``: the normalized expression of each gene is multiplied by ``factor`` (1/2, 1/4,
-      0): value ``log1p(factor * expm1(v))``; with ``factor=0`` the token stays, with value 0, ranked
-      last, so it equals deletion up to that last token;
-    - ``'overexpress'``: the value is raised to ``level``: ``'median'`` (the gene's corpus median, value
-      ``log1p(1)``), ``'max'`` (the cell's top value) or a number (a token value, ``log1p`` of the
-      expression in units of the gene's corpus median: ``log1p(3)`` is 3x the median); the gene is added
-      if absent. Overexpression never lowers a gene: where the cell already expresses it above
-      ``level``, it keeps its value (and the cell is unchanged).
+    - ``'knockdown'``: the gene's normalized expression is multiplied by ``factor``, the fraction
+      left (0.5 halves it, 0.25 keeps a quarter -- a 75% knockdown); with ``factor=0`` the token
+      stays, with value 0, ranked last, so it equals deletion up to that last token;
+    - ``'overexpress'``: the gene's normalized expression is raised to ``level`` (the gene is added
+      to a cell that does not express it, except with a fold change). Overexpression never lowers a
+      gene: where the cell already expresses it at or above the level, it keeps its value (and the
+      cell is unchanged).
+
+    **Units.** The *normalized expression* ``x`` of a gene in a cell is what the model's tokenizer
+    computes: for a model of ours, the cell's counts scaled to ``target_sum`` (1e4) per cell (or the
+    data's own normalization with ``input_kind='log1p'`` / ``'normalized'``); for a published checkpoint,
+    the counts as they are (its preprocessing has no per-cell step). Its token value is
+    ``log(1 + x / m) / log(b)``, with ``m`` the gene's corpus median (``model.gene_medians_`` or
+    ``gene_medians=``) and ``b`` the model's log base (e (natural) for ours, 2 for a published
+    checkpoint: ``model.tokenization_['log_base']``). The edits act on ``x`` and map to the token value
+    by that formula, so they mean the same for both kinds of model. ``level``:
+
+    - ``'median'``: ``x = m``, the gene's corpus median (token value ``log(2) / log(b)``);
+    - ``'max'``: the cell's top gene token value (the gene reaches the same ``x / m`` as the cell's
+      highest gene and ranks first);
+    - a number, in ``level_unit``:
+
+      - ``'fold'`` (default): times the cell's current expression of the gene (``level=2`` doubles
+        ``x``: token value ``log(1 + 2 x / m) / log(b)``); ``level >= 1``. A cell that does not
+        express the gene, or where it ranks beyond the tokens read (twice the model's window), is not
+        edited (``kept`` is ``False``: a fold of no expression is none);
+      - ``'median'``: times the gene's corpus median (``level=3``: ``x = 3 m``; ``level=1`` is
+        ``'median'``);
+      - ``'normalized'``: the normalized expression ``x`` itself (for a model of ours on counts:
+        counts per 10,000 in the cell; for a published checkpoint: counts), mapped with the gene's
+        median ``m`` used for this data (``uns[key_added]['level_median']``);
+      - ``'token'``: the model's token value itself, in the model's own log base (for experts).
+
+    The cell's total is not renormalized after an edit (as in the paper).
 
     A knockdown can move the gene past the model's token window (``seq_len - 1`` genes): there it
     equals deletion. Such cells are counted (``uns[key_added]['n_left_window']``) with a warning
@@ -193,7 +302,12 @@ def in_silico(
     factor
         Knockdown factor in ``[0, 1)``.
     level
-        Overexpression level: ``'median'``, ``'max'`` or a token value (never below the gene's current value).
+        Overexpression level: ``'median'``, ``'max'`` or a number in ``level_unit`` (see Units above;
+        never below the gene's current value).
+    level_unit
+        Unit of a numeric ``level``: ``'fold'`` (of the cell's current expression), ``'median'``
+        (multiples of the gene's corpus median), ``'normalized'`` (normalized expression, e.g. counts
+        per 10,000) or ``'token'`` (the model's token value).
     cells
         Cells to perturb (mask, positions, names, ``(column, values)`` or ``{column: values}``);
         default all cells (minus the ``target`` cells).
@@ -220,7 +334,7 @@ def in_silico(
     overwrite
         Replace existing results.
     progress_bar
-        Show tqdm progress bars.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
 
@@ -236,12 +350,14 @@ def in_silico(
       with ``target``: ``effect`` (mean target shift) and ``target_cos`` (DataFrame over kept cells,
       columns ``original`` and ``perturbed``: mean cosine to the target cells); with
       ``gene_shift``: ``gene_shift`` (DataFrame indexed by gene token, columns ``shift``,
-      ``n_cells``, sorted by decreasing shift).
+      ``n_cells``, sorted by decreasing shift); with knockdown: ``n_left_window``,
+      ``window_needed``, ``window_needed_is_lower_bound``; with ``level_unit='normalized'``:
+      ``level_median`` (the median of each gene the level was mapped with).
     """
     import torch
 
     adata = get_adata(adata, modality)
-    _check_edit(mode, factor, level, min_rank_fraction)
+    _check_edit(mode, factor, level, min_rank_fraction, level_unit)
     if gene_shift and int(min_cells) < 1:
         raise ValueError(f"`min_cells` must be at least 1, got {min_cells}.")
     check_cell_embedding(cell_embedding)
@@ -272,6 +388,7 @@ def in_silico(
 
     L = module.seq_len - 1
     vs = value_scale(model)
+    fold = mode == "overexpress" and level not in ("median", "max") and level_unit == "fold"
     e = int(tgt_tok.numel())
     n_special = vocab.n_special
     sums = torch.zeros(len(vocab), dtype=torch.float64)
@@ -284,16 +401,22 @@ def in_silico(
     module.eval()
     try:
         with (
-            # a knockdown can move a gene past the window: read twice the window to say how far it goes
+            # a knockdown can move a gene past the window: read twice the window to say how far it goes;
+            # a fold change needs the gene's current value, also where it ranks past the window
             tokenized(
                 adata[rows],
                 model,
-                max_len=(2 * L if mode == "knockdown" else L) + e,
+                max_len=(2 * L if mode == "knockdown" or fold else L) + e,
                 tok=tok,
                 progress_bar=progress_bar,
             ) as corpus,
             torch.inference_mode(),
         ):
+            medians = (
+                _target_medians(corpus, vocab, tgt_tok.numpy())
+                if mode == "overexpress" and level_unit == "normalized" and level not in ("median", "max")
+                else None
+            )
             for sl in batches(rows.size, batch_size, progress_bar=progress_bar, desc=f"in-silico {mode}"):
                 ids, values = corpus.read(np.arange(sl.start, sl.stop))
                 ids, values = (
@@ -310,6 +433,9 @@ def in_silico(
                     level=level,
                     max_len=L,
                     min_rank_fraction=min_rank_fraction,
+                    level_unit=level_unit,
+                    scale=vs,
+                    medians=medians,
                 )
                 kept[sl] = ok.numpy()
                 if mode == "knockdown" and float(factor) > 0:
@@ -340,6 +466,12 @@ def in_silico(
     finally:
         module.train(was_training)
     n_kept = int(kept.sum())
+    if n_kept == 0 and fold:
+        raise ValueError(
+            f"No cell expresses {list(np.atleast_1d(genes))} among its top {2 * L + e} tokens, so a fold change "
+            "raises nothing. Choose cells expressing the genes, or give a level in units of the corpus median "
+            "(level_unit='median') or level='median'."
+        )
     if n_kept == 0:
         raise ValueError(
             f"No cell qualifies: {list(np.atleast_1d(genes))} must all be among a cell's tokens"
@@ -360,6 +492,7 @@ def in_silico(
             "mode": mode,
             "factor": float(factor) if mode == "knockdown" else np.nan,
             "level": str(level) if mode == "overexpress" else "",
+            "level_unit": level_unit if mode == "overexpress" and level not in ("median", "max") else "",
             "min_rank_fraction": np.nan if min_rank_fraction is None else float(min_rank_fraction),
             "species": sp_,
             "max_len": int(L),
@@ -370,6 +503,10 @@ def in_silico(
         "n_kept": n_kept,
         "mean_cos": float(cos.mean()),
     }
+    if (
+        medians is not None
+    ):  # the medians a 'normalized' level was mapped with, one per gene of params['genes']
+        uns["level_median"] = np.asarray(medians, dtype=np.float64)
     adata.obs[f"{key_added}_kept"] = obs_kept
     adata.obs[f"{key_added}_cos"] = obs_cos
     if target is not None:
@@ -465,6 +602,7 @@ def in_silico_screen(
     mode: str = "overexpress",
     factor: float = 0.0,
     level: str | float = "max",
+    level_unit: str = "fold",
     source=None,
     min_rank_fraction: float | None = 0.5,
     cell_embedding: str = "species",
@@ -501,9 +639,11 @@ def in_silico_screen(
     candidates
         Genes to screen: ``None`` (every gene of ``adata`` in the vocabulary), ``'vocab'`` (every gene
         token of the vocabulary for the data's species) or a list of genes.
-    mode, factor, level, min_rank_fraction
-        The edit, as in :func:`in_silico`. For deletion / knockdown a (cell, gene) variant exists only
-        where the gene passes the rank filter in that cell.
+    mode, factor, level, level_unit, min_rank_fraction
+        The edit, as in :func:`in_silico` (the units of ``level`` and ``factor`` are stated there). For
+        deletion / knockdown a (cell, gene) variant exists only where the gene passes the rank filter
+        in that cell; for a ``'fold'`` overexpression only where the cell expresses the gene (among
+        twice the model's window of tokens).
     source
         Optional cells of the source state: also reports the shift toward it (negative = away).
     cell_embedding
@@ -518,7 +658,7 @@ def in_silico_screen(
     overwrite
         Replace an existing result.
     progress_bar
-        Show tqdm progress bars.
+        Show progress (a bar in a terminal or notebook, else log lines; ``False``: none).
     modality
         MuData modality.
 
@@ -533,14 +673,15 @@ def in_silico_screen(
     ``source_shift`` (with ``source``), ``n_cells`` (cells with a variant of the gene),
     ``n_paired_cells`` (those where another candidate also has a variant: the specific shift is
     averaged over these only, and ``z`` is ``NaN`` -- explicitly absent -- below 2 of them) and ``rank``
-    (1 = strongest driver by ``target_shift``; for overexpression, where every gene is edited in
-    every cell, the same order as ``specific_shift``). Also sets ``adata.uns[key_added]`` = ``{'results': df,
+    (1 = strongest driver by ``target_shift``; for overexpression to a level, where every gene is
+    edited in every cell, the same order as ``specific_shift``; not so for a fold change, which edits
+    only the cells expressing the gene). Also sets ``adata.uns[key_added]`` = ``{'results': df,
     'params': {...}, 'n_cells', 'n_variants'}``.
     """
     import torch
 
     adata = get_adata(adata, modality)
-    _check_edit(mode, factor, level, min_rank_fraction)
+    _check_edit(mode, factor, level, min_rank_fraction, level_unit)
     check_cell_embedding(cell_embedding)
     check_overwrite(adata.uns, key_added, overwrite, "adata.uns")
     module, vocab = check_model(model)
@@ -565,6 +706,7 @@ def in_silico_screen(
     if cand.size == 0:
         raise ValueError("No candidate gene is in the model's vocabulary.")
     L = module.seq_len - 1
+    fold = mode == "overexpress" and level not in ("median", "max") and level_unit == "fold"
 
     emb_kw = {
         "batch_size": batch_size,
@@ -581,19 +723,30 @@ def in_silico_screen(
     module.eval()
     try:
         with (
-            tokenized(adata[rows], model, max_len=L + 1, tok=tok, progress_bar=progress_bar) as corpus,
+            tokenized(
+                adata[rows], model, max_len=2 * L if fold else L + 1, tok=tok, progress_bar=progress_bar
+            ) as corpus,
             torch.inference_mode(),
         ):
             ids_all, vals_all = corpus.read(np.arange(rows.size))
+            cand_med = (
+                _target_medians(corpus, vocab, cand)
+                if mode == "overexpress" and level_unit == "normalized" and level not in ("median", "max")
+                else None
+            )
         ids_all = torch.from_numpy(ids_all.astype(np.int64))
         vs = value_scale(model)
         vals_all = torch.from_numpy(vals_all.astype(np.float32)) * vs  # edits in natural-log units
         none = torch.full((rows.size, 1), -1, dtype=torch.long)
         o_ids, o_vals, _ = edit_tokens(ids_all, vals_all, none, mode="delete", max_len=L)
         # the (cell, gene) variants: all pairs for overexpression, qualifying pairs otherwise
-        if mode == "overexpress":
+        if mode == "overexpress" and not fold:
             cell_idx = np.repeat(np.arange(rows.size), cand.size)
             gene_idx = np.tile(cand, rows.size)
+        elif fold:  # pairs where the cell expresses the gene (a fold of no expression is none)
+            body = ids_all[:, 1:].numpy()
+            cell_idx, p = np.nonzero(np.isin(body, cand))
+            gene_idx = body[cell_idx, p]
         else:
             body = o_ids[:, 1:].numpy()
             n_tok = (body != 0).sum(1)
@@ -603,7 +756,8 @@ def in_silico_screen(
             gene_idx = body[cell_idx, p]
         if cell_idx.size == 0:
             raise ValueError(
-                "No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells."
+                "No (cell, gene) variant qualifies: the candidates are not among the top tokens of the cells"
+                + (" (a fold change needs cells expressing the gene)." if fold else ".")
             )
         with torch.inference_mode():
             h0 = (
@@ -630,9 +784,9 @@ def in_silico_screen(
                 targets = torch.from_numpy(gene_idx[sl]).unsqueeze(1)
                 lv = None
                 if mode == "overexpress":
-                    lv, targets = _at_least_current(
-                        _levels(level, o_vals[c], 1), ids_all[c], vals_all[c], targets
-                    )
+                    med = None if cand_med is None else cand_med[slot[sl]][:, None]
+                    lv, _ = _levels(level, level_unit, ids_all[c], vals_all[c], targets, vs, med)
+                    lv, targets = _at_least_current(lv, ids_all[c], vals_all[c], targets)
                 p_ids, p_vals, _ = edit_tokens(
                     ids_all[c], vals_all[c], targets, mode=mode, factor=factor, level=lv, max_len=L
                 )
@@ -695,6 +849,7 @@ def in_silico_screen(
             "mode": mode,
             "factor": float(factor) if mode == "knockdown" else np.nan,
             "level": str(level) if mode == "overexpress" else "",
+            "level_unit": level_unit if mode == "overexpress" and level not in ("median", "max") else "",
             "min_rank_fraction": np.nan if min_rank_fraction is None else float(min_rank_fraction),
             "species": sp_,
             "max_len": int(L),

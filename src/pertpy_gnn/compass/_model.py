@@ -16,10 +16,10 @@ from scvi.train import TrainRunner
 from .._utils import logger
 from ..pp._compass_priors import PRIOR_NAMES, CompassPrior
 from ..pp._compass_vocab import PAD_ID, CompassVocab
-from ._corpus import CompassCorpus, CompassDataModule, make_dataloader
+from ._corpus import CompassCorpus, make_dataloader
 from ._module import IDS, LABEL_IDS, LABEL_VALUES, VALUES, CompassModule, mask_tokens, resolve_config
 from ._module import cell_embedding as pool_cells
-from ._training import CKPT_KEY, CompassTrainingPlan, PeriodicCheckpoint
+from ._training import CKPT_KEY, CompassTrainingPlan, PeriodicCheckpoint, PretrainDataModule, check_resume
 
 
 def _registry() -> dict:
@@ -189,7 +189,7 @@ class GeneCompass(BaseModelClass):
                 f"The corpus has {corpus.seq_len} tokens per cell, the model at most {self.seq_len}."
             )
         self.gene_medians_ = corpus.gene_medians
-        ckpt_path = None
+        ckpt_path, resume = None, None
         if resume_from is not None:
             ckpt_path = (
                 Path(ckpt_dir) / "last.ckpt" if str(resume_from) == "last" and ckpt_dir else Path(resume_from)
@@ -198,14 +198,22 @@ class GeneCompass(BaseModelClass):
                 raise FileNotFoundError(
                     f"Checkpoint {ckpt_path} not found (resume_from='last' needs ckpt_dir)."
                 )
+            resume = check_resume(
+                ckpt_path,
+                batch_size=batch_size,
+                n_cells=len(corpus) if train_indices is None else len(train_indices),
+                seed=seed,
+                distributed="ddp" in str(strategy) or (isinstance(devices, int) and devices > 1),
+            )
         seed_everything(seed, workers=True, verbose=False)
-        dm = CompassDataModule(
+        dm = PretrainDataModule(
             corpus,
             train_indices=train_indices,
             validation_indices=validation_indices,
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
+            resume=resume,
         )
         plan = CompassTrainingPlan(
             self.module,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 from scvi.train import TrainingPlan
+from torch.utils.data import DataLoader
 
+from ._corpus import CompassDataModule, EpochRandomSampler, make_dataloader
 from ._module import mask_tokens
 
 #: key under which a Lightning checkpoint carries what rebuilds the model
@@ -158,8 +161,17 @@ class CompassTrainingPlan(TrainingPlan):
             checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the RNG state stored by :meth:`on_save_checkpoint` (resume)."""
-        state = checkpoint.get(RNG_KEY)
+        """Keep the RNG state stored by :meth:`on_save_checkpoint`; it is restored before the first batch.
+
+        Restoring it right before the first training batch (not while Lightning restores the run, which
+        then still builds data loaders and optimizers) makes the next batch see the RNG as it was after
+        the checkpointed batch, also for a checkpoint written part-way through an epoch.
+        """
+        self._rng_resume = checkpoint.get(RNG_KEY)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Restore the RNG state of a resumed checkpoint (see :meth:`on_load_checkpoint`)."""
+        state, self._rng_resume = getattr(self, "_rng_resume", None), None
         if state is None:
             return
         torch.set_rng_state(state["torch"])
@@ -189,3 +201,143 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.last)
+
+
+# --------------------------------------------------------------------------- mid-epoch resume
+#: format tag of the train loader's position stored in Lightning checkpoints
+LOADER_STATE = "pertpy_gnn.compass_loader/1"
+
+
+class ResumableSampler(EpochRandomSampler):
+    """:class:`~pertpy_gnn.compass._corpus.EpochRandomSampler` that can start an epoch part-way.
+
+    After :meth:`resume_at` ``(epoch, n)``, the next pass over epoch ``epoch`` skips the first ``n``
+    cells of that epoch's order (those trained on before the checkpoint); other epochs are whole.
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source, seed)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, n_done: int) -> None:
+        self._resume = (int(epoch), int(n_done))
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        order = super().__iter__()
+        if resume is not None and resume[0] == self.epoch:
+            order = islice(order, resume[1], None)
+        yield from order
+
+
+class ResumableLoader(DataLoader):
+    """Train DataLoader whose position within the epoch goes into Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of a loader that has one and calls ``load_state_dict`` on resume,
+    before the first batch. The position is the number of batches the trainer has processed in the
+    current epoch (``position``, set by :class:`PretrainDataModule`), not the batches fetched (Lightning
+    fetches one batch ahead).
+    """
+
+    position = None  # callable -> batches processed in the current epoch
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        ok = isinstance(s, ResumableSampler) and self.position is not None
+        state = {"format": LOADER_STATE, "resumable": bool(ok)}
+        if ok:
+            state.update(
+                epoch=int(s.epoch),
+                batches=int(self.position()),
+                batch_size=int(self.batch_size),
+                n_cells=len(s.data_source),
+                seed=int(s.seed),
+            )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("resumable") and isinstance(self.sampler, ResumableSampler):
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.resume_at(state["epoch"], state["batches"] * state["batch_size"])
+
+
+class PretrainDataModule(CompassDataModule):
+    """:class:`~pertpy_gnn.compass._corpus.CompassDataModule` whose train loader resumes mid-epoch exactly.
+
+    ``resume``: the loader state of a mid-epoch checkpoint (from :func:`check_resume`), applied to the
+    first train loader. Lightning would apply it itself only if the loader were made after the loops
+    are restored; the learning-rate schedule (``estimated_stepping_batches``) makes it earlier.
+    """
+
+    def __init__(self, *args, resume: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume = resume
+
+    def train_dataloader(self):
+        loader = make_dataloader(
+            self.corpus,
+            self.train_indices,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            loader_cls=ResumableLoader,
+            sampler_cls=ResumableSampler,
+        )
+        # the loader's base seed (worker seeds) from its own generator, not the global RNG: making an
+        # iterator then draws nothing from the RNG that dropout uses, wherever Lightning makes it
+        loader.generator = torch.Generator().manual_seed(int(self.seed))
+        trainer = self.trainer
+        loader.position = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self.resume is not None:
+            loader.load_state_dict(self.resume)
+            self.resume = None
+        return loader
+
+
+def check_resume(path: Path, *, batch_size: int, n_cells: int, seed: int, distributed: bool) -> dict | None:
+    """Refuse a resume that cannot continue exactly as the interrupted run, naming the fix.
+
+    Returns the train loader's state of a mid-epoch checkpoint, ``None`` for an epoch-end one.
+
+    A checkpoint written at the end of an epoch always resumes exactly. One written part-way through an
+    epoch (``ckpt_every_n_steps``) resumes exactly when it stores the train loader's position and the
+    run has the same cells, batch size and seed; under DDP (Lightning's DistributedSampler) it does not.
+    """
+    from .._checkpoint import read_torch_file
+
+    ckpt = read_torch_file(path, what="GeneCompass training checkpoint")
+    loop = (ckpt.get("loops") or {}).get("fit_loop") or {}
+    progress = loop.get("epoch_loop.batch_progress") or {}
+    done = int((progress.get("current") or {}).get("processed", 0))
+    # an epoch-end checkpoint has seen the epoch's last batch (or no batch of the next epoch)
+    if done == 0 or progress.get("is_last_batch", True):
+        return None
+    states = (loop.get("state_dict") or {}).get("combined_loader") or []
+    state = states[0] if states else {}
+    fix = (
+        "Resume from a checkpoint written at the end of an epoch (train without `ckpt_every_n_steps`, "
+        "or keep the checkpoint of the last finished epoch)"
+    )
+    if distributed:
+        raise ValueError(
+            f"{path} was written part-way through an epoch ({done} batch{'es' if done != 1 else ''} in), and a distributed (DDP) run "
+            f"cannot restart its samplers part-way, so it would not continue as the interrupted run. {fix}, "
+            "or resume on one device."
+        )
+    if not state.get("resumable"):
+        raise ValueError(
+            f"{path} was written part-way through an epoch ({done} batch{'es' if done != 1 else ''} in) without the train loader's "
+            f"position (an older pertpy-gnn, or a distributed run), so a resume would not continue as the "
+            f"interrupted run. {fix}."
+        )
+    want = {"batch_size": batch_size, "n_cells": n_cells, "seed": seed}
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+        said = ", ".join(f"{k} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{path} was written part-way through an epoch, and this run differs from the interrupted one "
+            f"({said}), so the rest of the epoch would not be the cells it had left. Resume with the same "
+            f"training cells, batch_size and seed, or {fix[0].lower()}{fix[1:]}."
+        )
+    return state

@@ -274,14 +274,14 @@ def compass_tokenize(
     overwrite
         Replace an existing corpus in ``out_dir``.
     progress_bar
-        Show a tqdm progress bar.
+        Show progress: a bar in a terminal or notebook, else one log line (``pertpy_gnn`` logger, INFO)
+        per tenth of the chunks; ``False``: none.
 
     Returns
     -------
     :class:`~pertpy_gnn.compass.CompassCorpus` opened on ``out_dir``.
     """
-    from tqdm.auto import tqdm
-
+    from .._progress import Progress
     from ..compass._corpus import MANIFEST, CompassCorpus, write_manifest
 
     if max_len < 1 or chunk_size < 1 or shard_size < 1:
@@ -364,7 +364,7 @@ def compass_tokenize(
             missing[:] = False
         if missing.any():
             hist = np.zeros((all_tokens.size, _NB), dtype=np.int64)
-            bar = tqdm(total=n_chunks, desc="gene medians", disable=not progress_bar)
+            bar = Progress(n_chunks, "gene medians", enabled=progress_bar)
             for reader, spec, agg, used in zip(readers, specs, aggs, useds, strict=True):
                 pos = np.searchsorted(all_tokens, used)
                 for start in range(0, reader.n_obs, chunk_size):
@@ -402,7 +402,7 @@ def compass_tokenize(
                     "n_cells": int(n),
                 }
             )
-        bar = tqdm(total=n_chunks, desc="tokenize", disable=not progress_bar)
+        bar = Progress(n_chunks, "tokenize", enabled=progress_bar)
         g0 = 0
         for reader, spec, agg, used in zip(readers, specs, aggs, useds, strict=True):
             med_used = med[np.searchsorted(all_tokens, used)]

@@ -93,7 +93,11 @@ def pretrain_compass(
     ckpt_every_n_steps
         See ``ckpt_dir``.
     resume_from
-        Checkpoint path to resume from, or ``'last'`` for ``ckpt_dir/last.ckpt``.
+        Checkpoint path to resume from, or ``'last'`` for ``ckpt_dir/last.ckpt``. The run continues
+        exactly as an uninterrupted one (same parameters, bit for bit on CPU), also from a checkpoint
+        written part-way through an epoch: the rest of that epoch's cells in the same order, the same
+        masks, dropout and learning rate. A part-way checkpoint needs the same training cells,
+        ``batch_size`` and ``seed``, and one device; otherwise the resume is refused with the reason.
     seed
         Seed of initialization, data order and masks.
     progress_bar
