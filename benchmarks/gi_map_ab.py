@@ -74,6 +74,7 @@ def main() -> None:
     pg.pp.rank_de_genes(adata)
     pg.pp.go_graph(adata)
     pg.pp.coexpression_graph(adata)
+    GEARS.setup_anndata(adata)
     model = GEARS(adata, uncertainty=True)
     genes = sorted(p for p in adata.uns["simulation"]["true_delta"].index if p != "control" and "+" not in p)
     pairs = list(itertools.combinations(genes, 2))
