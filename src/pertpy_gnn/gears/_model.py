@@ -865,51 +865,27 @@ class GEARS(BaseModelClass):
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
     def _delta_from_index(
-        self,
-        pert_idx: torch.Tensor,
-        context: torch.Tensor | None = None,
-        batch_size: int = 64,
-        n_jobs: int | None = None,
+        self, pert_idx: torch.Tensor, context: torch.Tensor | None = None, batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``zhat`` and log-variance of every set, ``batch_size`` sets per forward pass.
-
-        ``n_jobs > 1`` on CPU: the batches run in that many Python threads, torch single-threaded in
-        each (independent passes, no barrier between threads; torch's own threads spin at every op
-        and took 12x the CPU on a loaded 2-core machine). Same values as one thread.
-        """
         self.module.eval()
         if pert_idx.shape[0] == 0:  # no set: an empty prediction
             empty = torch.zeros(0, self.module.control_mean.shape[0])
             return empty, (empty.clone() if self.module.uncertainty else None)
         device = self.module.device
+        zs, ss = [], []
         h_gene = self.module.gene_states()  # shared by every batch
-        starts = range(0, pert_idx.shape[0], batch_size)
-
-        def one_batch(start):
-            with torch.inference_mode():  # per thread
-                chunk = pert_idx[start : start + batch_size].to(device)
-                if context is None:
-                    z, s = self.module.predict_delta(chunk, h_gene=h_gene)
-                else:
-                    z, s = self.module.predict_delta(
-                        chunk, context[start : start + batch_size].to(device), h_gene=h_gene
-                    )
-                return z.cpu(), (s.cpu() if s is not None else None)
-
-        if n_jobs is None or n_jobs <= 1 or len(starts) == 1 or device.type != "cpu":
-            out = [one_batch(start) for start in starts]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(min(int(n_jobs), len(starts))) as pool:
-                    out = list(pool.map(one_batch, starts))
-            finally:
-                torch.set_num_threads(threads)
-        logvar = torch.cat([s for _, s in out]) if self.module.uncertainty else None
-        return torch.cat([z for z, _ in out]), logvar
+        for start in range(0, pert_idx.shape[0], batch_size):
+            chunk = pert_idx[start : start + batch_size].to(device)
+            if context is None:
+                z, s = self.module.predict_delta(chunk, h_gene=h_gene)
+            else:
+                z, s = self.module.predict_delta(
+                    chunk, context[start : start + batch_size].to(device), h_gene=h_gene
+                )
+            zs.append(z.cpu())
+            ss.append(s.cpu() if s is not None else None)
+        logvar = torch.cat(ss) if self.module.uncertainty else None
+        return torch.cat(zs), logvar
 
     def _check_sets(self, perturbations, skip_unknown: bool) -> list[tuple[str, ...]]:
         sets = as_perturbation_sets(perturbations)
@@ -1031,7 +1007,6 @@ class GEARS(BaseModelClass):
         seed: int = 0,
         batch_size: int = 512,
         skip_unknown: bool = False,
-        n_jobs: int | None = None,
     ) -> tuple[np.ndarray, pd.DataFrame]:
         """The predicted changes of :meth:`predict` as one array, without building an AnnData.
 
@@ -1042,9 +1017,6 @@ class GEARS(BaseModelClass):
         ----------
         perturbations, n_control, seed, batch_size, skip_unknown
             As in :meth:`predict`.
-        n_jobs
-            On CPU, run the batches in this many threads (torch single-threaded in each; same values);
-            ``None``: one after the other, on torch's own threads.
 
         Returns
         -------
@@ -1055,7 +1027,7 @@ class GEARS(BaseModelClass):
         if self.contexts_:
             raise ValueError("predict_deltas is for models without contexts; use predict(..., context=...).")
         sets, zhat, base, extra, _ = self._predict_arrays(
-            perturbations, n_control, seed, batch_size, skip_unknown, n_jobs
+            perturbations, n_control, seed, batch_size, skip_unknown
         )
         base32 = base.astype(np.float32)
         delta = (zhat + base[None, :]).astype(np.float32)  # as make_prediction_adata: mean - control mean
@@ -1074,7 +1046,7 @@ class GEARS(BaseModelClass):
         )
         return delta, obs
 
-    def _predict_arrays(self, perturbations, n_control, seed, batch_size, skip_unknown, n_jobs=None):
+    def _predict_arrays(self, perturbations, n_control, seed, batch_size, skip_unknown):
         """Sets, ``zhat`` (``float32``), the control mean (``float64``), extra obs columns, control count."""
         self._check_trained()
         sets = self._check_sets(perturbations, skip_unknown)
@@ -1089,7 +1061,7 @@ class GEARS(BaseModelClass):
                 np.sort(np.random.default_rng(seed).choice(ctrl.size, size=int(n_control), replace=False))
             ]
         base = np.asarray(x[ctrl].mean(axis=0), dtype=np.float64).ravel()
-        zhat, logvar = self._delta_from_index(self._pert_index(sets), batch_size=batch_size, n_jobs=n_jobs)
+        zhat, logvar = self._delta_from_index(self._pert_index(sets), batch_size=batch_size)
         extra = None
         if logvar is not None:
             u = logvar.mean(1).numpy()

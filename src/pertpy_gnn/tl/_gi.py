@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 import math
 import os
@@ -1040,14 +1039,10 @@ def _predict_in_batches(model, sets, n_control, batch_size: int, seed: int, prog
     return np.concatenate(deltas, axis=0), pd.concat(obs, ignore_index=True)
 
 
-def _predict_sets(model, sets, n_control, batch_size, seed, progress_bar, one_pass, n_jobs):
+def _predict_sets(model, sets, n_control, batch_size, seed, progress_bar, one_pass):
     """Predicted changes of ``sets`` (rows in order) and their obs: one pass or batch by batch."""
     if one_pass:  # one pass, no AnnData per batch (GEARS without contexts)
-        kw = {"n_control": n_control, "seed": seed, "batch_size": batch_size}
-        params = inspect.signature(model.predict_deltas).parameters
-        if "n_jobs" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            kw["n_jobs"] = n_jobs  # batches in threads, torch single-threaded in each
-        delta, obs = model.predict_deltas(sets, **kw)
+        delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=batch_size)
         names = [DELIM.join(c) for c in sets]
         if list(obs.index) != names:
             raise ValueError("model.predict_deltas returned rows that are not the requested sets.")
@@ -1137,11 +1132,10 @@ def gi_map(
     progress_bar
         Show progress bars.
     n_jobs
-        Threads of the prediction and of the scoring (numba kernels, parallel over pairs);
-        ``None``: torch's setting (``torch.set_num_threads``, else torch's default, the number of
-        cores), no environment variable needed. A model with ``predict_deltas(..., n_jobs=)``
-        (GEARS) runs its batches in that many threads, torch single-threaded in each; other models
-        predict on ``n_jobs`` torch threads (given) or torch's setting (``None``).
+        Threads of the prediction (torch's intra-op threads, restored afterwards) and of the
+        scoring (numba kernels, parallel over pairs); ``None``: torch's setting
+        (``torch.set_num_threads``, else torch's default, the number of cores) for both, no
+        environment variable needed.
 
     Returns
     -------
@@ -1179,12 +1173,10 @@ def gi_map(
             )
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
-    threads = _n_threads(n_jobs)  # a bad value fails before the prediction
+    _n_threads(n_jobs)  # a bad value fails before the prediction
     one_pass = callable(getattr(model, "predict_deltas", None)) and not getattr(model, "contexts_", None)
-    with _torch_threads(None if one_pass else n_jobs):
-        delta, obs = _predict_sets(
-            model, sets, n_control, int(batch_size), seed, progress_bar, one_pass, threads
-        )
+    with _torch_threads(n_jobs):
+        delta, obs = _predict_sets(model, sets, n_control, int(batch_size), seed, progress_bar, one_pass)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
     if n_projections == "auto":
