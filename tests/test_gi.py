@@ -345,7 +345,7 @@ def test_gi_map_threads_follow_torch_and_give_the_same_scores():
     model = _StandIn(genes, n_vars=700)  # > 500 genes: the projected similarity, all kernels run
     before = torch.get_num_threads()
     one = pg.tl.gi_map(model, genes, n_jobs=1, progress_bar=False)
-    assert torch.get_num_threads() == before  # restored after the prediction
+    assert torch.get_num_threads() == before  # the user's torch setting is left alone
     two = pg.tl.gi_map(model, genes, n_jobs=2, progress_bar=False)
     pd.testing.assert_frame_equal(one, two)  # pairs are independent: same numbers on any thread count
     torch.set_num_threads(1)

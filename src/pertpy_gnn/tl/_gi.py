@@ -1050,20 +1050,6 @@ def _predict_sets(model, sets, n_control, batch_size, seed, progress_bar, one_pa
     return _predict_in_batches(model, sets, n_control, batch_size, seed, progress_bar)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Run torch on ``n`` intra-op threads inside the block (where torch is in use; ``None``: unchanged)."""
-    torch = sys.modules.get("torch") if n is not None else None
-    old = torch.get_num_threads() if torch is not None else None
-    if old is not None and old != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if old is not None and old != n:
-            torch.set_num_threads(old)
-
-
 def gi_map(
     model,
     genes: Sequence[str],
@@ -1132,10 +1118,11 @@ def gi_map(
     progress_bar
         Show progress bars.
     n_jobs
-        Threads of the prediction (torch's intra-op threads, restored afterwards) and of the
-        scoring (numba kernels, parallel over pairs); ``None``: torch's setting
-        (``torch.set_num_threads``, else torch's default, the number of cores) for both, no
-        environment variable needed.
+        Threads of the scoring (numba kernels, parallel over pairs; they sleep when idle);
+        ``None``: torch's setting (``torch.set_num_threads``, else torch's default, the number of
+        cores), no environment variable needed. The prediction runs on torch's threads as you set
+        them: on a machine whose cores are busy with other work, ``torch.set_num_threads(1)`` and
+        ``n_jobs=2`` (or more) is faster, as torch's threads spin-wait at every operation.
 
     Returns
     -------
@@ -1175,8 +1162,7 @@ def gi_map(
     sets = [(g,) for g in genes] + pairs
     _n_threads(n_jobs)  # a bad value fails before the prediction
     one_pass = callable(getattr(model, "predict_deltas", None)) and not getattr(model, "contexts_", None)
-    with _torch_threads(n_jobs):
-        delta, obs = _predict_sets(model, sets, n_control, int(batch_size), seed, progress_bar, one_pass)
+    delta, obs = _predict_sets(model, sets, n_control, int(batch_size), seed, progress_bar, one_pass)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
     if n_projections == "auto":
