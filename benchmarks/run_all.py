@@ -46,6 +46,14 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
                 else ["--limit-train-batches", "400"]
             ),
         ],
+        # full epochs of set batches on CPU, 1 torch thread (issue 13: an epoch + validation < 30 CPU s)
+        "gears_norman_scale_sets": [
+            PY,
+            "benchmarks/gears_norman_scale.py",
+            *s,
+            *("--batching sets --sets-per-batch 8 --cells-per-set 64 --threads 1 --epochs 3 --md".split()),
+            *("--out", "benchmarks/results/gears_norman_scale_sets.json"),
+        ],
         "gi_map_scale": [PY, "benchmarks/gi_map_scale.py", *s, "--predictor", "auto"],
         # the reference GEARS in its own venv (created on first use); the settings of the committed results
         "reference_gears": ["bash", "benchmarks/reference_gears/run_all.sh", "norman", "sim20k"],
@@ -53,6 +61,7 @@ def commands(device: str, seed: int) -> dict[str, list[str]]:
         "compare_accuracy": [PY, "benchmarks/compare_accuracy.py", "--device", device, *s],
         "ablations": [PY, "benchmarks/ablations.py", "--epochs", "5"],
         "compass_throughput": [PY, "benchmarks/compass_throughput.py", "--device", device],
+        "compass_corpus_scale": [PY, "benchmarks/compass_corpus_scale.py"],
         "compass_pretrain_real": [PY, "benchmarks/compass_pretrain_real.py", *s],
         "compass_downstream": [
             PY,

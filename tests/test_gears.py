@@ -597,29 +597,76 @@ def test_set_batches_draw_whole_sets_evenly():
         SetBatches(codes, sets_per_batch=0, cells_per_set=8, seed=0)
 
 
-def test_set_batch_loss_equals_per_cell_loss(toy):
-    """A set batch runs the network once per set; its loss is the per-cell loss of its cells run one by one."""
+@pytest.mark.parametrize(
+    "model_kwargs",
+    [{"uncertainty": True}, {"anchor": "additive", "gamma": 0.0}],
+    ids=["paper-uncertainty", "anchored"],
+)
+def test_set_batch_loss_equals_per_cell_loss(toy, model_kwargs):
+    """A set batch runs the network once per set and applies the per-cell loss to every drawn cell.
+
+    Reference: the network run once per cell and the paper's per-cell loss written out (autofocus,
+    sign direction, uncertainty; the anchored model's residual penalty), averaged over the cells of
+    each set, then over the sets. A set's prediction broadcast to the cells of another set is
+    checked to change the loss far beyond the tolerance, so the test catches a mis-broadcast.
+    """
     from pertpy_gnn.gears._data import make_set_loader
+    from pertpy_gnn.gears._module import LOGVAR_BOUND
 
     GEARS.setup_anndata(toy)
-    model = GEARS(toy, hidden_dim=8, uncertainty=True, seed=0)
+    model = GEARS(toy, hidden_dim=8, seed=0, **model_kwargs)
+    model.train(max_epochs=1, lr=1e-2, progress_bar=False)  # sets predicted apart (not at initialization)
     train, *_ = model._training_data(0)
     batch = next(iter(make_set_loader(train, sets_per_batch=3, cells_per_set=5, seed=0)))
-    assert len(batch[K.GROUP].unique()) == 3 and batch[K.X].shape[0] > 3
+    group, n = batch[K.GROUP], batch[K.X].shape[0]
+    assert len(group.unique()) == 3 and n > 3
     module = model.module.eval()
-    module.control_mean.copy_(torch.rand(module.n_genes))
+    assert module.direction == "sign"
+    module.control_mean.copy_(batch[K.X].mean(0))  # both signs of x - c occur
     with torch.no_grad():
-        loss = module(batch)[2].loss
-        per_set: dict[int, list] = {}
-        for i in range(batch[K.X].shape[0]):  # one network pass per cell
-            zhat, s = module.predict_delta(batch[K.PERT_IDX][i : i + 1])
+        loss = module(batch)[2].loss  # one network pass per set
+        runs = [module.predict_delta(batch[K.PERT_IDX][i : i + 1]) for i in range(n)]  # one per cell
+        anchors = [module.anchor_delta(batch[K.PERT_IDX][i : i + 1])[0] for i in range(n)]
+
+    def per_cell_loss(source):
+        """The loss with cell i predicted by the network run of cell ``source[i]``."""
+        c, per_set, residual = module.control_mean, {}, {}
+        for i in range(n):
+            zhat, s = runs[source[i]]
             pred, x, m = zhat[0] + batch[K.X_CTRL][i], batch[K.X][i], batch[K.MASK][i].float()
-            err = (pred - x).abs() ** 4
-            dirn = (torch.sign(x - module.control_mean) - torch.tanh((pred - module.control_mean) / 0.1)) ** 2
-            cell = err + 0.1 * dirn + torch.exp(-s[0]) * err + s[0]
-            per_set.setdefault(int(batch[K.GROUP][i]), []).append((cell * m).sum() / m.sum())
-    expected = torch.stack([torch.stack(v).mean() for v in per_set.values()]).mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+            err = (pred - x).abs() ** (2.0 + module.gamma)
+            cell = err + module.direction_lambda * (torch.sign(x - c) - torch.sign(pred - c)) ** 2
+            if module.uncertainty:
+                s = s[0].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+                cell = cell + module.uncertainty_reg * (torch.exp(-s) * err + s)
+            per_set.setdefault(int(group[i]), []).append((cell * m).sum() / m.sum())
+            residual[int(group[i])] = ((zhat[0] - anchors[source[i]]) ** 2).mean()
+        out = torch.stack([torch.stack(v).mean() for v in per_set.values()]).mean()
+        if module.anchor is not None:
+            out = out + module.anchor_reg * torch.stack(list(residual.values())).mean()
+        return out
+
+    torch.testing.assert_close(loss, per_cell_loss(range(n)), rtol=1e-5, atol=1e-6)
+    # a mis-broadcast (each cell given the prediction of the next set's first cell) is far off
+    first = {int(g): int(torch.nonzero(group == g)[0]) for g in group.unique()}
+    order = sorted(first)
+    wrong = [first[order[(order.index(int(g)) + 1) % len(order)]] for g in group]
+    assert abs(float(per_cell_loss(wrong) - loss)) > 100 * (1e-5 * abs(float(loss)) + 1e-6), float(loss)
+
+    # training mode (batch norms on the batch's sets): the same cells in a cell batch's random
+    # order give the same loss and the same gradients
+    module.train()
+    shuffled = {k: v[torch.randperm(n, generator=torch.Generator().manual_seed(1))] for k, v in batch.items()}
+    results = []
+    for b in (batch, shuffled):
+        module.zero_grad()
+        out = module(b)[2].loss
+        out.backward()
+        results.append((out.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_train_with_set_batches(toy):

@@ -160,3 +160,25 @@ def test_paper_gears_state_dict_has_no_anchor():
     assert {"anchor_row", "anchor_deltas", "anchor_mean", "anchor_kind"} <= set(anchored.state_dict())
     with pytest.raises(ValueError, match="no anchor"):
         _small_module().set_anchor(torch.tensor([0]), torch.zeros(1, 12), torch.zeros(12))
+
+
+def test_anchored_preset_trains_on_set_batches(toy_anchor, monkeypatch):
+    """The recommended preset trains on set batches (issue 13, measured); the paper's preset on cell batches."""
+    import pertpy_gnn.gears._model as gears_model
+
+    calls = []
+    real = gears_model.make_set_loader
+
+    def spy(dataset, sets_per_batch, cells_per_set, **kwargs):
+        calls.append((sets_per_batch, cells_per_set))
+        return real(dataset, sets_per_batch, cells_per_set, **kwargs)
+
+    monkeypatch.setattr(gears_model, "make_set_loader", spy)
+    kw = {"max_epochs": 1, "hidden_dim": 8, "overwrite": True, "progress_bar": False}
+    pg.tl.train_gears(toy_anchor, preset="anchored", **kw)
+    assert calls == [(4, 8)]
+    assert toy_anchor.uns["pg_gears"]["params"]["batching"] == "sets"
+    pg.tl.train_gears(toy_anchor, preset="anchored", train_kwargs={"batching": "cells"}, **kw)
+    pg.tl.train_gears(toy_anchor, preset="paper", **kw)
+    assert calls == [(4, 8)]  # the override and the paper's preset use cell batches
+    assert toy_anchor.uns["pg_gears"]["params"]["preset"] == "paper"

@@ -105,8 +105,7 @@ def tokenized(adata: AnnData, model, *, max_len: int, tok: Mapping, progress_bar
         try:
             yield corpus
         finally:  # close the corpus's open shard files before the folder goes
-            for handle in getattr(corpus, "_handles", {}).values():
-                handle.close()
+            corpus.close()
 
 
 def token_arrays(corpus, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,14 @@ from ..pp._compass_vocab import PAD_ID, CompassVocab
 from ._corpus import CompassCorpus, make_dataloader
 from ._module import IDS, LABEL_IDS, LABEL_VALUES, VALUES, CompassModule, mask_tokens, resolve_config
 from ._module import cell_embedding as pool_cells
-from ._training import CKPT_KEY, CompassTrainingPlan, PeriodicCheckpoint, PretrainDataModule, check_resume
+from ._training import (
+    CKPT_KEY,
+    CompassTrainingPlan,
+    PeriodicCheckpoint,
+    PretrainDataModule,
+    ReleaseFreedMemory,
+    check_resume,
+)
 
 
 def _registry() -> dict:
@@ -227,7 +234,7 @@ class GeneCompass(BaseModelClass):
         from .._progress import progress
 
         show_bar, progress_callbacks = progress(progress_bar, max_epochs)
-        callbacks = [*trainer_kwargs.pop("callbacks", []), *progress_callbacks]
+        callbacks = [*trainer_kwargs.pop("callbacks", []), *progress_callbacks, ReleaseFreedMemory()]
         if ckpt_dir is not None:
             callbacks.append(PeriodicCheckpoint(ckpt_dir, every_n_steps=ckpt_every_n_steps))
         if precision is None:

@@ -1,13 +1,19 @@
-"""Fast GEARS data loading: index batches over one expression matrix, no per-cell objects."""
+"""Fast GEARS data loading: index batches over one expression matrix, no per-cell objects.
+
+Under data-parallel training (Lightning's ``strategy='ddp'``) every process runs the same seeded
+batch sampler and keeps its own shard of the batches (:class:`ShardedBatches`), so no
+``DistributedSampler`` is involved.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from ._constants import TENSOR_KEYS as K
 
@@ -95,6 +101,7 @@ class TrainCells(Dataset):
         self.codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
         self.control_cells = torch.as_tensor(np.asarray(control_cells), dtype=torch.long)
         self.pert_table, self.expressed, self.control_code = pert_table, expressed, control_code
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.groups = None
         if groups is not None:
@@ -110,6 +117,11 @@ class TrainCells(Dataset):
                 "offset": torch.cumsum(counts, 0) - counts,
                 "count": counts,
             }
+
+    def shard_partners(self, rank: int, world_size: int) -> None:
+        """Reseed the partner generator for process ``rank`` of ``world_size`` (distinct partner draws per process)."""
+        if world_size > 1:
+            self.generator.manual_seed(self.seed * 1_000_003 + rank)
 
     def set_index(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """GO-node indices and context of the sets of groups ``codes``."""
@@ -238,22 +250,129 @@ class SetBatches(Sampler[list[int]]):
             yield torch.cat(parts).tolist()
 
 
+def process_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in the initialized default process group, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Shard of a sequence of batches for one process: batches ``rank, rank + world_size, ...``.
+
+    Every process of a data-parallel run iterates the same seeded batch sampler (same seed, hence
+    the same batches in the same order) and keeps every ``world_size``-th batch from its ``rank``
+    on, so the shards of one epoch are disjoint and together are the single-process epoch. The last
+    ``len(batches) % world_size`` batches of an epoch are left out so that every process takes the
+    same number of steps (data-parallel training needs it). Each epoch's batches are all drawn when
+    the epoch starts, so the sampler's random streams stay in step on every process. With one
+    process: every batch, unchanged.
+
+    Parameters
+    ----------
+    batches
+        The batch sampler of the whole epoch (e.g. :class:`SetBatches`).
+    rank, world_size
+        This process's place; ``None``: read from the initialized ``torch.distributed`` default
+        process group when iterating (``(0, 1)`` without one).
+    on_shard
+        Called once as ``on_shard(rank, world_size)`` when the first epoch starts with more than one
+        process (e.g. :meth:`TrainCells.shard_partners`).
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[list[int]],
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        on_shard: Callable[[int, int], None] | None = None,
+    ):
+        self.batches, self.on_shard = batches, on_shard
+        self._place = None if rank is None and world_size is None else (int(rank or 0), int(world_size or 1))
+        if self._place is not None and not 0 <= self._place[0] < self._place[1]:
+            raise ValueError(f"`rank` must be in [0, world_size), got rank={rank}, world_size={world_size}.")
+        self._sharded = False
+
+    def place(self) -> tuple[int, int]:
+        """``(rank, world_size)``."""
+        return self._place if self._place is not None else process_rank()
+
+    def __len__(self) -> int:
+        rank, world = self.place()
+        n = len(self.batches)
+        if world > 1 and n < world:
+            raise ValueError(
+                f"An epoch has {n} training batches, fewer than the {world} processes: use smaller batches "
+                "(batch_size, or sets_per_batch / cells_per_set) or fewer devices."
+            )
+        return n // world
+
+    def __iter__(self):
+        rank, world = self.place()
+        if world > 1 and not self._sharded:
+            self._sharded = True
+            if self.on_shard is not None:
+                self.on_shard(rank, world)
+        # the whole epoch is drawn up front, so the sampler's generators advance by one epoch whether or
+        # not the consumer asks for a batch past this shard's last (Lightning stops at len(self))
+        batches = list(self.batches)
+        yield from batches[rank : len(self) * world : world]
+
+
 def make_set_loader(
-    dataset: TrainCells, sets_per_batch: int, cells_per_set: int | None, *, seed: int = 0
+    dataset: TrainCells,
+    sets_per_batch: int,
+    cells_per_set: int | None,
+    *,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> DataLoader:
-    """Single-process loader of :class:`SetBatches` of the training cells."""
-    sampler = SetBatches(dataset.codes, sets_per_batch, cells_per_set, seed)
+    """Single-process loader of :class:`SetBatches` of the training cells (this process's shard under DDP)."""
+    sampler = ShardedBatches(
+        SetBatches(dataset.codes, sets_per_batch, cells_per_set, seed),
+        rank=rank,
+        world_size=world_size,
+        on_shard=getattr(dataset, "shard_partners", None),
+    )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Single-process loader of whole batches (deterministic order from a seeded generator)."""
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    shard: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """Single-process loader of whole batches (deterministic order from a seeded generator).
+
+    ``shard=True``: this process's shard of the batches under data-parallel training
+    (:class:`ShardedBatches`); otherwise every process sees every batch (validation).
+    """
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if not shard:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=_identity,
+            num_workers=0,
+        )
+    # the batches DataLoader(shuffle=shuffle, generator=generator) draws, sharded
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    sampler = ShardedBatches(
+        BatchSampler(order, batch_size, drop_last=False),
+        rank=rank,
+        world_size=world_size,
+        on_shard=getattr(dataset, "shard_partners", None),
+    )
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=_identity,
-        num_workers=0,
+        dataset, batch_sampler=sampler, generator=generator, collate_fn=_identity, num_workers=0
     )

@@ -259,6 +259,10 @@ class GEARS(BaseModelClass):
       MSE is kept (in memory) and restored after training.
     - Training and validation perturbations with a gene absent from the GO graph are left out
       with a warning (as published); they are listed in ``train_summary_``.
+    - Data-parallel training (``train(strategy='ddp', devices=n)``, gloo on CPU): every process
+      draws the same seeded batches and trains on its own shard (every ``n``-th batch), gradients
+      are averaged, batch-norm statistics are rank 0's, and all processes end with the same
+      parameters (tested with two CPU processes, ``tests/test_gears_ddp.py``).
 
     Examples
     --------
@@ -752,22 +756,35 @@ class GEARS(BaseModelClass):
             Seed of the data order and of the control partners; default the model's ``seed``.
         accelerator, devices, strategy
             Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator='gpu', devices=1``).
+            Data-parallel training: ``strategy='ddp', devices=n`` (on CPU over gloo, e.g.
+            ``accelerator='cpu', devices=2``); Lightning starts the other processes by running the
+            calling script again, so call it from a script, not a notebook. Every process draws the
+            same seeded batches and trains on its own shard of them (batches ``rank``,
+            ``rank + n``, ...; the last ``len % n`` batches of an epoch are left out), gradients
+            are averaged over the processes, each process validates on every validation
+            perturbation, and every process ends with the same parameters.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
         val_batch_size
             Validation perturbations per forward pass.
         batching
-            ``'cells'``: minibatches of ``batch_size`` random cells (the paper's). ``'sets'``: each
+            ``'cells'`` (the paper's): minibatches of ``batch_size`` random cells. ``'sets'``: each
             step draws ``sets_per_batch`` perturbation sets and up to ``cells_per_set`` cells of
             each (:class:`~pertpy_gnn.gears._data.SetBatches`); the network runs once per set
-            and the same per-cell loss is applied to every drawn cell. An epoch draws as many
-            cells as there are training cells either way.
+            and the same per-cell loss is applied to every drawn cell (tested equal). An epoch
+            draws as many cells as there are training cells either way. Measured over 5 seeds
+            (``benchmarks/results/compare_batching.md``): with a constant learning rate and the last
+            epoch kept (``train_gears(preset='anchored')``, which uses set batches) they are as
+            accurate as cell batches within the paired spread, for 0.5-0.75x the CPU; with this
+            method's defaults (the paper's schedule: ``lr_decay=0.5``, validation-selected epoch)
+            they lost test Pearson delta on the Norman subset (-0.06 +- 0.05), so cell batches stay
+            the default here.
         sets_per_batch, cells_per_set
-            Sizes of the set batches (``cells_per_set=None``: all cells of each drawn set); the
-            defaults (4 x 8 = 32 cells a step) are the measured setting of
-            ``benchmarks/compare_batching.py``: as accurate as cell batches within the spread over 5
-            seeds, 1.6-2x less CPU per epoch (cell batches stay the default).
+            Sizes of the set batches (``cells_per_set=None``: all cells of each drawn set). The
+            defaults, 4 x 8 (32 cells a step, as a cell batch), were as good as any size of the
+            sweep in ``benchmarks/compare_batching.py`` (8 x 8, 4 x 32, 4 x all at equal CPU) and
+            better than 2 x 8; learning rates of 3e-3 and 1e-2 did not help them.
         **trainer_kwargs
             Further :class:`lightning.pytorch.Trainer` arguments.
 
@@ -819,12 +836,14 @@ class GEARS(BaseModelClass):
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
                 enable_progress_bar=show_bar,
+                # the loaders shard their own seeded batches over data-parallel processes (ShardedBatches)
+                use_distributed_sampler=trainer_kwargs.pop("use_distributed_sampler", False),
                 **trainer_kwargs,
             )
             if batching == "sets":
                 loader = make_set_loader(train, sets_per_batch, cells_per_set, seed=seed)
             else:
-                loader = make_loader(train, batch_size, shuffle=True, seed=seed)
+                loader = make_loader(train, batch_size, shuffle=True, seed=seed, shard=True)
             trainer.fit(plan, loader, val_loader)
         if plan.best_state is not None:
             self.module.load_state_dict(plan.best_state)

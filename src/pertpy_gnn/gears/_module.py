@@ -7,6 +7,7 @@ those (:class:`PretrainedGeneEncoder`); see :class:`GEARSModule`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -24,6 +25,8 @@ LOSS_KINDS = ("autofocus", "mse")
 
 #: bound of the log-variance ``s`` inside the uncertainty term (``exp(10)`` is about 2.2e4)
 LOGVAR_BOUND = 10.0
+#: cells per distinct set from which a batch's loss is computed from per-set moments (see ``GEARSModule.loss``)
+SET_MOMENT_MIN_CELLS = 16
 
 
 class MLP(nn.Sequential):
@@ -617,6 +620,14 @@ class GEARSModule(BaseModuleClass):
         if self.anchor is not None:
             pert_idx = self._get_inference_input(tensors)["pert_idx"]
             zhat = zhat + self.anchor_delta(pert_idx, own_out=self.training)
+        exponent = 2.0 if self.loss_kind == "mse" else 2.0 + self.gamma
+        if (
+            x.shape[0] >= SET_MOMENT_MIN_CELLS * counts.numel()
+            and exponent == round(exponent)
+            and int(exponent) % 2 == 0
+            and (self.loss_kind == "mse" or self.direction == "sign" or not torch.is_grad_enabled())
+        ):
+            return self._set_moment_loss(tensors, zhat, generative_outputs, inverse, counts, int(exponent))
         pred = zhat[inverse] + tensors[K.X_CTRL]
         c = self.control_mean if self.n_contexts == 0 else self.context_control_mean[tensors[K.CONTEXT]]
         mse = self.loss_kind == "mse"
@@ -641,6 +652,68 @@ class GEARSModule(BaseModuleClass):
             # for a runaway s (then inf * 0 = NaN), which a constant learning rate reaches in a few epochs
             s = generative_outputs["logvar"][inverse].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
             unc = (torch.where(weight > 0, torch.exp(-s) * err + s, 0.0) * weight).sum()
+            total = total + self.uncertainty_reg * unc
+            extra["uncertainty"] = unc.detach()
+        return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)
+
+    def _set_moment_loss(
+        self,
+        tensors: dict,
+        zhat: torch.Tensor,
+        generative_outputs: dict,
+        inverse: torch.Tensor,
+        counts: torch.Tensor,
+        p: int,
+    ) -> LossOutput:
+        """:meth:`loss` from per-set moments of the cells' changes: the same value, no per-cell autograd.
+
+        With ``d_i = x_i - x_ctrl_i`` a cell's error is ``zhat_s - d_i = u - r_i`` (``u = zhat_s - m_s``,
+        ``m_s`` the set's mean change, ``r_i = d_i - m_s``), so a set's summed error
+        ``sum_i (u - r_i)^p = sum_k C(p, k) (-1)^k u^(p-k) R_k`` (``p`` even, ``R_k = sum_i r_i^k``):
+        the per-cell work is data only (central moments, computed once per batch without a graph), and
+        the loss and its gradient live on the sets x genes grid. The direction term has no gradient
+        (``sign``) or does not enter the loss (``mse``): its value is computed per cell without one.
+        """
+        x, x_ctrl = tensors[K.X], tensors[K.X_CTRL]
+        n_sets, k_genes = counts.numel(), x.shape[1]
+        first = torch.empty(n_sets, dtype=torch.long, device=x.device)
+        first.scatter_(0, inverse, torch.arange(inverse.numel(), device=x.device))
+        mask = tensors[K.MASK][first].to(x.dtype)
+        n = counts.to(x.dtype).unsqueeze(1)
+        weight = mask / (mask.sum(1, keepdim=True).clamp(min=1.0) * n * n_sets)  # per set, as per cell
+        with torch.no_grad():
+            r = x - x_ctrl
+            mean = x.new_zeros(n_sets, k_genes).index_add_(0, inverse, r).div_(n)
+            r.sub_(mean[inverse])
+            moments, rk = [], r
+            for k in range(1, p + 1):
+                if k > 1:
+                    rk = rk * r
+                moments.append(x.new_zeros(n_sets, k_genes).index_add_(0, inverse, rk))
+            c = self.control_mean if self.n_contexts == 0 else self.context_control_mean[tensors[K.CONTEXT]]
+            pred = zhat.detach()[inverse].to(x.dtype) + x_ctrl
+            pred_dir = (
+                torch.sign(pred - c)
+                if self.direction == "sign"
+                else torch.tanh((pred - c) / self.direction_tau)
+            )
+            dirn = (torch.sign(x - c) - pred_dir).square_()
+            direction = (x.new_zeros(n_sets, k_genes).index_add_(0, inverse, dirn) * weight).sum()
+        u = zhat - mean
+        err = n * u**p
+        for k, moment in enumerate(moments, start=1):
+            err = err + (math.comb(p, k) * (-1) ** k) * moment * u ** (p - k)
+        autofocus = (err * weight).sum()
+        mse = self.loss_kind == "mse"
+        total = autofocus if mse else autofocus + self.direction_lambda * direction
+        extra = {"autofocus": autofocus.detach(), "direction": direction}
+        if self.anchor is not None:
+            residual = (generative_outputs["zhat"] ** 2).mean()
+            total = total + self.anchor_reg * residual
+            extra["residual"] = residual.detach()
+        if self.uncertainty:
+            s = generative_outputs["logvar"].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+            unc = (torch.where(weight > 0, torch.exp(-s) * err + n * s, 0.0) * weight).sum()
             total = total + self.uncertainty_reg * unc
             extra["uncertainty"] = unc.detach()
         return LossOutput(loss=total, n_obs_minibatch=x.shape[0], extra_metrics=extra)

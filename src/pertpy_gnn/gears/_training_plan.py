@@ -49,6 +49,12 @@ class GEARSTrainingPlan(pl.LightningModule):
     ):
         super().__init__()
         self.module = module
+        # DDP: the graph tensors (non-persistent buffers, the same on every process; one is sparse, which
+        # DDP cannot broadcast) are neither synchronized nor broadcast, the batch-norm statistics are
+        persistent = set(module.state_dict())
+        self._ddp_params_and_buffers_to_ignore = [
+            f"module.{name}" for name, _ in module.named_buffers() if name not in persistent
+        ]
         self.lr, self.weight_decay, self.lr_decay = lr, weight_decay, lr_decay
         self.select_best = select_best
         self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_top20_de_mse": [], "lr": []}
@@ -81,6 +87,23 @@ class GEARSTrainingPlan(pl.LightningModule):
         mse = ((pred - batch[K.DE_MEAN]) ** 2).mean(1)
         self._val_sums.append(torch.stack([mse.sum(), torch.tensor(float(mse.numel()), device=mse.device)]))
 
+    def _sync_buffers(self) -> None:
+        """Data-parallel: every process takes rank 0's buffers (batch-norm running statistics).
+
+        DDP broadcasts them from rank 0 before each training forward pass, so after an epoch the other
+        processes hold their own last update; this makes validation, the kept best state and the final
+        model the same on every process.
+        """
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    for buf in m.buffers():
+                        torch.distributed.broadcast(buf, src=0)
+
+    def on_validation_epoch_start(self):
+        if not self.trainer.sanity_checking:
+            self._sync_buffers()
+
     def on_validation_epoch_end(self):
         if not self._val_sums or self.trainer.sanity_checking:
             self._val_sums = []
@@ -100,7 +123,12 @@ class GEARSTrainingPlan(pl.LightningModule):
         self._lr = self.optimizers().param_groups[0]["lr"]
 
     def on_train_epoch_end(self):
+        self._sync_buffers()
         total, n = self._epoch_loss
+        if self.trainer.world_size > 1:  # the mean over every process's cells
+            total, n = self.trainer.strategy.reduce(
+                torch.tensor([total, n], dtype=torch.float64, device=self.device), reduce_op="sum"
+            ).tolist()
         self._epoch_loss = [0.0, 0]
         self.history["epoch"].append(self.current_epoch)
         self.history["train_loss"].append(total / max(n, 1))

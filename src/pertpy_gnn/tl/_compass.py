@@ -60,7 +60,9 @@ def pretrain_compass(
     15% of the gene tokens of each cell are selected (80% -> ``<mask>``, 10% -> random gene, 10%
     kept; masked values -1); the loss is ``(1 - beta) * CE(gene id) + beta * MSE(value)`` with
     ``beta = 0.8``. AdamW with linear warm-up and linear decay. Data are streamed from the sharded
-    corpus on disk, so a corpus larger than memory trains; Lightning runs it on any accelerator and
+    corpus on disk, so a corpus larger than memory trains, with at most ``corpus.max_open_files``
+    shard files open and resident memory that stays flat however many cells are streamed (see
+    ``benchmarks/results/compass_corpus_scale.md``); Lightning runs it on any accelerator and
     distributed strategy (e.g. ``strategy='ddp', devices=4``).
 
     Parameters

@@ -13,7 +13,15 @@ from .._utils import check_overwrite, get_adata
 #: arguments of :class:`~pertpy_gnn.gears.GEARS` and training arguments of its ``train``
 RECOMMENDED_GEARS = {
     "model": {"anchor": "additive", "anchor_reg": 10.0, "gamma": 0.0},
-    "train": {"lr_decay": 1.0, "selection": "last"},
+    "train": {
+        "lr_decay": 1.0,
+        "selection": "last",
+        # set batches (issue 13): as accurate as the paper's cell batches with this schedule, for
+        # 0.5-0.75x the CPU per epoch (benchmarks/results/compare_batching.md)
+        "batching": "sets",
+        "sets_per_batch": 4,
+        "cells_per_set": 8,
+    },
 }
 #: presets of :func:`train_gears`
 GEARS_PRESETS = {"paper": {"model": {}, "train": {}}, "anchored": RECOMMENDED_GEARS}
@@ -58,7 +66,8 @@ def train_gears(
     seed
         Seed of weights, data order and control partners: a fixed seed gives identical results on CPU.
     accelerator, devices, strategy
-        Passed to the Lightning Trainer (e.g. ``accelerator='gpu', devices=1``).
+        Passed to the Lightning Trainer (e.g. ``accelerator='gpu', devices=1``; data-parallel:
+        ``strategy='ddp', devices=2``, see :meth:`~pertpy_gnn.gears.GEARS.train`).
     uncertainty
         Train the uncertainty head (predictions then carry ``uncertainty`` and ``uncertainty_z``).
     layer
@@ -78,7 +87,9 @@ def train_gears(
         baseline-anchored GEARS (:data:`RECOMMENDED_GEARS`): the network predicts a residual over
         the additive prediction (sets whose genes were all seen as training singles) or the
         training mean change (other sets), penalized toward zero; squared-error loss, constant
-        learning rate, last epoch kept. On three screens over 5 seeds it beats the paper's GEARS on
+        learning rate, last epoch kept, set batches (``batching='sets'``: 4 perturbation sets x
+        up to 8 cells a step, the network run once per set; the paper's cell batches with
+        ``train_kwargs={'batching': 'cells'}``). On three screens over 5 seeds it beats the paper's GEARS on
         the mean over subgroups of normalized top-20-DE MSE and Pearson delta everywhere, and every
         baseline on both on two of them; it still trails the additive baseline on doubles of seen
         singles (``benchmarks/results/compare_accuracy_screens.md``, ``docs/methods.md``).
