@@ -98,6 +98,32 @@ def test_theil_sen_explicit_subsets_and_errors():
         theil_sen_no_intercept(a, b, y, subsample_size=1)
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "n_sub"),
+    [(300, 2, 2000), (300, 5, 2000), (300, 60, 500), (12, 3, 10_000), (40, 38, 10_000)],
+    ids=["pairs", "gathered", "blocks", "all-subsets", "all-large-subsets"],
+)
+def test_theil_sen_numba_kernels_equal_numpy_reference(n, k, n_sub):
+    # the compiled path (gathered Gram sums, fused solves and Weiszfeld steps) is the same estimator
+    rng = np.random.default_rng(6)
+    mask = rng.random((6, n)) < 0.4  # zero-inflated, as GI deltas
+    a = rng.standard_t(3, size=(6, n)) * mask
+    b = rng.standard_t(3, size=(6, n)) * (rng.random((6, n)) < 0.5)
+    y = 1.2 * a - 0.3 * b + np.tanh(a * b) + 0.1 * rng.normal(size=(6, n))
+    if k > 2:  # collinear singles: every subset singular (minimum-norm solutions). Not for 2-gene
+        # subsets: their solutions then lie on a line with a third of them at 0, where the Weiszfeld
+        # path (stopped at steps below tol) turns on float rounding in either implementation
+        b[0] = 2.0 * a[0]
+    y[1] = 0.0
+    kw = {"n_subsamples": n_sub, "subsample_size": k, "seed": 3}
+    fast = theil_sen_no_intercept(a, b, y, engine="numba", **kw)
+    ref = theil_sen_no_intercept(a, b, y, engine="numpy", **kw)
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-9)
+    assert np.abs(ref).max() > 0.1
+    with pytest.raises(ValueError, match="engine"):
+        theil_sen_no_intercept(a, b, y, engine="fortran")
+
+
 # ---------------------------------------------------------------- distance correlation
 def test_distance_correlations_match_dcor():
     rng = np.random.default_rng(5)
@@ -310,6 +336,26 @@ def test_gi_map_scores_every_pair_and_flags_uncertainty():
         pg.tl.gi_map(model, genes, uncertainty_quantile=0.5, progress_bar=False)
     with pytest.raises(TypeError, match="predict"):
         pg.tl.gi_map(object(), genes, progress_bar=False)
+
+
+def test_gi_map_threads_follow_torch_and_give_the_same_scores():
+    import torch
+
+    genes = [f"G{i}" for i in range(6)]
+    model = _StandIn(genes, n_vars=700)  # > 500 genes: the projected similarity, all kernels run
+    before = torch.get_num_threads()
+    one = pg.tl.gi_map(model, genes, n_jobs=1, progress_bar=False)
+    assert torch.get_num_threads() == before  # the user's torch setting is left alone
+    two = pg.tl.gi_map(model, genes, n_jobs=2, progress_bar=False)
+    pd.testing.assert_frame_equal(one, two)  # pairs are independent: same numbers on any thread count
+    torch.set_num_threads(1)
+    try:
+        assert pg.tl._gi._n_threads(None) == 1  # the user's torch setting, no environment variable
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="n_jobs"):
+            pg.tl.gi_map(model, genes, n_jobs=bad, progress_bar=False)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -794,15 +794,20 @@ class GEARSModule(BaseModuleClass):
         s_last = bn_last.weight / torch.sqrt(bn_last.running_var + bn_last.eps)
         shift = bn_last.bias - bn_last.running_mean * s_last
         heads = [(self.w1, self.b1)] + ([(self.w_unc, self.b_unc)] if self.uncertainty else [])
-        folded = [
-            (w * s_last.unsqueeze(1), b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)) for w, b in heads
-        ]
-        outs = [h_gene.new_empty(k, n) for _ in heads]
+        # the last batch norm and the second linear layer (no activation in between) fold into the
+        # gene-specific heads: w_u . (W2 h + b2) = (W2^T w_u) . h + w_u . b2, half the matrix products
+        w_heads, b_heads = [], []
+        for w, b in heads:
+            w_bn = w * s_last.unsqueeze(1)  # K x d x 1
+            b_bn = b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)
+            w_heads.append(torch.matmul(lin2.weight.T, w_bn))
+            b_heads.append(b_bn + (lin2.bias.view(1, -1, 1) * w_bn).sum(1, keepdim=True))
+        w_all, b_all = torch.cat(w_heads, dim=2), torch.cat(b_heads, dim=2)  # K x d1 x H, K x 1 x H
+        out = h_gene.new_empty(k, n, len(heads))
         step = max(1, int(block_rows) // max(n, 1))
         for lo in range(0, k, step):
             hi = min(k, lo + step)
             h = (g[lo:hi, None, :] + hp[None, :, :]).relu_().reshape(-1, d)
-            h = F.linear(F.linear(h, w1, b1).relu_(), lin2.weight, lin2.bias).reshape(hi - lo, n, d)
-            for out, (w, b) in zip(outs, folded, strict=True):
-                out[lo:hi] = torch.baddbmm(b[lo:hi], h, w[lo:hi]).squeeze(-1)
-        return self._decode(outs[0]), (outs[1].T if self.uncertainty else None)
+            h = F.linear(h, w1, b1).relu_().reshape(hi - lo, n, -1)
+            torch.baddbmm(b_all[lo:hi], h, w_all[lo:hi], out=out[lo:hi])
+        return self._decode(out[..., 0]), (out[..., 1].T if self.uncertainty else None)

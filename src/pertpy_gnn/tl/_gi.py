@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -192,6 +194,25 @@ def _subset_solutions(a, b, y, subsets, blocks: np.ndarray | None) -> tuple[np.n
     return _solve_2x2(*np.split(gram, 5, axis=0))
 
 
+def _subset_solutions_numba(a, b, y, subsets, blocks) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_subset_solutions` by the compiled kernel :func:`_ts_solutions_gather` (2-gene subsets: as there)."""
+    n = a.shape[1]
+    if subsets.dtype != bool:
+        if subsets.shape[1] == 2:  # closed form per subset, minimum-norm by the Frobenius norm as gelss
+            return _subset_solutions(a, b, y, subsets, blocks)
+        blocks, n_blocks, idx = np.arange(n), n, subsets
+    else:  # membership of blocks: their indices, padded with the empty block n_blocks
+        n_blocks = subsets.shape[1]
+        counts = subsets.sum(axis=1)
+        idx = np.full((len(subsets), int(counts.max())), n_blocks, dtype=np.int64)
+        rows, cols = np.nonzero(subsets)
+        idx[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+    kernel = _numba_kernel("_ts_solutions_gather")
+    return kernel(
+        a, b, y, np.asarray(blocks, dtype=np.int64), int(n_blocks), np.ascontiguousarray(idx), 1e-10
+    )
+
+
 def _spatial_median(
     ca: np.ndarray, cb: np.ndarray, *, max_iter: int = 300, tol: float = 1e-3
 ) -> tuple[np.ndarray, int]:
@@ -228,6 +249,111 @@ def _spatial_median(
     return m, int(active.size)
 
 
+_prange = range  # numba.prange once a kernel is compiled
+
+
+def _ts_solutions_gather(a, b, y, blocks, n_blocks, idx, det_rel):  # pragma: no cover - run compiled by numba
+    """Least-squares ``(c_a, c_b)`` of every subset for every row, from per-block sums (numba kernel).
+
+    Row ``p``: the sums of ``a a``, ``a b``, ``b b``, ``a y``, ``b y`` over each block of genes
+    (``blocks[g]`` is the block of gene ``g``; blocks may be single genes), then every subset's Gram
+    entries as the sum over its blocks ``idx[s]`` (index ``n_blocks``: padding, an empty block) and
+    the closed-form 2x2 solve of :func:`_solve_2x2` (minimum-norm when singular).
+    """
+    n_rows, n = a.shape
+    n_sub, m = idx.shape
+    ca = np.empty((n_rows, n_sub))
+    cb = np.empty((n_rows, n_sub))
+    for p in _prange(n_rows):
+        sums = np.zeros((n_blocks + 1, 5))
+        for g in range(n):
+            q = blocks[g]
+            ag = a[p, g]
+            bg = b[p, g]
+            yg = y[p, g]
+            sums[q, 0] += ag * ag
+            sums[q, 1] += ag * bg
+            sums[q, 2] += bg * bg
+            sums[q, 3] += ag * yg
+            sums[q, 4] += bg * yg
+        for s in range(n_sub):
+            saa = 0.0
+            sab = 0.0
+            sbb = 0.0
+            say = 0.0
+            sby = 0.0
+            for j in range(m):
+                q = idx[s, j]
+                saa += sums[q, 0]
+                sab += sums[q, 1]
+                sbb += sums[q, 2]
+                say += sums[q, 3]
+                sby += sums[q, 4]
+            det = saa * sbb - sab * sab
+            tr = saa + sbb
+            if abs(det) <= det_rel * tr * tr:  # rank 1: pinv(G) = G / tr(G)^2; rank 0: 0
+                scale = 1.0 / (tr * tr) if tr > 0 else 0.0
+                ca[p, s] = scale * (saa * say + sab * sby)
+                cb[p, s] = scale * (sab * say + sbb * sby)
+            else:
+                ca[p, s] = (sbb * say - sab * sby) / det
+                cb[p, s] = (saa * sby - sab * say) / det
+    return ca, cb
+
+
+def _weiszfeld(ca, cb, max_iter, tol, eps):  # pragma: no cover - run compiled by numba
+    """:func:`_spatial_median` row by row in one pass per iteration (numba kernel): medians, iterations left."""
+    n_rows, n_sub = ca.shape
+    med = np.empty((n_rows, 2))
+    bad = np.zeros(n_rows, np.int64)
+    tol2 = tol * tol
+    for p in _prange(n_rows):
+        m0 = 0.0
+        m1 = 0.0
+        for s in range(n_sub):
+            m0 += ca[p, s]
+            m1 += cb[p, s]
+        m0 /= n_sub
+        m1 /= n_sub
+        moved = tol2
+        for _ in range(max_iter):
+            wsum = 0.0
+            ta = 0.0
+            tb = 0.0
+            qa = 0.0
+            qb = 0.0
+            inside = False
+            for s in range(n_sub):
+                da = ca[p, s] - m0
+                db = cb[p, s] - m1
+                r = math.sqrt(da * da + db * db)
+                if r >= eps:
+                    w = 1.0 / r
+                    wsum += w
+                    ta += ca[p, s] * w
+                    tb += cb[p, s] * w
+                    qa += da * w
+                    qb += db * w
+                else:
+                    inside = True
+            qn = math.hypot(qa, qb)
+            n0 = m0
+            n1 = m1
+            if qn > eps and wsum > 0:  # else every point is at the median: it is the median
+                gamma = min(1.0, 1.0 / qn) if inside else 0.0
+                n0 = (1.0 - gamma) * (ta / wsum) + gamma * m0
+                n1 = (1.0 - gamma) * (tb / wsum) + gamma * m1
+            moved = (n0 - m0) ** 2 + (n1 - m1) ** 2
+            m0 = n0
+            m1 = n1
+            if moved < tol2:
+                break
+        med[p, 0] = m0
+        med[p, 1] = m1
+        bad[p] = moved >= tol2
+    return med, bad
+
+
 def theil_sen_no_intercept(
     a: np.ndarray,
     b: np.ndarray,
@@ -239,6 +365,7 @@ def theil_sen_no_intercept(
     max_iter: int = 300,
     tol: float = 1e-3,
     subsets: np.ndarray | None = None,
+    engine: Literal["numba", "numpy"] = "numba",
 ) -> np.ndarray:
     """Theil-Sen fit of ``y ~ c_a a + c_b b`` (no intercept) for every row, vectorized.
 
@@ -269,6 +396,11 @@ def theil_sen_no_intercept(
         Of the modified Weiszfeld iterations (scikit-learn's defaults).
     subsets
         Explicit ``(S, k)`` gene indices of the subsets (overrides the draw).
+    engine
+        ``'numba'``: compiled kernels, parallel over rows (the Gram sums of each subset gathered
+        from per-block sums, the 2x2 solves and the Weiszfeld iterations fused, no ``(P, S)``
+        temporaries per step); ``'numpy'``: the vectorized reference. Same estimator; they agree
+        to float rounding (tested within 1e-9).
 
     Returns
     -------
@@ -297,8 +429,15 @@ def theil_sen_no_intercept(
         blocks = np.arange(n) if n_blocks == n else np.empty(n, dtype=np.int64)
         if n_blocks != n:
             blocks[rng.permutation(n)] = np.arange(n) * n_blocks // n
-    ca, cb = _subset_solutions(a, b, y, subsets, blocks)
-    med, n_bad = _spatial_median(ca, cb, max_iter=max_iter, tol=tol)
+    if engine == "numpy":
+        ca, cb = _subset_solutions(a, b, y, subsets, blocks)
+        med, n_bad = _spatial_median(ca, cb, max_iter=max_iter, tol=tol)
+    elif engine == "numba":
+        ca, cb = _subset_solutions_numba(a, b, y, subsets, blocks)
+        med, bad = _numba_kernel("_weiszfeld")(ca, cb, int(max_iter), float(tol), float(_EPS))
+        n_bad = int(bad.sum())
+    else:
+        raise ValueError(f"`engine` must be 'numba' or 'numpy', got {engine!r}.")
     if n_bad:
         logger.warning(
             "Theil-Sen spatial median did not converge in %d iterations for %d fits.", max_iter, n_bad
@@ -309,9 +448,6 @@ def theil_sen_no_intercept(
 # ----------------------------------------------------------------------------------------------
 # distance correlation, vectorized over many vectors
 # ----------------------------------------------------------------------------------------------
-_prange = range  # numba.prange once the kernel is compiled
-
-
 def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
     """Sums over genes behind distance covariances, for every pair ``p`` of rows ``xs[p]`` (``(V, n)``).
 
@@ -400,9 +536,13 @@ def _dcov_terms(xs, orders, tasks):  # pragma: no cover - run compiled by numba
     return mixed, gram, sums, sq
 
 
-@functools.cache
 def _dcov_kernel():
     """:func:`_dcov_terms` compiled by numba (a dependency of dcor), parallel over pairs, cached on disk."""
+    return _numba_kernel("_dcov_terms")
+
+
+def _choose_threading_layer():
+    """numba, with its own sleeping thread pool unless the user chose a threading layer."""
     import numba
 
     # numba's OpenMP layer keeps its threads spinning beside torch's: torch then took ~5x the CPU for
@@ -410,9 +550,38 @@ def _dcov_kernel():
     # Only when nobody chose a layer (NUMBA_THREADING_LAYER unset) and numba has not started one yet.
     if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "workqueue"
+    return numba
+
+
+def _n_threads(n_jobs: int | None) -> int:
+    """Threads of the GI kernels: ``n_jobs``, else torch's (``torch.set_num_threads`` or its default: the cores)."""
+    if n_jobs is None:
+        torch = sys.modules.get("torch")
+        n_jobs = torch.get_num_threads() if torch is not None else (os.cpu_count() or 1)
+    elif isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise ValueError(f"`n_jobs` must be a positive number of threads or None (torch's), got {n_jobs!r}.")
+    return max(1, min(int(n_jobs), _choose_threading_layer().config.NUMBA_NUM_THREADS))
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int):
+    """Run numba's parallel kernels on ``n`` threads inside the block (numba's setting is per thread)."""
+    numba = _choose_threading_layer()
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+@functools.cache
+def _numba_kernel(name: str):
+    """The kernel ``name`` of this module compiled by numba, parallel over rows, cached on disk."""
+    numba = _choose_threading_layer()
     global _prange
     _prange = numba.prange
-    return numba.njit(parallel=True, nogil=True, cache=True)(_dcov_terms)
+    return numba.njit(parallel=True, nogil=True, cache=True)(globals()[name])
 
 
 def _dcor_sq(dcov, dvar_x, dvar_y) -> np.ndarray:
@@ -548,10 +717,11 @@ def _score_rows(
     seed: int,
     n_projections: int | None,
     model_fit: str,
+    engine: str = "numba",
 ) -> dict[str, np.ndarray]:
     """All GI scores for a chunk of doubles (rows)."""
     coef = theil_sen_no_intercept(
-        a, b, y, n_subsamples=n_subsamples, subsample_size=subsample_size, seed=seed
+        a, b, y, n_subsamples=n_subsamples, subsample_size=subsample_size, seed=seed, engine=engine
     )
     ca, cb = coef[:, 0], coef[:, 1]
     fit = ca[:, None] * a + cb[:, None] * b
@@ -594,8 +764,14 @@ def _score_table(
     model_fit: str,
     chunk_size: int | None = None,
     progress_bar: bool = False,
+    n_jobs: int | None = None,
+    engine: str = "numba",
 ) -> pd.DataFrame:
-    """Score the doubles ``pairs`` (sorted gene pairs); ``rows`` maps ``A``, ``B``, ``A+B`` to rows of ``delta``."""
+    """Score the doubles ``pairs`` (sorted gene pairs); ``rows`` maps ``A``, ``B``, ``A+B`` to rows of ``delta``.
+
+    Chunks of pairs in turn, each scored by numba kernels parallel over its pairs (``n_jobs`` threads,
+    see :func:`_n_threads`); ``engine='numpy'``: Theil-Sen by the vectorized reference.
+    """
     names = [DELIM.join(p) for p in pairs]
     ia = np.array([rows[a] for a, _ in pairs])
     ib = np.array([rows[b] for _, b in pairs])
@@ -624,21 +800,23 @@ def _score_table(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="GI scores", unit="chunk")
-    for s in starts:
-        sl = slice(s, s + chunk_size)
-        a, b, y = (delta[i[sl]].astype(np.float64) for i in (ia, ib, iy))
-        parts.append(
-            _score_rows(
-                a,
-                b,
-                y,
-                n_subsamples=n_subsamples,
-                subsample_size=subsample_size,
-                seed=seed,
-                n_projections=n_projections,
-                model_fit=model_fit,
+    with _numba_threads(_n_threads(n_jobs)):
+        for s in starts:
+            sl = slice(s, s + chunk_size)
+            a, b, y = (delta[i[sl]].astype(np.float64) for i in (ia, ib, iy))
+            parts.append(
+                _score_rows(
+                    a,
+                    b,
+                    y,
+                    n_subsamples=n_subsamples,
+                    subsample_size=subsample_size,
+                    seed=seed,
+                    n_projections=n_projections,
+                    model_fit=model_fit,
+                    engine=engine,
+                )
             )
-        )
     cols = {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in parts[0]}
     df = pd.DataFrame(
         {"gene_a": [p[0] for p in pairs], "gene_b": [p[1] for p in pairs], **cols}, index=pd.Index(names)
@@ -698,6 +876,7 @@ def gi_scores(
     key_added: str = GI_KEY,
     overwrite: bool = False,
     modality: str | None = None,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     r"""Genetic-interaction scores of double perturbations (Norman et al. 2019; GEARS Methods).
 
@@ -769,6 +948,9 @@ def gi_scores(
         Replace an existing result under ``key_added``.
     modality
         Modality of a MuData.
+    n_jobs
+        Threads of the scoring kernels (parallel over doubles); ``None``: as many as torch uses
+        (``torch.get_num_threads()``: your ``torch.set_num_threads``, else the number of cores).
 
     Returns
     -------
@@ -821,6 +1003,7 @@ def gi_scores(
         seed=seed,
         n_projections=n_projections,
         model_fit=model_fit,
+        n_jobs=n_jobs,
     )
     adata.uns[key_added] = df
     logger.info("Scored %d doubles; results in adata.uns[%r].", len(df), key_added)
@@ -856,6 +1039,17 @@ def _predict_in_batches(model, sets, n_control, batch_size: int, seed: int, prog
     return np.concatenate(deltas, axis=0), pd.concat(obs, ignore_index=True)
 
 
+def _predict_sets(model, sets, n_control, batch_size, seed, progress_bar, one_pass):
+    """Predicted changes of ``sets`` (rows in order) and their obs: one pass or batch by batch."""
+    if one_pass:  # one pass, no AnnData per batch (GEARS without contexts)
+        delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=batch_size)
+        names = [DELIM.join(c) for c in sets]
+        if list(obs.index) != names:
+            raise ValueError("model.predict_deltas returned rows that are not the requested sets.")
+        return delta, obs.reset_index(drop=True)
+    return _predict_in_batches(model, sets, n_control, batch_size, seed, progress_bar)
+
+
 def gi_map(
     model,
     genes: Sequence[str],
@@ -872,6 +1066,7 @@ def gi_map(
     n_projections: int | None | Literal["auto"] = "auto",
     model_fit: Literal["pearson", "dcor"] = "pearson",
     progress_bar: bool = True,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Predict and score every pair of ``genes``: a multi-dimensional GI map (GEARS Fig. 5b).
 
@@ -922,6 +1117,12 @@ def gi_map(
         As in :func:`gi_scores`.
     progress_bar
         Show progress bars.
+    n_jobs
+        Threads of the scoring (numba kernels, parallel over pairs; they sleep when idle);
+        ``None``: torch's setting (``torch.set_num_threads``, else torch's default, the number of
+        cores), no environment variable needed. The prediction runs on torch's threads as you set
+        them: on a machine whose cores are busy with other work, ``torch.set_num_threads(1)`` and
+        ``n_jobs=2`` (or more) is faster, as torch's threads spin-wait at every operation.
 
     Returns
     -------
@@ -959,15 +1160,9 @@ def gi_map(
             )
     pairs = list(itertools.combinations(genes, 2))
     sets = [(g,) for g in genes] + pairs
+    _n_threads(n_jobs)  # a bad value fails before the prediction
     one_pass = callable(getattr(model, "predict_deltas", None)) and not getattr(model, "contexts_", None)
-    if one_pass:  # one pass, no AnnData per batch (GEARS without contexts)
-        delta, obs = model.predict_deltas(sets, n_control=n_control, seed=seed, batch_size=int(batch_size))
-        names = [DELIM.join(c) for c in sets]
-        if list(obs.index) != names:
-            raise ValueError("model.predict_deltas returned rows that are not the requested sets.")
-        obs = obs.reset_index(drop=True)
-    else:
-        delta, obs = _predict_in_batches(model, sets, n_control, int(batch_size), seed, progress_bar)
+    delta, obs = _predict_sets(model, sets, n_control, int(batch_size), seed, progress_bar, one_pass)
     if not np.isfinite(delta).all():
         raise ValueError("The predicted changes hold NaN or inf values; the model cannot be scored.")
     if n_projections == "auto":
@@ -983,6 +1178,7 @@ def gi_map(
         n_projections=n_projections,
         model_fit=model_fit,
         progress_bar=progress_bar,
+        n_jobs=n_jobs,
     )
     pair_obs = obs.iloc[len(genes) :]
     if "n_unseen" in pair_obs:
