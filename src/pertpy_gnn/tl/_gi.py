@@ -796,10 +796,9 @@ def _score_table(
         )
     parts = []
     starts = range(0, len(iy), chunk_size)
-    if progress_bar:
-        from tqdm.auto import tqdm
+    from .._progress import track  # imports lightning: not at import time
 
-        starts = tqdm(starts, desc="GI scores", unit="chunk")
+    starts = track(starts, len(starts), "GI scores", enabled=progress_bar, unit="chunks")
     with _numba_threads(_n_threads(n_jobs)):
         for s in starts:
             sl = slice(s, s + chunk_size)
@@ -1016,10 +1015,9 @@ def gi_scores(
 def _predict_in_batches(model, sets, n_control, batch_size: int, seed: int, progress_bar: bool):
     """Changes over control and obs of ``sets`` from ``model.predict``, ``batch_size`` sets per call."""
     starts = range(0, len(sets), batch_size)
-    if progress_bar:
-        from tqdm.auto import tqdm
+    from .._progress import track  # imports lightning: not at import time
 
-        starts = tqdm(starts, desc="Predicting", unit="batch")
+    starts = track(starts, len(starts), "Predicting", enabled=progress_bar, unit="batches")
     deltas, obs, var_names = [], [], None
     for s in starts:
         chunk = sets[s : s + batch_size]
