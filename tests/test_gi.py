@@ -450,3 +450,23 @@ def test_gi_plots_draw(norman):
     assert len(axis.patches) == 6 * 5  # A, B, additive, true, predicted
     fig.canvas.draw()
     plt.close(fig)
+
+
+def test_gi_map_logs_progress_when_not_a_terminal(caplog, monkeypatch):
+    """Output redirected: prediction and scoring report progress as log lines; progress_bar=False: none."""
+    import logging
+
+    import pertpy_gnn._progress as progress
+
+    monkeypatch.setattr(progress, "interactive", lambda: False)
+    genes = [f"G{i}" for i in range(6)]
+    model = _StandIn(genes)
+    with caplog.at_level(logging.INFO, logger="pertpy_gnn"):
+        pg.tl.gi_map(model, genes, batch_size=2)  # 21 sets in 11 batches
+    lines = [r.getMessage() for r in caplog.records if r.name == "pertpy_gnn"]
+    predicting = [m for m in lines if m.startswith("Predicting: ")]
+    assert predicting and predicting[-1].startswith("Predicting: 11/11 batches (100%)")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pertpy_gnn"):
+        pg.tl.gi_map(model, genes, batch_size=2, progress_bar=False)
+    assert not [r for r in caplog.records if "%)" in r.getMessage()]
