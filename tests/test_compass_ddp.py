@@ -1,14 +1,13 @@
 """Data-parallel pre-training on CPU: 2 processes, gloo backend, Lightning's 'ddp' strategy."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from pertpy_gnn.compass import GeneCompass
+
+from .ddp_run import run_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -41,23 +40,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}
-    }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    res = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, "ddp_run.py")
     # 64 cells split over 2 ranks, 8 per batch: 4 steps per epoch on each rank
     assert (tmp_path / "steps0.txt").read_text() == (tmp_path / "steps1.txt").read_text() == "8"
     w0 = torch.load(tmp_path / "rank0.pt")

@@ -6,17 +6,14 @@ of the same seed. The test checks that the two shards are exactly the alternate 
 sequence (disjoint, together the whole epoch) and that both processes end with identical weights.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-import pertpy_gnn
 from pertpy_gnn.gears._data import SetBatches, ShardedBatches
+
+from .ddp_run import run_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -78,26 +75,7 @@ def _rows(batches):
 
 @pytest.mark.slow
 def test_gears_ddp_two_processes_cpu(tmp_path):
-    script = tmp_path / "gears_ddp_run.py"
-    script.write_text(SCRIPT)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}
-    }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    # the processes import the pertpy_gnn under test (a relative PYTHONPATH would not hold in tmp_path)
-    src = str(Path(pertpy_gnn.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    res = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, "gears_ddp_run.py")
     for mode in ("cells", "sets"):
         r0 = torch.load(tmp_path / f"{mode}_rank0.pt")
         r1 = torch.load(tmp_path / f"{mode}_rank1.pt")

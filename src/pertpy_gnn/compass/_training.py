@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from itertools import islice
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from lightning.pytorch import Callback
 from scvi.train import TrainingPlan
 from torch.utils.data import DataLoader
 
+from .._malloc import _glibc
 from ._corpus import CompassDataModule, EpochRandomSampler, make_dataloader
 from ._module import mask_tokens
 
@@ -208,10 +208,8 @@ class PeriodicCheckpoint(Callback):
 
 def _malloc_trim():
     """The C library's ``malloc_trim`` (glibc; None on others: macOS, Windows, musl)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError, AttributeError):
-        return None
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
 
 
 class ReleaseFreedMemory(Callback):
