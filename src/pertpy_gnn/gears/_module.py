@@ -775,7 +775,10 @@ class GEARSModule(BaseModuleClass):
             zhat, logvar = out["zhat"], out["logvar"]
         else:
             h = self.gene_states() if h_gene is None else h_gene
-            zhat, logvar = self._predict_folded(pert_idx, h, block_rows, context)
+            # in float32 also under autocast (validation of a bf16-mixed run): the folded weights and
+            # the preallocated output are float32, and evaluation is a small part of an epoch
+            with torch.autocast(h.device.type, enabled=False):
+                zhat, logvar = self._predict_folded(pert_idx, h.float(), block_rows, context)
         return (zhat if self.anchor is None else zhat + self.anchor_delta(pert_idx)), logvar
 
     def _predict_folded(

@@ -156,6 +156,18 @@ class GEARSTrainingPlan(pl.LightningModule):
         self._val = math.nan
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        # the fused kernel (one pass over all parameters) where torch has one: the same update, and a
+        # third less CPU per set-batch step than torch's per-tensor loop (benchmarks/compare_speed);
+        # Lightning's mixed precision clips gradients itself, which a fused optimizer does not allow
+        mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
+        fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        optimizer = torch.optim.Adam(
+            params,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            fused=True if fused else None,
+            foreach=None if fused else True,
+        )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
