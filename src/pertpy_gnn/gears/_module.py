@@ -72,6 +72,70 @@ def _bn_moments(
     return mean, var
 
 
+class _PostMLPTrain(torch.autograd.Function):
+    """``Linear -> BatchNorm1d (batch statistics) -> ReLU -> Linear`` over many rows, with the column sums
+    and sums of squares of its output; the batch norm folded into the first linear layer.
+
+    The batch moments of ``y = h W1^T + b1`` follow from the mean ``mu`` and covariance ``S`` of the
+    input (``d x d``, one Gram matrix): ``mean(y) = W1 mu + b1``, ``var(y)_j = W1_j S W1_j^T``, so the
+    block is ``ReLU(h W'^T + b')`` with ``W' = diag(s) W1``, ``s = gamma / sqrt(var(y) + eps)``,
+    ``b' = beta - W' mu`` (``b1`` cancels), then ``Linear``: two matrix products and one ReLU, no
+    element-wise batch-norm passes. The backward is the batch-norm gradient written with the same
+    small matrices (``dh = g W' - h M + 1 v^T`` with ``M = W1^T diag(c) W1``); it keeps the input and
+    the ReLU output (``N x 2d``) only, where autograd over the plain layers keeps ``N x 2d`` twice.
+    ``d b1`` is zero (exactly; the plain layers give rounding noise). The output's column sums and sums
+    of squares (the moments of the batch norm that follows, folded into the decoders) are outputs, so
+    their gradient joins the output's in one pass. Forward returns also the batch moments of ``y``
+    (mean, population variance; no gradient) for the running statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, gamma, beta, w2, b2, eps: float):
+        n = h.shape[0]
+        mu = h.sum(0).div_(n)
+        cov = torch.mm(h.T, h).div_(n).sub_(torch.outer(mu, mu))
+        mean_y = torch.addmv(b1, w1, mu)
+        var_y = ((w1 @ cov) * w1).sum(1).clamp_(min=0.0)
+        inv = torch.rsqrt(var_y + eps)
+        s = gamma * inv
+        w1s = w1 * s.unsqueeze(1)
+        r = torch.addmm(beta - w1s @ mu, h, w1s.T).relu_()
+        out = torch.addmm(b2, r, w2.T)
+        colsum, sumsq = out.sum(0), (out * out).sum(0)
+        ctx.save_for_backward(h, r, out, w1, w2, mu, cov, s, inv, w1s)
+        ctx.mark_non_differentiable(mean_y, var_y)
+        return out, colsum, sumsq, mean_y, var_y
+
+    @staticmethod
+    def backward(ctx, g_out, g_sum, g_sumsq, _g_mean, _g_var):
+        h, r, out, w1, w2, mu, cov, s, inv, w1s = ctx.saved_tensors
+        n = h.shape[0]
+        g = torch.addcmul(g_out, out, 2.0 * g_sumsq).add_(g_sum)  # gradient w.r.t. the output, all of it
+        d_b2, d_w2 = g.sum(0), torch.mm(g.T, r)
+        g_r = torch.mm(g, w2)
+        torch.ops.aten.threshold_backward.grad_input(g_r, r, 0.0, grad_input=g_r)  # through the ReLU, in place
+        d_beta = g_r.sum(0)
+        a = torch.mm(g_r.T, h)  # 2d x d
+        d_gamma = ((a - torch.outer(d_beta, mu)) * w1).sum(1) * inv
+        c = s * d_gamma * inv / n
+        m = w1.T @ (w1 * c.unsqueeze(1))  # d x d
+        d_h = torch.addmm(mu @ m - (s * d_beta / n) @ w1, g_r, w1s).addmm_(h, m, alpha=-1.0)
+        d_w1 = s.unsqueeze(1) * a - torch.outer(s * d_beta, mu) - n * (c.unsqueeze(1) * (w1 @ cov))
+        return d_h, d_w1, torch.zeros_like(s), d_gamma, d_beta, d_w2, d_b2, None
+
+
+def _post_mlp_train(mlp: MLP, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mlp(h, last_norm=False)`` in training mode (batch statistics, running statistics updated as
+    :class:`torch.nn.BatchNorm1d` does) through :class:`_PostMLPTrain`, and the column sums and sums of
+    squares of the output."""
+    lin1, bn1, _, lin2, _ = mlp
+    out, colsum, sumsq, mean_y, var_y = _PostMLPTrain.apply(
+        h, lin1.weight, lin1.bias, bn1.weight, bn1.bias, lin2.weight, lin2.bias, bn1.eps
+    )
+    _bn_moments(bn1, mean_y, var_y, h.shape[0])
+    return out, colsum, sumsq
+
+
 def gcn_norm(
     edge_index: torch.Tensor, edge_weight: torch.Tensor, n_nodes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,7 +592,7 @@ class GEARSModule(BaseModuleClass):
         return {"pert_idx": pert_idx}
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
-        return {"h_post": inference_outputs["h_post"]}
+        return {"h_post": inference_outputs["h_post"], "moments": inference_outputs.get("post_moments")}
 
     def _set_embeddings(
         self, pert_idx: torch.Tensor, like: torch.Tensor, context: torch.Tensor | None = None
@@ -589,8 +653,15 @@ class GEARSModule(BaseModuleClass):
         scale = bn.weight / torch.sqrt(var + bn.eps)
         g = (h_gene - mean) * scale + bn.bias
         h = (g.unsqueeze(1) + (h_p * scale).unsqueeze(0)).relu_()
-        h_post = self.post_mlp(h.reshape(k * n, d), last_norm=False).reshape(k, n, d)
-        return {"h_gene": h_gene, "h_post": h_post, "h": h}
+        out = {"h_gene": h_gene, "h": h}
+        if self.training and not torch.is_autocast_enabled(h.device.type):
+            # the batch norm folded into the first linear layer, with the moments of the last batch norm
+            h_post, colsum, sumsq = _post_mlp_train(self.post_mlp, h.reshape(k * n, d))
+            out["post_moments"] = (colsum, sumsq)
+        else:  # eval (running statistics), or under autocast: the plain layers
+            h_post = self.post_mlp(h.reshape(k * n, d), last_norm=False)
+        out["h_post"] = h_post.reshape(k, n, d)
+        return out
 
     def _gene_linear(
         self, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
@@ -607,19 +678,25 @@ class GEARSModule(BaseModuleClass):
         h_cg = self.cross_gene(z.T)  # n x d
         return (z * self.w2[:, :1] + self.w2[:, 1:] @ h_cg.T + self.b2).T
 
-    def generative(self, h_post: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def generative(
+        self, h_post: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor | None]:
         """Gene-specific effects ``z`` and predicted change ``zhat`` (``n x K``), log-variance ``s`` (or ``None``).
 
         ``h_post`` is the post-perturbation embedding before the last batch norm of ``post_mlp``,
         which is applied here folded into the gene-specific linear maps (same values, one pass less).
+        ``moments``: the column sums and sums of squares of ``h_post`` over its ``K n`` rows, where
+        :meth:`inference` has them (training mode); otherwise computed here.
         """
         k, n, d = h_post.shape
         bn = self.post_mlp[-1]
-        flat = h_post.reshape(k * n, d)
         mean = var = None
         if bn.training:  # column sums are much faster than torch.var_mean over dim 0 on CPU
-            mean = flat.sum(0) / (k * n)
-            var = ((flat * flat).sum(0) / (k * n) - mean * mean).clamp(min=0.0)
+            if moments is None:
+                flat = h_post.reshape(k * n, d)
+                moments = flat.sum(0), (flat * flat).sum(0)
+            mean = moments[0] / (k * n)
+            var = (moments[1] / (k * n) - mean * mean).clamp(min=0.0)
         mean, var = _bn_moments(bn, mean, var, k * n)
         scale = bn.weight / torch.sqrt(var + bn.eps)
         shift = bn.bias - mean * scale
