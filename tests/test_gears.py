@@ -15,7 +15,13 @@ import torch
 import pertpy_gnn as pg
 from pertpy_gnn.gears import GEARS, GEARSModule
 from pertpy_gnn.gears._constants import TENSOR_KEYS as K
-from pertpy_gnn.gears._module import GraphEncoder, LearnedEncoder, PretrainedGeneEncoder
+from pertpy_gnn.gears._module import (
+    MLP,
+    GraphEncoder,
+    LearnedEncoder,
+    PretrainedGeneEncoder,
+    _post_mlp_train,
+)
 
 GO_FILE = "go/human_gene2go_orgHsEgDb_20220912.tsv.gz"
 
@@ -301,6 +307,125 @@ def test_bf16_autocast_trains_with_float32_statistics():
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
+
+
+def _plain_post_mlp(mlp, h):
+    """The training-mode post-perturbation MLP through the plain nn layers (what ``_post_mlp_train`` replaces)."""
+    out = mlp(h, last_norm=False)
+    return out, out.sum(0), (out * out).sum(0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"), [(torch.float64, 1e-9, 1e-11), (torch.float32, 2e-4, 2e-5)]
+)
+def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol):
+    """``Linear -> BN -> ReLU -> Linear`` as one Function (BN folded through the Gram matrix) equals the layers.
+
+    Outputs, the column moments, the gradients of the input and of every parameter (for a loss through
+    all three outputs), and the running statistics; then eval mode on the updated statistics.
+    """
+    torch.manual_seed(0)
+    d, n = 8, 300
+    mlp = MLP([d, 2 * d, d]).to(dtype)
+    with torch.no_grad():
+        for bn in (mlp[1], mlp[-1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(mlp)
+    mlp.train(), ref.train()
+    weights = [torch.randn(n, d, dtype=dtype), torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype) / n]
+    for step in range(3):  # running statistics move over several steps
+        h0 = (torch.randn(n, d, dtype=dtype) + 0.3 * step).relu_()
+        results = []
+        for fn, m in ((_post_mlp_train, mlp), (_plain_post_mlp, ref)):
+            h = h0.clone().requires_grad_()
+            m.zero_grad()
+            outs = fn(m, h)
+            sum(
+                ((o * w).sum() for o, w in zip(outs, weights, strict=True)), torch.zeros((), dtype=dtype)
+            ).backward()
+            grads = {f"grad {k}": p.grad for k, p in m.named_parameters() if p.grad is not None}
+            results.append({"out": outs[0], "sum": outs[1], "sumsq": outs[2], "grad h": h.grad} | grads)
+        new, old = results
+        assert new.keys() == old.keys() and len(new) == 4 + 6  # lin1, bn1, lin2 (not the last batch norm)
+        # the first linear layer's bias is followed by a batch norm: its gradient is zero, exactly here,
+        # rounding noise of the sum over the rows through the plain layers (small beside its weight's)
+        assert (new.pop("grad 0.bias") == 0).all()
+        assert old.pop("grad 0.bias").abs().max() < 10 * atol * old["grad 0.weight"].abs().max()
+        for k, b in old.items():
+            scale = b.abs().max().clamp(min=1.0)
+            torch.testing.assert_close(
+                new[k].detach() / scale,
+                b.detach() / scale,
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, k=k: f"{k}: {m}",
+            )
+        for name, buf in ref[1].named_buffers():
+            torch.testing.assert_close(dict(mlp[1].named_buffers())[name], buf, rtol=rtol, atol=atol)
+    assert int(mlp[1].num_batches_tracked) == 3
+    mlp.eval(), ref.eval()
+    h = torch.rand(n, d, dtype=dtype)
+    torch.testing.assert_close(mlp(h, last_norm=False), ref(h, last_norm=False), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"), [(torch.float64, 1e-8, 1e-10), (torch.float32, 1e-3, 1e-4)]
+)
+def test_training_steps_with_folded_post_mlp_equal_plain_layers(monkeypatch, dtype, rtol, atol):
+    """Three SGD steps of the module with the folded block and with the plain layers: same losses,
+    gradients, parameters, running statistics and eval-mode predictions (to rounding: each tensor is
+    compared relative to its largest entry; float32 rounding differences grow through the batch norms
+    of a 12-gene module)."""
+    import pertpy_gnn.gears._module as gears_module
+
+    fused = _small_module(uncertainty=True).to(dtype)
+    plain = copy.deepcopy(fused)
+    pert_idx = torch.tensor([[2, 5], [-1, -1], [3, -1], [7, 1]])
+
+    def close(a, b, what, floor=1e-6):
+        scale = b.abs().max().clamp(min=floor)
+        torch.testing.assert_close(a / scale, b / scale, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+    states = []
+    for module, block in ((fused, gears_module._post_mlp_train), (plain, _plain_post_mlp)):
+        monkeypatch.setattr(gears_module, "_post_mlp_train", block)
+        module.train()
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)  # Adam would scale the noise of zero gradients up
+        losses, grads = [], []
+        for seed in range(3):
+            opt.zero_grad()
+            batch = {
+                k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(module, seed=seed).items()
+            }
+            _, _, out = module(batch)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append({k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None})
+            opt.step()
+        module.eval()
+        with torch.no_grad():  # eval mode: the plain layers on the running statistics, in both
+            out = module.generative(**module._get_generative_input({}, module.inference(pert_idx)))
+        states.append((losses, grads, module.state_dict(), out["zhat"], out["logvar"]))
+    (l1, g1, s1, z1, v1), (l2, g2, s2, z2, v2) = states
+    close(torch.stack(l1), torch.stack(l2), "losses")
+    for a, b in zip(g1, g2, strict=True):
+        assert a.keys() == b.keys()
+        # relative to the step's largest gradient: a bias followed by a batch norm has a zero gradient,
+        # in either path rounding noise (post_mlp.0.bias: exactly zero in the folded block)
+        scale = max(float(v.abs().max()) for v in b.values())
+        assert (a["post_mlp.0.bias"] == 0).all()
+        for k in a:
+            torch.testing.assert_close(
+                a[k] / scale, b[k] / scale, rtol=rtol, atol=atol, msg=lambda m, k=k: f"gradient of {k}: {m}"
+            )
+    for k in s1:
+        if s1[k].is_floating_point():  # the zero-gradient parameters differ by lr x rounding noise
+            close(s1[k], s2[k], k, floor=1.0)
+        else:
+            assert torch.equal(s1[k], s2[k])
+    close(z1, z2, "zhat")
+    close(v1, v2, "logvar")
 
 
 # ----------------------------------------------------------------------------- model

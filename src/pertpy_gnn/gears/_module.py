@@ -73,10 +73,9 @@ def _bn_moments(
 
 
 class _PostMLPTrain(torch.autograd.Function):
-    """``Linear -> BatchNorm1d (batch statistics) -> ReLU -> Linear`` over many rows, with the column sums
-    and sums of squares of its output; the batch norm folded into the first linear layer.
+    """``Linear -> BatchNorm1d -> ReLU -> Linear`` in training mode, the batch norm folded into the first layer.
 
-    The batch moments of ``y = h W1^T + b1`` follow from the mean ``mu`` and covariance ``S`` of the
+    Over ``N`` rows, with the column sums and sums of squares of the output. The batch moments of ``y = h W1^T + b1`` follow from the mean ``mu`` and covariance ``S`` of the
     input (``d x d``, one Gram matrix): ``mean(y) = W1 mu + b1``, ``var(y)_j = W1_j S W1_j^T``, so the
     block is ``ReLU(h W'^T + b')`` with ``W' = diag(s) W1``, ``s = gamma / sqrt(var(y) + eps)``,
     ``b' = beta - W' mu`` (``b1`` cancels), then ``Linear``: two matrix products and one ReLU, no
@@ -113,7 +112,9 @@ class _PostMLPTrain(torch.autograd.Function):
         g = torch.addcmul(g_out, out, 2.0 * g_sumsq).add_(g_sum)  # gradient w.r.t. the output, all of it
         d_b2, d_w2 = g.sum(0), torch.mm(g.T, r)
         g_r = torch.mm(g, w2)
-        torch.ops.aten.threshold_backward.grad_input(g_r, r, 0.0, grad_input=g_r)  # through the ReLU, in place
+        torch.ops.aten.threshold_backward.grad_input(
+            g_r, r, 0.0, grad_input=g_r
+        )  # through the ReLU, in place
         d_beta = g_r.sum(0)
         a = torch.mm(g_r.T, h)  # 2d x d
         d_gamma = ((a - torch.outer(d_beta, mu)) * w1).sum(1) * inv
@@ -125,9 +126,11 @@ class _PostMLPTrain(torch.autograd.Function):
 
 
 def _post_mlp_train(mlp: MLP, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mlp(h, last_norm=False)`` in training mode (batch statistics, running statistics updated as
-    :class:`torch.nn.BatchNorm1d` does) through :class:`_PostMLPTrain`, and the column sums and sums of
-    squares of the output."""
+    """``mlp(h, last_norm=False)`` in training mode through :class:`_PostMLPTrain`, and the output's column moments.
+
+    Batch statistics, the running statistics updated as :class:`torch.nn.BatchNorm1d` does; returns
+    the output and its column sums and sums of squares.
+    """
     lin1, bn1, _, lin2, _ = mlp
     out, colsum, sumsq, mean_y, var_y = _PostMLPTrain.apply(
         h, lin1.weight, lin1.bias, bn1.weight, bn1.bias, lin2.weight, lin2.bias, bn1.eps
