@@ -72,30 +72,20 @@ def _bn_moments(
     return mean, var
 
 
-def _onednn_linear(x: torch.Tensor) -> bool:
-    """Whether :func:`_linear` can use oneDNN's fused linear layer for ``x`` (float32 on CPU)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
-
-
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
-    """``x weight^T + bias`` (then ReLU), without autograd: one oneDNN kernel on CPU.
+    """``x weight^T + bias`` (then ReLU in place), without autograd.
 
-    ``torch.addmm`` first writes the broadcast bias into the output and the ReLU is another pass
-    over it; oneDNN applies both inside the matrix product (about half the time of
-    ``addmm(...).relu_()`` over ``46,000 x 128``). Same values (the products are the same).
+    The product, then the bias added in place: ``torch.addmm`` first broadcasts the bias into its
+    output, which measured slower on CPU (about 1.5 ms of 12 over ``46,000 x 128``). oneDNN's fused
+    linear layer (bias and ReLU inside the product) was faster still, but its cache of primitives, one
+    per row count (the number of sets varies between batches), raised the training peak RSS by 150-250
+    MiB (``benchmarks/gears_cell_step.py``).
     """
-    if _onednn_linear(x):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, weight.contiguous(), bias, "relu" if relu else "none", [], ""
-        )
-    out = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+    out = torch.mm(x, weight.T)
+    if bias is not None:
+        out.add_(bias)
     return out.relu_() if relu else out
 
 
