@@ -128,6 +128,13 @@ def markdown(record: dict) -> str:
         md.append(
             f"- {b}: max abs difference of the first {N_LOSSES} step losses, after vs before: {diff:.3g}"
         )
+    md.append(
+        "\nThe step's arithmetic is the same to float rounding (tests); the first step's loss is identical "
+        "and the runs drift apart from there (rounding, amplified by Adam, which also turns the plain "
+        "layers' rounding-noise gradient of the bias before the batch norm into steps of size lr), so the "
+        "one-epoch validation scores differ by about as much as rounding-level changes of the plain "
+        "layers move them."
+    )
     return "\n".join(md) + "\n"
 
 
