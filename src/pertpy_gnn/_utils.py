@@ -55,19 +55,28 @@ def to_dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def group_means(x, codes: np.ndarray, n_groups: int, *, chunk_elements: int = 1 << 21) -> np.ndarray:
-    """Mean of the rows of ``x`` per group (``float32``), summed in ``float64`` a block of rows at a time.
+def group_sums(
+    x, codes: np.ndarray, n_groups: int, *, squares: bool = False, chunk_elements: int = 1 << 21
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per-group row counts, sums and (``squares=True``) sums of squares of the rows of ``x``, in ``float64``.
 
-    ``codes`` holds a group index per row (``-1`` rows are ignored). Each block of about
-    ``chunk_elements`` stored values is converted to ``float64`` and summed into the groups by a
-    sparse indicator product, so the extra memory is one block (16 MiB by default), not a
-    ``float64`` copy of ``x``.
+    ``codes`` holds a group index per row (``-1`` rows are ignored). One pass over ``x``, a block of
+    rows of about ``chunk_elements`` stored values at a time, so the extra memory is a few blocks
+    (tens of MiB), never a ``float64`` copy of ``x``. Sparse rows are added into their groups by
+    ``np.bincount`` over ``group * n_vars + column`` (no copy of the index arrays of ``x``, both
+    moments from one pass); dense blocks by a sparse indicator product. Within a block each sum
+    runs over the rows in order, and blocks are added in order.
+
+    Returns
+    -------
+    ``(counts, sums, sums_of_squares)``: ``(n_groups,)`` and two ``n_groups x n_vars`` arrays (the
+    last ``None`` unless ``squares``).
     """
-    codes = np.asarray(codes)
+    codes = np.asarray(codes, dtype=np.intp)
     n_obs, n_vars = x.shape
-    keep = codes >= 0
-    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.float64)
-    sums = np.zeros((n_groups, n_vars))
+    counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
+    s1 = np.zeros(n_groups * n_vars)
+    s2 = np.zeros(n_groups * n_vars) if squares else None
     sparse = sp.issparse(x)
     if sparse:
         x = x.tocsr() if x.format != "csr" else x
@@ -75,23 +84,47 @@ def group_means(x, codes: np.ndarray, n_groups: int, *, chunk_elements: int = 1 
     else:
         per_row = max(1, n_vars)
     step = max(1, int(chunk_elements // per_row))
-    for start in range(0, n_obs, step):
+    starts = np.arange(0, n_obs, step)
+    if sparse and starts.size:
+        indptr, indices, data = x.indptr, x.indices, x.data
+        stops = np.minimum(starts + step, n_obs)
+        values = np.empty(int((indptr[stops] - indptr[starts]).max(initial=0)))  # float64, reused
+        size = (n_groups + 1) * n_vars  # the extra last group takes the ignored rows of a block
+    for start in starts:
         stop = min(n_obs, start + step)
         c = codes[start:stop]
-        k = np.flatnonzero(c >= 0)
-        if k.size == 0:
+        kept = c >= 0
+        if not kept.any():
             continue
+        if sparse:
+            a, b = indptr[start], indptr[stop]
+            key = np.repeat(np.where(kept, c, n_groups) * n_vars, np.diff(indptr[start : stop + 1]))
+            key += indices[a:b]
+            v = values[: b - a]
+            np.copyto(v, data[a:b])
+            s1 += np.bincount(key, weights=v, minlength=size)[: s1.size]
+            if squares:
+                np.square(v, out=v)
+                s2 += np.bincount(key, weights=v, minlength=size)[: s2.size]
+            continue
+        k = np.flatnonzero(kept)
         ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, stop - start))
-        if sparse:  # the block's float64 values over the index arrays of x (no copy of those)
-            a, b = x.indptr[start], x.indptr[stop]
-            block = sp.csr_matrix(
-                (x.data[a:b].astype(np.float64), x.indices[a:b], x.indptr[start : stop + 1] - a),
-                shape=(stop - start, n_vars),
-            )
-        else:
-            block = np.asarray(x[start:stop], dtype=np.float64)
-        part = ind @ block
-        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+        block = np.asarray(x[start:stop], dtype=np.float64)  # a view of a float64 x: never written
+        s1 += np.asarray(ind @ block).ravel()
+        if squares:
+            s2 += np.asarray(ind @ np.square(block)).ravel()
+    shape = (n_groups, n_vars)
+    return counts, s1.reshape(shape), None if s2 is None else s2.reshape(shape)
+
+
+def group_means(x, codes: np.ndarray, n_groups: int, *, chunk_elements: int = 1 << 21) -> np.ndarray:
+    """Mean of the rows of ``x`` per group (``float32``), summed in ``float64`` a block of rows at a time.
+
+    ``codes`` holds a group index per row (``-1`` rows are ignored; empty groups are NaN). The sums
+    are those of :func:`group_sums`: the extra memory is a few blocks of about ``chunk_elements``
+    values, not a ``float64`` copy of ``x``.
+    """
+    counts, sums, _ = group_sums(x, codes, n_groups, chunk_elements=chunk_elements)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (sums / counts[:, None]).astype(np.float32)
 
