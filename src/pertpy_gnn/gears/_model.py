@@ -99,10 +99,32 @@ def _check_gene_embeddings(embeddings, adata: AnnData) -> np.ndarray:
     return e
 
 
+def _train_val_means(
+    x, codes: np.ndarray, train_mask: np.ndarray, val_mask: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group means (float32, ``n_groups x n_vars``) of the training cells and of the validation cells, one pass.
+
+    The two masks are disjoint: validation cells count as groups ``n_groups + code``, so each mean
+    is the one :func:`~pertpy_gnn._utils.group_means` gives for its mask alone.
+    """
+    both = np.where(train_mask, codes, np.where(val_mask, codes + n_groups, -1))
+    means = group_means(x, both, 2 * n_groups)
+    return means[:n_groups], means[n_groups:]
+
+
 def _validation_batch(
-    adata: AnnData, x, codes: np.ndarray, val_mask: np.ndarray, labels, n_groups: int, what: str, hint: str
+    adata: AnnData,
+    codes: np.ndarray,
+    val_mask: np.ndarray,
+    val_means: np.ndarray,
+    labels,
+    what: str,
+    hint: str,
 ) -> tuple[np.ndarray, dict | None]:
-    """Validation groups and their top-DE targets: ``(val_codes, {DE_IDX, DE_MEAN})``, ``None`` if none."""
+    """Validation groups and their top-DE targets: ``(val_codes, {DE_IDX, DE_MEAN})``, ``None`` if none.
+
+    ``val_means`` holds each group's mean over its validation cells (``n_groups x n_vars``).
+    """
     val_codes = np.unique(codes[val_mask])
     if not val_codes.size:
         logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
@@ -117,7 +139,7 @@ def _validation_batch(
     if missing:
         raise KeyError(f"adata.uns[{DE_KEY!r}] has no DE genes for validation {what} {missing[:10]}: {hint}")
     de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
-    val_means = torch.from_numpy(group_means(x, np.where(val_mask, codes, -1), n_groups)[val_codes])
+    val_means = torch.from_numpy(val_means[val_codes])
     return val_codes, {TENSOR_KEYS.DE_IDX: de_idx, TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx)}
 
 
@@ -593,20 +615,18 @@ class GEARS(BaseModelClass):
             raise ValueError(
                 "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
             )
-        train_codes = np.where((split == TRAIN) & known[codes], codes, -1)
-        means = group_means(x, train_codes, len(cats))
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        means, val_means = _train_val_means(x, codes, (split == TRAIN) & known[codes], val_mask, len(cats))
         expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
         expressed[ctrl_code] = True
         control_mean = means[ctrl_code]
 
-        val_mask = (split == VAL) & known[codes] & ~is_ctrl
         val_codes, val = _validation_batch(
             adata,
-            x,
             codes,
             val_mask,
+            val_means,
             cats,
-            len(cats),
             "perturbations",
             "rerun pg.pp.rank_de_genes(adata, overwrite=True).",
         )
@@ -671,21 +691,20 @@ class GEARS(BaseModelClass):
             raise ValueError(
                 "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
             )
-        means = group_means(x, np.where(train_mask, codes, -1), len(groups))
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        means, val_means = _train_val_means(x, codes, train_mask, val_mask, len(groups))
         expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
         expressed[torch.from_numpy(groups.is_control)] = True
         ctrl_group = groups.control[groups.is_control]
         self.module.context_control_mean.copy_(torch.from_numpy(means[ctrl_group]))
         control_mean = group_means(x, np.where(np.isin(np.arange(adata.n_obs), control_cells), 0, -1), 1)[0]
 
-        val_mask = (split == VAL) & known[codes] & ~is_ctrl
         val_codes, val = _validation_batch(
             adata,
-            x,
             codes,
             val_mask,
+            val_means,
             groups.labels,
-            len(groups),
             "groups",
             "rerun pg.pp.rank_de_genes(adata, overwrite=True) on the data parsed with its context_key.",
         )
