@@ -55,17 +55,21 @@ def to_dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+#: stored values of ``x`` handled at once inside a block of :func:`group_sums` (1 MiB of float64: cache-resident)
+_SUB_BLOCK = 1 << 17
+
+
 def group_sums(
     x, codes: np.ndarray, n_groups: int, *, squares: bool = False, chunk_elements: int = 1 << 21
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-group row counts, sums and (``squares=True``) sums of squares of the rows of ``x``, in ``float64``.
 
-    ``codes`` holds a group index per row (``-1`` rows are ignored). One pass over ``x``, a block of
-    rows of about ``chunk_elements`` stored values at a time, so the extra memory is a few blocks
-    (tens of MiB), never a ``float64`` copy of ``x``. Sparse rows are added into their groups by
-    ``np.bincount`` over ``group * n_vars + column`` (no copy of the index arrays of ``x``, both
-    moments from one pass); dense blocks by a sparse indicator product. Within a block each sum
-    runs over the rows in order, and blocks are added in order.
+    ``codes`` holds a group index per row (``-1`` rows are ignored). One pass over ``x``: the sums of
+    each block of rows of about ``chunk_elements`` stored values are accumulated over its rows in
+    order, then added to the totals block after block. Sparse rows are added into their groups with
+    ``np.add.at`` at ``group * n_vars + column``, a few hundred rows at a time (buffers of about
+    1 MiB, reused; no copy of the index arrays of ``x``), both moments in the same pass; dense blocks
+    with a sparse indicator product. The extra memory is never a ``float64`` copy of ``x``.
 
     Returns
     -------
@@ -75,44 +79,55 @@ def group_sums(
     codes = np.asarray(codes, dtype=np.intp)
     n_obs, n_vars = x.shape
     counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
-    s1 = np.zeros(n_groups * n_vars)
-    s2 = np.zeros(n_groups * n_vars) if squares else None
+    size = n_groups * n_vars
+    s1 = np.zeros(size)
+    s2 = np.zeros(size) if squares else None
     sparse = sp.issparse(x)
     if sparse:
         x = x.tocsr() if x.format != "csr" else x
         per_row = max(1.0, x.nnz / max(1, n_obs))
+        indptr, indices, data = x.indptr, x.indices, x.data
+        sub_rows = max(1, int(_SUB_BLOCK // per_row))
+        # block sums; the extra last group takes the ignored rows of a block
+        acc1, acc2 = np.zeros(size + n_vars), np.zeros(size + n_vars) if squares else None
+        key, values = np.empty(0, dtype=np.intp), np.empty(0)
     else:
         per_row = max(1, n_vars)
     step = max(1, int(chunk_elements // per_row))
-    starts = np.arange(0, n_obs, step)
-    if sparse and starts.size:
-        indptr, indices, data = x.indptr, x.indices, x.data
-        stops = np.minimum(starts + step, n_obs)
-        values = np.empty(int((indptr[stops] - indptr[starts]).max(initial=0)))  # float64, reused
-        size = (n_groups + 1) * n_vars  # the extra last group takes the ignored rows of a block
-    for start in starts:
+    for start in range(0, n_obs, step):
         stop = min(n_obs, start + step)
         c = codes[start:stop]
         kept = c >= 0
         if not kept.any():
             continue
-        if sparse:
-            a, b = indptr[start], indptr[stop]
-            key = np.repeat(np.where(kept, c, n_groups) * n_vars, np.diff(indptr[start : stop + 1]))
-            key += indices[a:b]
-            v = values[: b - a]
+        if not sparse:
+            k = np.flatnonzero(kept)
+            ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, stop - start))
+            block = np.asarray(x[start:stop], dtype=np.float64)  # a view of a float64 x: never written
+            s1 += np.asarray(ind @ block).ravel()
+            if squares:
+                s2 += np.asarray(ind @ np.square(block)).ravel()
+            continue
+        offset = np.where(kept, c, n_groups) * n_vars
+        acc1.fill(0)
+        if squares:
+            acc2.fill(0)
+        for r0 in range(start, stop, sub_rows):
+            r1 = min(stop, r0 + sub_rows)
+            a, b = indptr[r0], indptr[r1]
+            if b - a > values.size:
+                key, values = np.empty(b - a, dtype=np.intp), np.empty(b - a)
+            k, v = key[: b - a], values[: b - a]
+            k[:] = np.repeat(offset[r0 - start : r1 - start], np.diff(indptr[r0 : r1 + 1]))
+            k += indices[a:b]
             np.copyto(v, data[a:b])
-            s1 += np.bincount(key, weights=v, minlength=size)[: s1.size]
+            np.add.at(acc1, k, v)
             if squares:
                 np.square(v, out=v)
-                s2 += np.bincount(key, weights=v, minlength=size)[: s2.size]
-            continue
-        k = np.flatnonzero(kept)
-        ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, stop - start))
-        block = np.asarray(x[start:stop], dtype=np.float64)  # a view of a float64 x: never written
-        s1 += np.asarray(ind @ block).ravel()
+                np.add.at(acc2, k, v)
+        s1 += acc1[:size]
         if squares:
-            s2 += np.asarray(ind @ np.square(block)).ravel()
+            s2 += acc2[:size]
     shape = (n_groups, n_vars)
     return counts, s1.reshape(shape), None if s2 is None else s2.reshape(shape)
 
