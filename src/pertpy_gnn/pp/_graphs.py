@@ -14,9 +14,12 @@ from .._constants import COEXPR_GRAPH_KEY, GO_ANNOTATIONS_KEY, GO_GRAPH_KEY, SPL
 from .._utils import check_overwrite, get_adata, get_matrix, logger
 from ._perturbations import layer_of
 
-#: number of values held in memory at once (rows x genes of one chunk of similarities, of one dense block of
-#: cells for the covariance): 16 MiB of float32, 32 MiB of float64; sparse and BLAS products stay efficient
+#: number of values held in memory at once (one dense block of cells for the covariance, and its float32 product;
+#: at most this many similarities): 16 MiB of float32; BLAS products stay efficient
 _CHUNK_ELEMENTS = 2**22
+#: similarities of a chunk of rows (Jaccard float32; correlations are computed in place): 2 MiB, which the
+#: allocator reuses chunk after chunk (fresh pages cost more than the arithmetic here)
+_SIMILARITY_ELEMENTS = 2**19
 #: values per ``argpartition`` call of the top-k selection (its index array: 2 MiB)
 _TOPK_ELEMENTS = 2**18
 #: sparse inputs sparser than this (on 2 cores; less on more cores) take the sparse Gram product
@@ -168,7 +171,7 @@ def go_graph(
     a = sp.csr_matrix((np.ones(gi.size, dtype=np.float32), (gi, ti)), shape=(genes.size, terms.size))
     at = a.T.tocsr()
     n_terms = np.asarray(a.sum(axis=1), dtype=np.float32).ravel()
-    chunk = max(1, _CHUNK_ELEMENTS // genes.size)
+    chunk = max(1, min(_CHUNK_ELEMENTS, _SIMILARITY_ELEMENTS) // genes.size)
     parts = []
     for start in range(0, genes.size, chunk):
         inter = (a[start : start + chunk] @ at).toarray()
@@ -277,7 +280,11 @@ def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
     for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True):  # lower triangle from the upper one, in place
         gram[lo:hi, :lo] = gram[:lo, lo:hi].T
     d = total / n - shift  # the mean of all rows, less the centre used
-    gram -= n * np.outer(d, d)
+    step = max(1, _TOPK_ELEMENTS // g)
+    for lo in range(0, g, step):  # gram -= n d d^T, a few rows at a time (no genes x genes temporary)
+        part = np.multiply.outer(d[lo : lo + step], d)
+        part *= n
+        gram[lo : lo + step] -= part
     gram /= n - 1
     return gram
 
@@ -348,10 +355,11 @@ def coexpression_graph(
     if constant.any():
         logger.info("%d genes are constant over the %d training cells and get no edges.", constant.sum(), n)
     inv = np.where(constant, 0.0, 1.0 / np.sqrt(np.where(constant, 1.0, var)))
-    chunk = max(1, _CHUNK_ELEMENTS // cov.shape[0])  # float64 correlations: 32 MiB at a time
+    chunk = max(1, min(_CHUNK_ELEMENTS, _SIMILARITY_ELEMENTS) // cov.shape[0])
     parts = []
-    for start in range(0, cov.shape[0], chunk):
-        r = cov[start : start + chunk] * inv[start : start + chunk, None]
+    for start in range(0, cov.shape[0], chunk):  # correlations in place of the covariances (a scratch array)
+        r = cov[start : start + chunk]
+        r *= inv[start : start + chunk, None]
         r *= inv[None, :]
         np.clip(r, -1, 1, out=r)
         if absolute:
