@@ -67,8 +67,8 @@ def group_sums(
     ``codes`` holds a group index per row (``-1`` rows are ignored). One pass over ``x``: the sums of
     each block of rows of about ``chunk_elements`` stored values are accumulated over its rows in
     order, then added to the totals block after block. Sparse rows are added into their groups with
-    ``np.add.at`` at ``group * n_vars + column``, a few hundred rows at a time (buffers of about
-    1 MiB, reused; no copy of the index arrays of ``x``), both moments in the same pass; dense blocks
+    ``np.add.at`` at ``group * n_vars + column``, a few hundred rows at a time (about 1 MiB of
+    buffers; no copy of the index arrays of ``x``), both moments in the same pass; dense blocks
     with a sparse indicator product. The extra memory is never a ``float64`` copy of ``x``.
 
     Returns
@@ -90,7 +90,8 @@ def group_sums(
         sub_rows = max(1, int(_SUB_BLOCK // per_row))
         # block sums; the extra last group takes the ignored rows of a block
         acc1, acc2 = np.zeros(size + n_vars), np.zeros(size + n_vars) if squares else None
-        key, values = np.empty(0, dtype=np.intp), np.empty(0)
+        values = np.empty(0)
+        key_dtype = np.int32 if size + n_vars < 2**31 else np.intp  # int32 keys: no widening of x.indices
     else:
         per_row = max(1, n_vars)
     step = max(1, int(chunk_elements // per_row))
@@ -108,7 +109,7 @@ def group_sums(
             if squares:
                 s2 += np.asarray(ind @ np.square(block)).ravel()
             continue
-        offset = np.where(kept, c, n_groups) * n_vars
+        offset = (np.where(kept, c, n_groups) * n_vars).astype(key_dtype)
         acc1.fill(0)
         if squares:
             acc2.fill(0)
@@ -116,10 +117,10 @@ def group_sums(
             r1 = min(stop, r0 + sub_rows)
             a, b = indptr[r0], indptr[r1]
             if b - a > values.size:
-                key, values = np.empty(b - a, dtype=np.intp), np.empty(b - a)
-            k, v = key[: b - a], values[: b - a]
-            k[:] = np.repeat(offset[r0 - start : r1 - start], np.diff(indptr[r0 : r1 + 1]))
+                values = np.empty(b - a)
+            k = np.repeat(offset[r0 - start : r1 - start], np.diff(indptr[r0 : r1 + 1]))
             k += indices[a:b]
+            v = values[: b - a]
             np.copyto(v, data[a:b])
             np.add.at(acc1, k, v)
             if squares:
