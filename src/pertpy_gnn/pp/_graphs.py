@@ -252,19 +252,20 @@ def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
     total = np.zeros(g, dtype=np.float64)
     shift = None  # float32 mean of the first block: every block is centred on it
     bounds = _gene_strips(g)
-    dense = np.empty((min(chunk, n), g), dtype=np.float32)  # reused for every block of a sparse x
+    densify = sp.issparse(x) and x.dtype == np.float32  # into one reused buffer, centred in place
+    dense = np.empty((min(chunk, n), g), dtype=np.float32) if densify else None
     prod = np.empty(int(np.diff(bounds).max()) * g, dtype=np.float32)  # products of a strip, reused
     for start in range(0, n, chunk):
         block = x[start : start + chunk] if rows is None else x[rows[start : start + chunk]]
-        if sp.issparse(block):  # a new sparse block: densified into the reused buffer
-            block = (
-                block.toarray(out=dense[: block.shape[0]]) if block.dtype == np.float32 else block.toarray()
-            )
+        if densify:
+            block = block.toarray(out=dense[: block.shape[0]])
+        elif sp.issparse(block):
+            block = block.toarray()
         block = np.asarray(block)
         total += block.sum(axis=0, dtype=np.float64)
         if shift is None:
             shift = (total / block.shape[0]).astype(np.float32)
-        if block.dtype == np.float32 and np.may_share_memory(block, dense):
+        if densify:
             block -= shift
         else:  # a new array: x is never written
             block = np.subtract(block, shift, dtype=np.float32)
