@@ -44,9 +44,8 @@ def _top_neighbors(sim: np.ndarray, start: int, k: int, threshold: float) -> tup
     np.negative(sim, out=sim)  # in place (the chunk is a scratch array): no copy for argpartition
     idx = np.empty((sim.shape[0], k), dtype=np.intp)
     step = max(1, _TOPK_ELEMENTS // sim.shape[1])
-    for r0 in range(
-        0, sim.shape[0], step
-    ):  # a few rows at a time: no full-size index array (row by row as one call)
+    # a few rows at a time (no full-size index array); each row's selection is the same as in one call
+    for r0 in range(0, sim.shape[0], step):
         idx[r0 : r0 + step] = np.argpartition(sim[r0 : r0 + step], k - 1, axis=1)[:, :k]
     val = -np.take_along_axis(sim, idx, axis=1)
     order = np.argsort(-val, axis=1, kind="stable")
@@ -281,7 +280,7 @@ def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
     for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True):  # lower triangle from the upper one, in place
         gram[lo:hi, :lo] = gram[:lo, lo:hi].T
     d = total / n - shift  # the mean of all rows, less the centre used
-    step = max(1, _TOPK_ELEMENTS // g)
+    step = max(1, _SIMILARITY_ELEMENTS // g)
     for lo in range(0, g, step):  # gram -= n d d^T, a few rows at a time (no genes x genes temporary)
         part = np.multiply.outer(d[lo : lo + step], d)
         part *= n
