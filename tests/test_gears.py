@@ -421,7 +421,7 @@ def test_norman_evaluate_leaves_out_a_gene_without_go_node(norman, go_table, cap
         "GEARS cannot predict 1 of the 20" in caplog.text
         and "IER5L: IER5L has no node in the GO graph" in caplog.text
     )
-    assert "fix: build the GO graph from annotations that cover it" in caplog.text
+    assert "fix: build the GO graph from a GO source that annotates it" in caplog.text
     skipped = norman.uns["pg_evaluation"]["skipped"]
     assert set(skipped["perturbation"]) == {"IER5L"} and list(skipped["model"]) == ["GEARS", *baselines]
     assert "GO graph" in skipped.set_index("model").at["GEARS", "reason"]

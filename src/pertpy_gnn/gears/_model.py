@@ -957,8 +957,7 @@ class GEARS(BaseModelClass):
                 out[canonical_name(s)] = (
                     f"{', '.join(bad)} {'has' if len(bad) == 1 else 'have'} no node in the GO graph (no GO "
                     f"annotation in its source), so GEARS cannot embed {them}; fix: build the GO graph from "
-                    f"annotations that cover {them} (pg.pp.go_graph(adata, annotations=...) with a GO source "
-                    "that annotates these genes) and retrain"
+                    f"a GO source that annotates {them} (pg.pp.go_graph(adata, annotations=...)) and retrain"
                 )
             else:
                 out[canonical_name(s)] = (

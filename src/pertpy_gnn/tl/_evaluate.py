@@ -581,9 +581,16 @@ def _skipped_perturbations(models: dict, names: list[str], subset) -> dict[str, 
 
 
 def _reasons(skipped: dict[str, str], n: int = 10) -> str:
-    items = list(skipped.items())
-    text = "; ".join(f"{nm}: {r}" for nm, r in items[:n])
-    return text + (f"; ... ({len(items) - n} more)" if len(items) > n else "") + "."
+    """``'A, A+B: reason; C: other reason.'``: perturbations grouped by reason, at most ``n`` reasons."""
+    by_reason: dict[str, list[str]] = {}
+    for nm, r in skipped.items():
+        by_reason.setdefault(r, []).append(nm)
+    items = list(by_reason.items())
+    text = "; ".join(
+        f"{', '.join(nms[:10])}{f' (+{len(nms) - 10} more)' if len(nms) > 10 else ''}: {r}"
+        for r, nms in items[:n]
+    )
+    return text + (f"; ... ({len(items) - n} more reasons)" if len(items) > n else "") + "."
 
 
 def _skip_reason(model: str, name: str, skipped: dict[str, dict[str, str]]) -> str:
