@@ -18,7 +18,7 @@ from pertpy_gnn.tl._evaluate import (
 )
 from pertpy_gnn.tl._prediction import make_prediction_adata
 
-from .conftest import additive_screen
+from .conftest import Picky, additive_screen
 
 TEST = ["G4", "G0+G1", "G2+G3", "G4+G5"]
 
@@ -336,28 +336,10 @@ def test_simulated_screen_with_real_split_and_graphs():
         assert np.isfinite(v) == all(g in singles for g in p.split("+"))
 
 
-class _Picky:
-    """A baseline that says it cannot predict the sets containing some genes (as GEARS for genes without
-    a GO-graph node)."""
-
-    def __init__(self, model, genes):
-        self.model, self.genes, self.name = model, set(genes), "picky"
-
-    def unpredictable(self, sets):
-        return {
-            "+".join(s): f"{'+'.join(s)} has no embedding; fix: add it" for s in sets if self.genes & set(s)
-        }
-
-    def predict(self, sets, **kwargs):
-        bad = [s for s in sets if self.genes & set(s)]
-        assert not bad, f"asked to predict {bad}"  # evaluate must not ask
-        return self.model.predict(sets, **kwargs)
-
-
 def test_unpredictable_perturbations_are_left_out_for_every_model(synth, caplog):
     train_mean = pg.tl.fit_baseline(synth, "train_mean")
     models = {
-        "picky": _Picky(train_mean, {"G4"}),
+        "picky": Picky(train_mean, {"G4"}),
         "no_change": pg.tl.fit_baseline(synth, "no_change"),
         "train_mean": train_mean,
     }
@@ -403,10 +385,10 @@ def test_unpredictable_everything_raises(synth):
     with pytest.raises(
         ValueError, match=r"'picky' cannot predict any of the 4 perturbations.*G4: G4 has no embedding"
     ):
-        pg.tl.evaluate(synth, {"picky": _Picky(no_change, {"G0", "G2", "G4"}), "no_change": no_change})
+        pg.tl.evaluate(synth, {"picky": Picky(no_change, {"G0", "G2", "G4"}), "no_change": no_change})
     # each model alone predicts some, together none in common
     with pytest.raises(ValueError, match="No perturbation of subset 'test' can be predicted by every model"):
-        pg.tl.evaluate(synth, {"a": _Picky(no_change, {"G0", "G2"}), "b": _Picky(no_change, {"G4"})})
+        pg.tl.evaluate(synth, {"a": Picky(no_change, {"G0", "G2"}), "b": Picky(no_change, {"G4"})})
     assert "pg_evaluation" not in synth.uns
 
 
