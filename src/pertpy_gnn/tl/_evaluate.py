@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -347,7 +348,7 @@ def evaluate(
             de_key=de_key,
             layer=layer,
             predict_kwargs=predict_kwargs,
-            evaluate=evaluate,
+            evaluate=functools.partial(evaluate, key_added=key_added),
         )
         _store(adata, key_added, df, split_key, subset, de_key, layer, _N_TOP, models)
         return df
@@ -372,7 +373,7 @@ def evaluate(
     # perturbations some model cannot predict (e.g. a gene without a GO-graph node for GEARS) are left out
     # of every model's metrics: all models are scored on the same perturbations
     all_names = names
-    skipped = _skipped_perturbations(models, names, subset)
+    skipped = _skipped_perturbations(models, names, subset, key_added)
     names = [nm for nm in all_names if not any(nm in sk for sk in skipped.values())]
     de_names = adata.uns[de_key]["indices"]
     missing = [n for n in names if n not in de_names.index]
@@ -531,7 +532,7 @@ def evaluate(
     return df
 
 
-def _skipped_perturbations(models: dict, names: list[str], subset) -> dict[str, dict[str, str]]:
+def _skipped_perturbations(models: dict, names: list[str], subset, key: str) -> dict[str, dict[str, str]]:
     """Per model, the evaluated perturbations it cannot predict (name -> reason with the fix); logs them.
 
     A predictor says so through ``unpredictable(sets)`` (GEARS: genes without a GO-graph node); a
@@ -570,11 +571,12 @@ def _skipped_perturbations(models: dict, names: list[str], subset) -> dict[str, 
             logger.warning(
                 "%s cannot predict %d of the %d evaluated perturbations; they are left out of the metrics of "
                 "every model (so that all are scored on the same %d perturbations; column 'skipped' and "
-                "uns[...]['skipped'] list them): %s",
+                "uns[%r]['skipped'] list them): %s",
                 model,
                 len(sk),
                 len(names),
                 len(names) - len(left_out),
+                key,
                 _reasons(sk),
             )
     return out
