@@ -742,6 +742,7 @@ class GEARS(BaseModelClass):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         strategy: str = "auto",
+        precision: str | int = "32-true",
         progress_bar: bool = True,
         val_batch_size: int = 64,
         batching: Literal["cells", "sets"] = "cells",
@@ -779,6 +780,19 @@ class GEARS(BaseModelClass):
             ``rank + n``, ...; the last ``len % n`` batches of an epoch are left out), gradients
             are averaged over the processes, each process validates on every validation
             perturbation, and every process ends with the same parameters.
+        precision
+            Lightning's ``Trainer(precision=...)``: ``'32-true'`` (default, float32) or
+            ``'bf16-mixed'`` (the forward pass and its gradients in bfloat16 under autocast; weights,
+            optimizer state, batch-norm statistics and predictions stay float32, and so does
+            validation apart from the shared gene states), for hardware with bf16 units (CPUs
+            with AVX512-BF16 / AMX, recent GPUs). Measured on a CPU
+            with AMX over 5 paired seeds (``benchmarks/results/compare_precision.md``): with
+            ``train_gears(preset='anchored')`` as accurate as float32 (test normalized top-20 MSE
+            +0.000 +- 0.001 simulated, +0.006 +- 0.037 Norman subset) but not faster on 500 genes
+            (1.1-1.2x float32's CPU seconds); with this method's defaults (the paper's schedule) test
+            Pearson delta on the Norman subset fell by 0.12 +- 0.09. It saves CPU on larger screens
+            with cell batches (2,000 genes: 0.71x a cell-batch epoch, 0.94x a set-batch epoch), hence
+            an option, not the default.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
@@ -845,6 +859,7 @@ class GEARS(BaseModelClass):
                 accelerator=accelerator,
                 devices=devices,
                 strategy=strategy,
+                precision=precision,
                 gradient_clip_val=gradient_clip_val,
                 gradient_clip_algorithm="value",
                 logger=False,
