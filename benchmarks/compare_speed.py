@@ -374,7 +374,10 @@ def compare(ours: dict, ref: dict) -> tuple[list[dict], str]:
         "Ours runs in two processes (read and preparation in each): the main job's way (set batches, then "
         "prediction and GI scores) and the paper's cell batches (float32, then bf16-mixed), so each peak is "
         "that of one way of training; the reference trains with cell batches only. Its peak after reading "
-        f"its input was {rp['read']['peak_rss_mib']:.0f} MiB, ours {op['read']['peak_rss_mib']:.0f} MiB.\n"
+        f"its input was {rp['read']['peak_rss_mib']:.0f} MiB, ours {op['read']['peak_rss_mib']:.0f} MiB. "
+        "Our GI scoring runs numba kernels cached on disk (`cache=True`): the row is of a run with the cache "
+        "in place; the first call after installing (or after its source changed) compiles them, about 6 CPU "
+        "s once (a run with a stale cache: 6.3 CPU s for the 10 doubles, peak RSS 25 MiB higher).\n"
     )
     md.append("1-minute load average at the start / end of each phase (2 cores):\n")
     md.append("| phase | reference | ours |")
