@@ -131,6 +131,24 @@ def _html(c: Ctx) -> Path:
     return d
 
 
+def _no_go_node_for_test_genes(c: Ctx):
+    """GEARS trained on a GO graph without G007, evaluated on the test perturbations, which all hold G007."""
+    a = c.raw()
+    pg.pp.parse_perturbations(a, perturbation_key="condition")
+    perts = [p for p in a.obs["pg_perturbation"].cat.categories if p != "control"]
+    assign = {
+        p: "test" if "G007" in p.split("+") else "val" if p in ("G000+G001", "G005") else "train"
+        for p in perts
+    }
+    pg.pp.split_perturbations(a, kind="custom", assignment=assign)
+    pg.pp.rank_de_genes(a)
+    ann = a.uns["pg_go_annotations"]
+    pg.pp.go_graph(a, annotations=ann[ann["gene"] != "G007"])
+    pg.pp.coexpression_graph(a)
+    model = pg.tl.train_gears(a, max_epochs=1, hidden_dim=16, progress_bar=False)
+    return pg.tl.evaluate(a, {"GEARS": model, "no_change": pg.tl.fit_baseline(a, "no_change")})
+
+
 def _other_genes_graph(c: Ctx):
     a = c.prepared()
     g = dict(a.uns["pg_coexpression_graph"])
@@ -257,6 +275,12 @@ CASES: list[tuple[str, str, object]] = [
         "options",
         "evaluate a split that does not exist",
         lambda c: pg.tl.evaluate(c.trained[0], {"m": c.trained[1]}, subset="holdout", overwrite=True),
+    ),
+    (
+        "options",
+        "evaluate a GEARS that can predict none of the test perturbations (their genes have no GO-graph node; "
+        "when only some lack one, those are left out of every model's metrics with a warning)",
+        _no_go_node_for_test_genes,
     ),
     (
         "options",

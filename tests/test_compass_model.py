@@ -190,6 +190,31 @@ def test_pretrain_learns_checkpoints_and_resumes(tmp_path):
     pd.testing.assert_series_equal(loaded.gene_medians_, corpus.gene_medians)
 
 
+def test_pretrain_bf16_mixed_on_cpu(tmp_path):
+    """``precision='bf16-mixed'`` pre-trains on CPU too (the default there is float32): finite loss, validation
+    included, float32 weights and embeddings."""
+    corpus, _ = toy_corpus(tmp_path / "corpus", n_cells=48)
+    train, held = corpus.split(0.25, seed=0)
+    model = pg.tl.pretrain_compass(
+        corpus,
+        max_epochs=1,
+        batch_size=16,
+        train_indices=train,
+        validation_indices=held,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        progress_bar=False,
+        **TINY,
+    )
+    assert str(model.trainer.precision) == "bf16-mixed"
+    val = model.history["loss_validation"]["loss_validation"].to_numpy(float)
+    assert len(val) == 1 and np.isfinite(val).all()
+    state = model.module.state_dict()
+    assert all(
+        v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point()
+    )
+
+
 def test_model_errors(tmp_path):
     corpus, _ = toy_corpus(tmp_path / "corpus", n_cells=8)
     with pytest.raises(ValueError, match="not an AnnData"):

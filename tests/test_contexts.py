@@ -7,6 +7,8 @@ import torch
 
 import pertpy_gnn as pg
 
+from .conftest import Picky
+
 SIM = {"n_genes": 120, "n_singles": 8, "n_doubles": 6, "n_cells_per_perturbation": 20, "n_control": 100}
 
 
@@ -191,6 +193,19 @@ def test_additive_per_context_and_evaluate(parsed):
     assert set(df["context"]) == {"C1", "C2", "C3"}
     nc = df[(df["model"] == "no_change") & (df["metric"] == "mse_top20_normalized")]
     np.testing.assert_allclose(nc["value"], 1.0)
+    # a model that cannot predict the sets of one gene: left out in every context, for every model
+    no_change = pg.tl.fit_baseline(parsed, "no_change")
+    picky = Picky(no_change, {a})
+    dfp = pg.tl.evaluate(parsed, {"picky": picky, "no_change": no_change}, key_added="picky")
+    gone = dfp["perturbation"].str.split("+").apply(lambda g: a in g)
+    assert gone.any() and (dfp.loc[gone, "skipped"] != "").all() and dfp.loc[gone, "value"].isna().all()
+    assert (dfp.loc[~gone, "skipped"] == "").all()
+    rec = parsed.uns["picky"]["skipped"]
+    assert list(rec.columns) == ["model", "perturbation", "context", "subgroup", "reason"]
+    assert (
+        len(rec)
+        == 2 * dfp.loc[gone & (dfp["model"] == "picky")].drop_duplicates(["perturbation", "context"]).shape[0]
+    )
     # a prediction AnnData must carry the context
     pred = add.predict(sorted(set(table.index[table["split"] == "test"])), n_control=None)
     df2 = pg.tl.evaluate(parsed, {"additive": pred}, overwrite=True)

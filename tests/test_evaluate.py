@@ -6,6 +6,7 @@ from anndata import AnnData
 from scipy.stats import pearsonr, spearmanr, ttest_ind
 
 import pertpy_gnn as pg
+from pertpy_gnn._prediction import skipped_frame
 from pertpy_gnn.tl._baselines import BASELINE_KINDS
 from pertpy_gnn.tl._evaluate import (
     METRICS,
@@ -17,7 +18,7 @@ from pertpy_gnn.tl._evaluate import (
 )
 from pertpy_gnn.tl._prediction import make_prediction_adata
 
-from .conftest import additive_screen
+from .conftest import Picky, additive_screen
 
 TEST = ["G4", "G0+G1", "G2+G3", "G4+G5"]
 
@@ -181,8 +182,17 @@ def test_group_quantiles_match_numpy():
 def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
     models = {k: pg.tl.fit_baseline(synth, k) for k in ("no_change", "train_mean", "additive")}
     df = pg.tl.evaluate(synth, models)
-    assert list(df.columns) == ["model", "perturbation", "subgroup", "metric", "value", "available"]
+    assert list(df.columns) == [
+        "model",
+        "perturbation",
+        "subgroup",
+        "metric",
+        "value",
+        "available",
+        "skipped",
+    ]
     assert len(df) == 3 * 4 * len(METRICS)
+    assert (df["skipped"] == "").all() and synth.uns["pg_evaluation"]["skipped"].empty  # nothing left out
     sub = df.drop_duplicates("perturbation").set_index("perturbation")["subgroup"]
     assert sub.to_dict() == {
         "G4": "unseen_single",
@@ -203,7 +213,17 @@ def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
     stored = synth.uns["pg_evaluation"]
     pd.testing.assert_frame_equal(stored["results"], df)
     summary = stored["summary"]
-    assert list(summary.columns) == ["model", "subgroup", "metric", "mean", "sem", "n", "n_unavailable"]
+    assert list(summary.columns) == [
+        "model",
+        "subgroup",
+        "metric",
+        "mean",
+        "sem",
+        "n",
+        "n_unavailable",
+        "n_skipped",
+    ]
+    assert (summary["n_skipped"] == 0).all()
     assert set(summary["subgroup"]) == {"unseen_single", "combo_seen2", "combo_seen1", "all"}
     row = summary[
         (summary.model == "additive") & (summary.subgroup == "all") & (summary.metric == "mse_top20")
@@ -314,3 +334,86 @@ def test_simulated_screen_with_real_split_and_graphs():
     add = df[(df["model"] == "additive") & (df["metric"] == "mse_top20")].set_index("perturbation")["value"]
     for p, v in add.items():
         assert np.isfinite(v) == all(g in singles for g in p.split("+"))
+
+
+def test_unpredictable_perturbations_are_left_out_for_every_model(synth, caplog):
+    train_mean = pg.tl.fit_baseline(synth, "train_mean")
+    models = {
+        "picky": Picky(train_mean, {"G4"}),
+        "no_change": pg.tl.fit_baseline(synth, "no_change"),
+        "train_mean": train_mean,
+    }
+    with caplog.at_level("WARNING", logger="pertpy_gnn"):
+        df = pg.tl.evaluate(synth, models)
+    assert (
+        "picky cannot predict 2 of the 4" in caplog.text
+        and "G4+G5: G4+G5 has no embedding; fix" in caplog.text
+    )
+    # every perturbation keeps its rows; those left out are NaN, not available, with the reason
+    assert len(df) == 3 * 4 * len(METRICS)
+    left = df[df["skipped"] != ""]
+    assert set(left["perturbation"]) == {"G4", "G4+G5"} and left["value"].isna().all()
+    assert not left["available"].any()
+    assert (left.loc[left["model"] == "picky", "skipped"].str.contains("has no embedding")).all()
+    assert (left.loc[left["model"] != "picky", "skipped"].str.contains("picky cannot predict it")).all()
+    # the model and the baselines are scored on the same perturbations: the common ones
+    scored = (
+        df[df["metric"] == "mse_all"].dropna(subset=["value"]).groupby("model")["perturbation"].apply(set)
+    )
+    assert all(s == {"G0+G1", "G2+G3"} for s in scored) and len(scored) == 3
+    # picky is train_mean on the common perturbations, discrimination over the same pool included
+    wide = df.pivot_table(index=["perturbation", "metric"], columns="model", values="value", dropna=False)
+    np.testing.assert_array_equal(wide["picky"].to_numpy(), wide["train_mean"].to_numpy())
+    record = synth.uns["pg_evaluation"]
+    assert record["skipped"][["model", "perturbation"]].values.tolist() == [
+        [m, p] for m in models for p in ("G4", "G4+G5")
+    ]
+    summary = record["summary"]
+    all_rows = summary[summary["subgroup"] == "all"]
+    assert (all_rows["n_skipped"] == 2).all() and (all_rows.loc[all_rows.metric == "mse_all", "n"] == 2).all()
+    assert (all_rows["n_unavailable"] == 0).all()  # a perturbation left out is no fallback
+    # a prediction AnnData recording what its model skipped (predict(..., skip_unknown=True)) is the same
+    pred = train_mean.predict(["G0+G1", "G2+G3"])
+    pred.uns["pg_prediction"]["skipped"] = skipped_frame({"G4": "no G4", "G4+G5": "no G4"})
+    df2 = pg.tl.evaluate(synth, {**models, "picky": pred}, key_added="b")
+    pd.testing.assert_series_equal(df2["value"], df["value"])
+    assert set(df2.loc[(df2["model"] == "picky") & (df2["skipped"] != ""), "skipped"]) == {"no G4"}
+
+
+def test_unpredictable_everything_raises(synth):
+    no_change = pg.tl.fit_baseline(synth, "no_change")
+    with pytest.raises(
+        ValueError, match=r"'picky' cannot predict any of the 4 perturbations.*G4: G4 has no embedding"
+    ):
+        pg.tl.evaluate(synth, {"picky": Picky(no_change, {"G0", "G2", "G4"}), "no_change": no_change})
+    # each model alone predicts some, together none in common
+    with pytest.raises(ValueError, match="No perturbation of subset 'test' can be predicted by every model"):
+        pg.tl.evaluate(synth, {"a": Picky(no_change, {"G0", "G2"}), "b": Picky(no_change, {"G4"})})
+    assert "pg_evaluation" not in synth.uns
+
+
+def test_gi_scores_leave_out_pairs_the_model_could_not_predict(caplog):
+    adata = pg.datasets.simulate_perturbseq(
+        n_genes=60, n_singles=6, n_doubles=8, n_cells_per_perturbation=20, n_control=40, seed=0
+    )
+    pg.pp.parse_perturbations(adata, perturbation_key="condition")
+    true = pg.tl.gi_scores(adata, n_subsamples=200, subsample_size=20)
+    pairs = list(true.index)
+    adata.obs["pg_split"] = "train"
+    model = pg.tl.fit_baseline(adata, "train_mean")
+    gone = pairs[0].split("+")[0]
+    keep = [p for p in [*{g for p in pairs for g in p.split("+")}, *pairs] if gone not in p.split("+")]
+    pred = model.predict(keep)
+    pred.uns["pg_prediction"]["skipped"] = skipped_frame({gone: f"{gone} has no GO-graph node"})
+    with caplog.at_level("WARNING", logger="pertpy_gnn"):
+        scores = pg.tl.gi_scores(pred, pairs=pairs, n_subsamples=200, subsample_size=20)
+    expected = [p for p in pairs if gone not in p.split("+")]
+    assert list(scores.index) == expected and 0 < len(expected) < len(pairs)
+    assert f"{gone} has no GO-graph node" in caplog.text and "left out of the GI scores" in caplog.text
+    only = [p for p in pairs if gone in p.split("+")]
+    with pytest.raises(ValueError, match="None of the .* requested pairs can be scored"):
+        pg.tl.gi_scores(pred, pairs=only, overwrite=True)
+    # a perturbation missing for no recorded reason is still an error
+    del pred.uns["pg_prediction"]["skipped"]
+    with pytest.raises(ValueError, match="not in the prediction"):
+        pg.tl.gi_scores(pred, pairs=pairs, overwrite=True)

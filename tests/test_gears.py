@@ -428,6 +428,30 @@ def test_training_steps_with_folded_post_mlp_equal_plain_layers(monkeypatch, dty
     close(v1, v2, "logvar")
 
 
+@pytest.mark.parametrize(
+    "model_kwargs, train_kwargs",
+    [
+        ({"uncertainty": True}, {}),  # the paper's GEARS, cell batches, validation-selected epoch
+        ({"anchor": "additive"}, {"batching": "sets", "selection": "last"}),  # the anchored preset's
+    ],
+)
+def test_train_bf16_mixed_precision(toy, model_kwargs, train_kwargs):
+    """``GEARS.train(precision='bf16-mixed')`` trains an epoch with validation; weights, running statistics
+    and predictions stay float32 and finite."""
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=16, seed=0, **model_kwargs)
+    model.train(max_epochs=1, precision="bf16-mixed", progress_bar=False, **train_kwargs)
+    assert len(model.history_) == 1
+    assert np.isfinite(model.history_[["train_loss", "val_top20_de_mse"]].to_numpy()).all()
+    state = model.module.state_dict()
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    pred = model.predict(["G000", "G000+G001"], n_control=None)
+    for arr in (pred.X, pred.layers["delta"]):
+        assert arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert np.abs(pred.layers["delta"]).max() > 0
+
+
 # ----------------------------------------------------------------------------- model
 @pytest.mark.filterwarnings("ignore:Observation names are not unique")
 def test_train_records_run_and_predicts(trained_toy, tmp_path):
@@ -523,6 +547,50 @@ def test_norman_real_data(norman, go_table):
     assert (pred.obs.loc[pred.obs["n_genes"] == 2, "n_unseen"] >= 0).all()
     with pytest.raises(ValueError, match=r"not in the GO graph.*\['IER5L'\]"):
         model.predict(["KLF1+IER5L", "KLF1"])
+
+
+def test_norman_evaluate_leaves_out_a_gene_without_go_node(norman, go_table, caplog):
+    """IER5L (no GO annotation) held out: evaluate completes, names it, scores every model on the rest."""
+    pg.pp.parse_perturbations(
+        norman, perturbation_key="condition", gene_universe=set(go_table["gene"]) | {"IER5L"}
+    )
+    pg.pp.split_perturbations(norman, seed=4)  # this seed puts IER5L among the test perturbations
+    test = norman.uns["pg_split"]["table"].query("split == 'test'").index.tolist()
+    assert "IER5L" in test
+    pg.pp.rank_de_genes(norman)
+    pg.pp.go_graph(norman, annotations=go_table)
+    pg.pp.coexpression_graph(norman)
+    model = pg.tl.train_gears(norman, max_epochs=1, hidden_dim=16, progress_bar=False)
+    reasons = model.unpredictable(test)
+    assert list(reasons) == ["IER5L"] and "no node in the GO graph" in reasons["IER5L"]
+    baselines = {k: pg.tl.fit_baseline(norman, k) for k in ("no_change", "train_mean", "additive")}
+    with caplog.at_level(logging.WARNING, logger="pertpy_gnn"):
+        df = pg.tl.evaluate(norman, {"GEARS": model, **baselines})
+    assert (
+        "GEARS cannot predict 1 of the 20" in caplog.text
+        and "IER5L: IER5L has no node in the GO graph" in caplog.text
+    )
+    assert "fix: build the GO graph from a GO source that annotates it" in caplog.text
+    skipped = norman.uns["pg_evaluation"]["skipped"]
+    assert set(skipped["perturbation"]) == {"IER5L"} and list(skipped["model"]) == ["GEARS", *baselines]
+    assert "GO graph" in skipped.set_index("model").at["GEARS", "reason"]
+    # GEARS and the baselines on the same 19 perturbations (additive gives NaN, not scored, where a single
+    # of the double was not trained: counted in its n, as before)
+    scored = (
+        df[(df["metric"] == "mse_all") & (df["skipped"] == "")].groupby("model")["perturbation"].apply(set)
+    )
+    expected = set(test) - {"IER5L"}
+    assert all(scored[m] == expected for m in ("GEARS", "no_change", "train_mean", "additive"))
+    ier = df[df["perturbation"] == "IER5L"]
+    assert ier["value"].isna().all() and (ier["skipped"] != "").all()
+    summary = norman.uns["pg_evaluation"]["summary"].query("subgroup == 'all' and metric == 'mse_top20'")
+    n = summary.set_index("model")["n"]
+    assert n["GEARS"] == n["no_change"] == n["train_mean"] == 19 and (summary["n_skipped"] == 1).all()
+    # the prediction with skip_unknown=True records what it dropped and evaluates the same
+    pred = model.predict(test, skip_unknown=True)
+    assert "IER5L" not in pred.obs_names and "IER5L" in pred.uns["pg_prediction"]["skipped"].index
+    again = pg.tl.evaluate(norman, {"GEARS": pred, **baselines}, overwrite=True)
+    pd.testing.assert_frame_equal(again, df)
 
 
 def test_save_load_gives_identical_predictions(trained_toy, tmp_path):

@@ -225,3 +225,19 @@ def test_covariance_of_selected_rows_in_blocks(monkeypatch, sparse):
     np.testing.assert_allclose(cov, np.cov(x[rows].astype(np.float64), rowvar=False), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(cov, cov.T)
     np.testing.assert_array_equal(matrix.toarray() if sparse else matrix, x)
+
+
+@pytest.mark.parametrize("chunk", [50 * 40, 10 * 40])
+def test_covariance_gene_strips_and_offset_data(monkeypatch, chunk):
+    """One genes x genes product or gene strips (where it would not fit a block); data far from 0 stays exact."""
+    rng = np.random.default_rng(2)
+    x = (np.log1p(rng.poisson(0.7, (400, 40))) + 50.0 * rng.random(40)).astype(np.float32)
+    x[:200] += 3.0  # the first block's mean is off the mean of all rows
+    monkeypatch.setattr(_graphs, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_graphs, "_STRIP_GENES", 8)
+    monkeypatch.setattr(_graphs, "_SPARSE_DENSITY", 0.0)
+    assert _graphs._gene_strips(40).size - 1 == (1 if chunk >= 40 * 40 else 4)
+    for matrix in (x, sp.csr_matrix(x)):
+        cov = _graphs._covariance(matrix)
+        np.testing.assert_allclose(cov, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(cov, cov.T)

@@ -56,3 +56,26 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
     assert kept < 200
     with _malloc.keep_freed_memory(enabled=False) as active:
         assert active is False
+
+
+def test_group_sums_in_sub_blocks_equal_numpy(monkeypatch):
+    """Sparse rows added a few at a time (sub-blocks within blocks), with empty and ignored rows and int64 indices."""
+    from pertpy_gnn import _utils
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((500, 30)) * (rng.random((500, 30)) < 0.3)).astype(np.float32)
+    x[10:20] = 0.0  # empty rows
+    codes = rng.integers(-1, 6, 500)
+    monkeypatch.setattr(_utils, "_SUB_BLOCK", 40)  # a few rows per sub-block
+    matrix = sp.csr_matrix(x)
+    wide = sp.csr_matrix(
+        (matrix.data, matrix.indices.astype(np.int64), matrix.indptr.astype(np.int64)), x.shape
+    )
+    for m in (matrix, wide, x):
+        n, s1, s2 = _utils.group_sums(m, codes, 6, squares=True, chunk_elements=900)
+        for g in range(6):
+            rows = x[codes == g].astype(np.float64)
+            assert n[g] == rows.shape[0]
+            np.testing.assert_allclose(s1[g], rows.sum(0), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(s2[g], (rows**2).sum(0), rtol=1e-12, atol=1e-12)
+    assert _utils.group_sums(matrix, codes, 6)[2] is None

@@ -256,8 +256,12 @@ def run_main_job(
     baselines = {kind: tl.fit_baseline(adata, kind) for kind in BASELINES}
     # every prediction over the mean of all training control cells: no_change is exactly the control mean
     kw = {"subset": "test", "overwrite": True, "predict_kwargs": {"n_control": None}}
-    frames = [tl.evaluate(adata, trained[s], **kw).assign(seed=s) for s in seeds]
-    frames.append(tl.evaluate(adata, baselines, **kw).assign(seed=seeds[0]))
+    # the baselines in the same call as the first seed's models: a perturbation one model cannot predict
+    # is left out for all of them, so every model and baseline is scored on the same perturbations
+    frames = [
+        tl.evaluate(adata, {**trained[s], **baselines} if s == seeds[0] else trained[s], **kw).assign(seed=s)
+        for s in seeds
+    ]
     evaluation = pd.concat(frames, ignore_index=True)
     evaluation.to_csv(out / "evaluation_per_perturbation.csv", index=False)
     accuracy_summary(evaluation, metrics=list(METRICS)).to_csv(out / "evaluation_summary.csv", index=False)

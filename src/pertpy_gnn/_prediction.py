@@ -77,3 +77,24 @@ def make_prediction_adata(
         "control_mean": control_mean,
     }
     return out
+
+
+def skipped_frame(skipped: dict[str, str]) -> pd.DataFrame:
+    """``{set name: reason}`` as the frame a prediction keeps in ``uns['pg_prediction']['skipped']``."""
+    return pd.DataFrame(
+        {"reason": [str(r) for r in skipped.values()]}, index=pd.Index(list(skipped), name="perturbation")
+    )
+
+
+def unpredictable_of(predictor, sets: Sequence[tuple[str, ...]]) -> dict[str, str]:
+    """Sets a predictor says it cannot predict (``predictor.unpredictable``), name -> reason; ``{}`` if it has none."""
+    fn = getattr(predictor, "unpredictable", None)
+    return {str(k): str(v) for k, v in fn(list(sets)).items()} if callable(fn) else {}
+
+
+def recorded_skipped(prediction: AnnData) -> dict[str, str]:
+    """Sets a prediction AnnData records as skipped by its model (``uns['pg_prediction']['skipped']``)."""
+    table = prediction.uns.get(PREDICTION_UNS_KEY, {}).get("skipped")
+    if not isinstance(table, pd.DataFrame) or "reason" not in table:
+        return {}
+    return dict(zip(table.index.astype(str), table["reason"].astype(str), strict=True))

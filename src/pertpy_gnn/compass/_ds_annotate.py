@@ -10,6 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import COMPASS_ANNOT_KEY
+from .._optim import fast_adam_kwargs
 from .._utils import check_overwrite, get_adata, logger
 from ._ds_core import (
     batches,
@@ -217,10 +218,12 @@ def annotate_compass(
         clf = _classifier_cls()(copy.deepcopy(module), len(classes), classes, dropout, cell_embedding).to(dev)
     for p in clf.encoder.parameters():
         p.requires_grad_(not freeze_encoder)
-    groups = [{"params": clf.head.parameters(), "lr": head_lr}]
+    groups = [{"params": list(clf.head.parameters()), "lr": head_lr}]
     if not freeze_encoder:
-        groups.append({"params": clf.encoder.parameters(), "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        groups.append({"params": list(clf.encoder.parameters()), "lr": lr})
+    opt = torch.optim.AdamW(
+        groups, weight_decay=weight_decay, **fast_adam_kwargs(p for g in groups for p in g["params"])
+    )
     gen = torch.Generator().manual_seed(seed)
     y_t = torch.from_numpy(y)
     feats = None

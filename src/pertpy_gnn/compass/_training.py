@@ -11,6 +11,7 @@ from scvi.train import TrainingPlan
 from torch.utils.data import DataLoader
 
 from .._malloc import _glibc
+from .._optim import fast_adam_kwargs
 from ._corpus import CompassDataModule, EpochRandomSampler, make_dataloader
 from ._module import mask_tokens
 
@@ -142,6 +143,7 @@ class CompassTrainingPlan(TrainingPlan):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
             eps=self.eps,
+            **fast_adam_kwargs(decay + no_decay, getattr(self._trainer, "precision", None)),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = (

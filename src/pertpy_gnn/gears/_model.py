@@ -31,10 +31,17 @@ from .._constants import (
     PERT_KEY,
     SPLIT_KEY,
 )
-from .._prediction import make_prediction_adata
+from .._prediction import PREDICTION_UNS_KEY, make_prediction_adata, skipped_frame
 from .._training import _training_data
 from .._utils import check_overwrite, get_matrix, group_means, logger
-from ..pp._perturbations import Groups, as_perturbation_sets, get_context, get_parsed, layer_of
+from ..pp._perturbations import (
+    Groups,
+    as_perturbation_sets,
+    canonical_name,
+    get_context,
+    get_parsed,
+    layer_of,
+)
 from ._constants import REGISTRY_KEYS, TENSOR_KEYS, TEST, TRAIN, VAL
 from ._data import ExpressionRows, TensorDict, TrainCells, make_loader, make_set_loader
 from ._module import GEARSModule
@@ -99,10 +106,32 @@ def _check_gene_embeddings(embeddings, adata: AnnData) -> np.ndarray:
     return e
 
 
+def _train_val_means(
+    x, codes: np.ndarray, train_mask: np.ndarray, val_mask: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group means (float32, ``n_groups x n_vars``) of the training cells and of the validation cells, one pass.
+
+    The two masks are disjoint: validation cells count as groups ``n_groups + code``, so each mean
+    is the one :func:`~pertpy_gnn._utils.group_means` gives for its mask alone.
+    """
+    both = np.where(train_mask, codes, np.where(val_mask, codes + n_groups, -1))
+    means = group_means(x, both, 2 * n_groups)
+    return means[:n_groups], means[n_groups:]
+
+
 def _validation_batch(
-    adata: AnnData, x, codes: np.ndarray, val_mask: np.ndarray, labels, n_groups: int, what: str, hint: str
+    adata: AnnData,
+    codes: np.ndarray,
+    val_mask: np.ndarray,
+    val_means: np.ndarray,
+    labels,
+    what: str,
+    hint: str,
 ) -> tuple[np.ndarray, dict | None]:
-    """Validation groups and their top-DE targets: ``(val_codes, {DE_IDX, DE_MEAN})``, ``None`` if none."""
+    """Validation groups and their top-DE targets: ``(val_codes, {DE_IDX, DE_MEAN})``, ``None`` if none.
+
+    ``val_means`` holds each group's mean over its validation cells (``n_groups x n_vars``).
+    """
     val_codes = np.unique(codes[val_mask])
     if not val_codes.size:
         logger.warning("No validation perturbations: training keeps the last epoch (no model selection).")
@@ -117,7 +146,7 @@ def _validation_batch(
     if missing:
         raise KeyError(f"adata.uns[{DE_KEY!r}] has no DE genes for validation {what} {missing[:10]}: {hint}")
     de_idx = torch.from_numpy(de.loc[names].to_numpy()[:, :N_VAL_DE].astype(np.int64))
-    val_means = torch.from_numpy(group_means(x, np.where(val_mask, codes, -1), n_groups)[val_codes])
+    val_means = torch.from_numpy(val_means[val_codes])
     return val_codes, {TENSOR_KEYS.DE_IDX: de_idx, TENSOR_KEYS.DE_MEAN: val_means.gather(1, de_idx)}
 
 
@@ -593,20 +622,18 @@ class GEARS(BaseModelClass):
             raise ValueError(
                 "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
             )
-        train_codes = np.where((split == TRAIN) & known[codes], codes, -1)
-        means = group_means(x, train_codes, len(cats))
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        means, val_means = _train_val_means(x, codes, (split == TRAIN) & known[codes], val_mask, len(cats))
         expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
         expressed[ctrl_code] = True
         control_mean = means[ctrl_code]
 
-        val_mask = (split == VAL) & known[codes] & ~is_ctrl
         val_codes, val = _validation_batch(
             adata,
-            x,
             codes,
             val_mask,
+            val_means,
             cats,
-            len(cats),
             "perturbations",
             "rerun pg.pp.rank_de_genes(adata, overwrite=True).",
         )
@@ -671,21 +698,20 @@ class GEARS(BaseModelClass):
             raise ValueError(
                 "No perturbed cells in the training split: check obs['pg_split'] (pg.pp.split_perturbations)."
             )
-        means = group_means(x, np.where(train_mask, codes, -1), len(groups))
+        val_mask = (split == VAL) & known[codes] & ~is_ctrl
+        means, val_means = _train_val_means(x, codes, train_mask, val_mask, len(groups))
         expressed = torch.from_numpy(np.nan_to_num(means, nan=1.0) != 0)
         expressed[torch.from_numpy(groups.is_control)] = True
         ctrl_group = groups.control[groups.is_control]
         self.module.context_control_mean.copy_(torch.from_numpy(means[ctrl_group]))
         control_mean = group_means(x, np.where(np.isin(np.arange(adata.n_obs), control_cells), 0, -1), 1)[0]
 
-        val_mask = (split == VAL) & known[codes] & ~is_ctrl
         val_codes, val = _validation_batch(
             adata,
-            x,
             codes,
             val_mask,
+            val_means,
             groups.labels,
-            len(groups),
             "groups",
             "rerun pg.pp.rank_de_genes(adata, overwrite=True) on the data parsed with its context_key.",
         )
@@ -735,6 +761,7 @@ class GEARS(BaseModelClass):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         strategy: str = "auto",
+        precision: str | int = "32-true",
         progress_bar: bool = True,
         val_batch_size: int = 64,
         batching: Literal["cells", "sets"] = "cells",
@@ -772,6 +799,19 @@ class GEARS(BaseModelClass):
             ``rank + n``, ...; the last ``len % n`` batches of an epoch are left out), gradients
             are averaged over the processes, each process validates on every validation
             perturbation, and every process ends with the same parameters.
+        precision
+            Lightning's ``Trainer(precision=...)``: ``'32-true'`` (default, float32) or
+            ``'bf16-mixed'`` (the forward pass and its gradients in bfloat16 under autocast; weights,
+            optimizer state, batch-norm statistics and predictions stay float32, and so does
+            validation apart from the shared gene states), for hardware with bf16 units (CPUs
+            with AVX512-BF16 / AMX, recent GPUs). Measured on a CPU
+            with AMX over 5 paired seeds (``benchmarks/results/compare_precision.md``): with
+            ``train_gears(preset='anchored')`` as accurate as float32 (test normalized top-20 MSE
+            +0.000 +- 0.001 simulated, +0.006 +- 0.037 Norman subset) but not faster on 500 genes
+            (1.1-1.2x float32's CPU seconds); with this method's defaults (the paper's schedule) test
+            Pearson delta on the Norman subset fell by 0.12 +- 0.09. It saves CPU on larger screens
+            with cell batches (2,000 genes: 0.71x a cell-batch epoch, 0.94x a set-batch epoch), hence
+            an option, not the default.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
@@ -838,6 +878,7 @@ class GEARS(BaseModelClass):
                 accelerator=accelerator,
                 devices=devices,
                 strategy=strategy,
+                precision=precision,
                 gradient_clip_val=gradient_clip_val,
                 gradient_clip_algorithm="value",
                 logger=False,
@@ -915,12 +956,57 @@ class GEARS(BaseModelClass):
         logvar = torch.cat(ss) if self.module.uncertainty else None
         return torch.cat(zs), logvar
 
+    def _unknown_genes(self, genes: list[str]) -> list[str]:
+        """Genes of ``genes`` (sorted, unique) that this model has no embedding for."""
+        if not self.module.use_go_graph:  # ablation: only genes perturbed in training have an embedding
+            return [g for g in genes if g not in self.seen_genes]
+        return [g for g, i in zip(genes, self._go_index.get_indexer(genes), strict=True) if i < 0]
+
+    def unpredictable(self, perturbations) -> dict[str, str]:
+        """The sets of ``perturbations`` this model cannot predict, each with the reason and the fix.
+
+        GEARS embeds a perturbed gene through its node in the GO graph; a gene without a node (no GO
+        annotation in the graph's source, e.g. IER5L in the 2022 human GO tables) cannot be embedded.
+        Without the GO graph (``use_go_graph=False``) only genes perturbed in training have an embedding.
+        :func:`pertpy_gnn.tl.evaluate` asks every predictor this and leaves such sets out (logged).
+
+        Parameters
+        ----------
+        perturbations
+            A set or a list of sets, as for :meth:`predict`.
+
+        Returns
+        -------
+        Dict canonical set name (``'A+B'``) -> reason with the fix; empty when every set can be predicted.
+        """
+        sets = as_perturbation_sets(perturbations)
+        unknown = set(self._unknown_genes(sorted({g for s in sets for g in s})))
+        out: dict[str, str] = {}
+        for s in sets:
+            bad = [g for g in s if g in unknown]
+            if not bad:
+                continue
+            them = "it" if len(bad) == 1 else "them"
+            if self.module.use_go_graph:
+                out[canonical_name(s)] = (
+                    f"{', '.join(bad)} {'has' if len(bad) == 1 else 'have'} no node in the GO graph (no GO "
+                    f"annotation in its source), so GEARS cannot embed {them}; fix: build the GO graph from "
+                    f"a GO source that annotates {them} (pg.pp.go_graph(adata, annotations=...)) and retrain"
+                )
+            else:
+                out[canonical_name(s)] = (
+                    f"{', '.join(bad)} {'was' if len(bad) == 1 else 'were'} not perturbed in training and this "
+                    f"GEARS has no GO graph (use_go_graph=False), so {them} {'has' if len(bad) == 1 else 'have'} "
+                    "no embedding; fix: train with the GO graph (use_go_graph=True) to predict genes not "
+                    "perturbed in training"
+                )
+        return out
+
     def _check_sets(self, perturbations, skip_unknown: bool) -> list[tuple[str, ...]]:
         sets = as_perturbation_sets(perturbations)
         genes = sorted({g for s in sets for g in s})
-        unknown = [g for g, i in zip(genes, self._go_index.get_indexer(genes), strict=True) if i < 0]
-        if not self.module.use_go_graph:  # ablation: only genes perturbed in training have an embedding
-            unknown = [g for g in genes if g not in self.seen_genes]
+        unknown = self._unknown_genes(genes)
+        if not self.module.use_go_graph:
             if unknown and not skip_unknown:
                 raise ValueError(
                     f"This GEARS has no GO graph (use_go_graph=False): genes not perturbed in training have no "
@@ -931,20 +1017,26 @@ class GEARS(BaseModelClass):
         if unknown and not skip_unknown:
             raise ValueError(
                 f"{len(unknown)} genes are not in the GO graph, so GEARS cannot embed them: {unknown[:20]}"
-                f"{' ...' if len(unknown) > 20 else ''}. Pass `skip_unknown=True` to drop the sets containing them."
+                f"{' ...' if len(unknown) > 20 else ''}. Pass `skip_unknown=True` to drop the sets containing them, "
+                "or build the GO graph from annotations that cover them (pg.pp.go_graph(adata, annotations=...)) "
+                "and retrain."
             )
         if unknown:
             bad = set(unknown)
             dropped = [s for s in sets if bad & set(s)]
             sets = [s for s in sets if not bad & set(s)]
             logger.warning(
-                "Dropping %d perturbation sets with genes not in the GO graph: %s",
+                "Dropping %d perturbation sets with genes GEARS cannot embed (%s): %s",
                 len(dropped),
+                "not in the GO graph"
+                if self.module.use_go_graph
+                else "not perturbed in training, no GO graph",
                 [DELIM.join(s) for s in dropped[:10]],
             )
             if not sets:
                 raise ValueError(
-                    "No perturbation set left after dropping those with genes not in the GO graph."
+                    "No perturbation set left after dropping those with genes GEARS cannot embed: "
+                    f"{self.unpredictable(dropped[:1])}."
                 )
         return sets
 
@@ -992,7 +1084,8 @@ class GEARS(BaseModelClass):
         batch_size
             Sets per forward pass.
         skip_unknown
-            Drop (with a warning) the sets with genes not in the GO graph instead of failing.
+            Drop (with a warning) the sets with genes not in the GO graph instead of failing; they are
+            listed with the reason in ``uns['pg_prediction']['skipped']`` (see :meth:`unpredictable`).
         context
             A model trained on data with contexts: the context(s) to predict in (``None``: every
             context); each set's change in a context is added to the mean of that context's
@@ -1010,22 +1103,27 @@ class GEARS(BaseModelClass):
         if self.contexts_:
             self._check_trained()
             sets = self._check_sets(perturbations, skip_unknown)
-            return self._predict_contexts(sets, context, n_control, seed, batch_size)
-        if context is not None:
-            raise ValueError("`context` is only for a model trained on data with contexts.")
-        sets, zhat, base, extra, n_ctrl = self._predict_arrays(
-            perturbations, n_control, seed, batch_size, skip_unknown
-        )
-        return make_prediction_adata(
-            sets,
-            zhat + base[None, :],
-            base,
-            self.adata.var_names,
-            seen_genes=self.seen_genes,
-            obs_extra=extra,
-            model_name=self.name,
-            n_control=n_ctrl,
-        )
+            out = self._predict_contexts(sets, context, n_control, seed, batch_size)
+        else:
+            if context is not None:
+                raise ValueError("`context` is only for a model trained on data with contexts.")
+            sets, zhat, base, extra, n_ctrl = self._predict_arrays(
+                perturbations, n_control, seed, batch_size, skip_unknown
+            )
+            out = make_prediction_adata(
+                sets,
+                zhat + base[None, :],
+                base,
+                self.adata.var_names,
+                seen_genes=self.seen_genes,
+                obs_extra=extra,
+                model_name=self.name,
+                n_control=n_ctrl,
+            )
+        skipped = self.unpredictable(perturbations) if skip_unknown else {}
+        if skipped:  # what was dropped and why travels with the prediction (pg.tl.evaluate, pg.tl.gi_scores)
+            out.uns[PREDICTION_UNS_KEY]["skipped"] = skipped_frame(skipped)
+        return out
 
     def predict_deltas(
         self,

@@ -631,7 +631,7 @@ class GEARSModule(BaseModuleClass):
             h_p = h_p.index_copy(0, perturbed, self.pert_fuse(summed[perturbed]).to(like.dtype))
             if self.anchor is not None:
                 additive = self._anchor(pert_idx, own_out=self.training)[1]
-                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()])
+                h_p = h_p.index_add(0, perturbed, self.anchor_kind[additive[perturbed].long()].to(h_p.dtype))
         if self.n_contexts > 0:
             if context is None:
                 raise ValueError("This GEARS module has contexts: give the context of every set.")

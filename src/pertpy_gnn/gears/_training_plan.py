@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from .._malloc import keep_freed_memory
+from .._optim import fast_adam_kwargs
 from ._constants import TENSOR_KEYS as K
 from ._module import GEARSModule
 
@@ -157,17 +158,9 @@ class GEARSTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]
-        # the fused kernel (one pass over all parameters) where torch has one: the same update, and a
-        # third less CPU per set-batch step than torch's per-tensor loop (benchmarks/compare_speed);
-        # Lightning's mixed precision clips gradients itself, which a fused optimizer does not allow
-        mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
-        fused = not mixed and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        precision = getattr(self._trainer, "precision", None)
         optimizer = torch.optim.Adam(
-            params,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            fused=True if fused else None,
-            foreach=None if fused else True,
+            params, lr=self.lr, weight_decay=self.weight_decay, **fast_adam_kwargs(params, precision)
         )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

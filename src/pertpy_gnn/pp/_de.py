@@ -8,55 +8,39 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import DE_KEY
-from .._utils import check_overwrite, get_adata, get_matrix, logger
+from .._utils import check_overwrite, get_adata, get_matrix, group_sums, logger
 from ._perturbations import Groups, get_parsed, layer_of
 
 
 def group_moments(x, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group cell counts, means and unbiased variances of the rows of ``x``.
 
-    ``codes`` holds a group index per row; rows with ``-1`` are ignored. Sums are accumulated in
-    float64 block by block, each with a sparse group-indicator product (no float64 copy of ``x``:
-    one block of about 2**21 values at a time).
+    ``codes`` holds a group index per row; rows with ``-1`` are ignored. Sums and sums of squares
+    are accumulated in float64 in one pass, block by block (:func:`~pertpy_gnn._utils.group_sums`:
+    no float64 copy of ``x``).
     """
-    codes = np.asarray(codes, dtype=np.int64)
-    n_genes = x.shape[1]
-    n = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
-    s1 = np.zeros(n_groups * n_genes)
-    s2 = np.zeros(n_groups * n_genes)
-    if sp.issparse(x):
-        x = x if x.format == "csr" else x.tocsr()
-        step = max(1, int((1 << 21) // max(1.0, x.nnz / max(1, x.shape[0]))))  # about 2**21 non-zeros a block
-        for r0 in range(0, x.shape[0], step):  # blocks of rows: one sparse indicator product per moment
-            r1 = min(x.shape[0], r0 + step)
-            c = codes[r0:r1]
-            k = np.flatnonzero(c >= 0)
-            if not k.size:
-                continue
-            ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, r1 - r0))
-            lo, hi = x.indptr[r0], x.indptr[r1]
-            block = sp.csr_matrix(  # float64 values of the block over the index arrays of x (no copy of those)
-                (x.data[lo:hi].astype(np.float64), x.indices[lo:hi], x.indptr[r0 : r1 + 1] - lo),
-                shape=(r1 - r0, n_genes),
-            )
-            s1 += (ind @ block).toarray().ravel()
-            np.square(block.data, out=block.data)  # the block's own float64 copy
-            s2 += (ind @ block).toarray().ravel()
-    else:
-        x = np.asarray(x)
-        step = max(1, (1 << 22) // max(n_genes, 1))
-        for r0 in range(0, x.shape[0], step):  # blocks of rows: one float64 block at a time
-            c = codes[r0 : r0 + step]
-            k = np.flatnonzero(c >= 0)
-            ind = sp.csr_matrix((np.ones(k.size), (c[k], k)), shape=(n_groups, c.size))
-            xb = np.asarray(x[r0 : r0 + step], dtype=np.float64)
-            s1 += (ind @ xb).ravel()
-            s2 += (ind @ (xb * xb)).ravel()
-    s1, s2 = s1.reshape(n_groups, n_genes), s2.reshape(n_groups, n_genes)
+    chunk = 1 << 21 if sp.issparse(x) else 1 << 22
+    n, s1, s2 = group_sums(x, codes, n_groups, squares=True, chunk_elements=chunk)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / n[:, None]
         var = (s2 - n[:, None] * mean**2) / (n[:, None] - 1)
     return n, mean, np.maximum(var, 0)
+
+
+def _top_by_magnitude(t: np.ndarray, n: int) -> np.ndarray:
+    """Columns of the ``n`` largest ``|t|`` of each row, largest first, ties by column.
+
+    The first ``n`` columns of a stable argsort of ``-|t|``, from a partition and a sort of the few
+    candidates (the values reaching the ``n``-th).
+    """
+    key = -np.abs(t)
+    if n == 0 or n >= key.shape[1] or key.shape[0] == 0:
+        return np.argsort(key, axis=1, kind="stable")[:, :n]
+    nth = np.partition(key, n - 1, axis=1)[:, n - 1 : n]
+    rows, cols = np.nonzero(key <= nth)  # at least n per row (more with ties at the n-th), by column
+    cand = np.lexsort((key[rows, cols], rows))  # stable: by row, then value, then column
+    first = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=key.shape[0]))[:-1]])
+    return cols[cand][first[:, None] + np.arange(n)]
 
 
 def rank_de_genes(
@@ -136,7 +120,7 @@ def rank_de_genes(
         se = np.sqrt(np.nan_to_num(var[perts] / n[perts, None]) + np.nan_to_num(var[c] / n[c, None]))
         t = (mean[perts] - mean[c]) / se
     t = np.where(np.isfinite(t), t, 0.0)
-    order = np.argsort(-np.abs(t), axis=1, kind="stable")[:, :n_genes]
+    order = _top_by_magnitude(t, n_genes)
     scores = np.take_along_axis(t, order, axis=1)
     index = [groups.labels[i] for i in perts]
     names = np.asarray(adata.var_names)[order]

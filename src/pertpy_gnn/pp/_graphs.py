@@ -11,15 +11,21 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import COEXPR_GRAPH_KEY, GO_ANNOTATIONS_KEY, GO_GRAPH_KEY, SPLIT_KEY
-from .._utils import check_overwrite, get_adata, get_matrix, group_means, logger
+from .._utils import check_overwrite, get_adata, get_matrix, logger
 from ._perturbations import layer_of
 
-#: number of values held in memory at once (rows x genes of one chunk of similarities, of one dense block of
-#: cells for the covariance): 16 MiB of float32, 32 MiB of float64; sparse and BLAS products stay efficient
+#: number of values held in memory at once (one dense block of cells for the covariance, and its float32 product;
+#: at most this many similarities): 16 MiB of float32; BLAS products stay efficient
 _CHUNK_ELEMENTS = 2**22
+#: similarities of a chunk of rows (Jaccard float32; correlations are computed in place): 2 MiB, which the
+#: allocator reuses chunk after chunk (fresh pages cost more than the arithmetic here)
+_SIMILARITY_ELEMENTS = 2**19
+#: values per ``argpartition`` call of the top-k selection (its index array: 2 MiB)
+_TOPK_ELEMENTS = 2**18
 #: sparse inputs sparser than this (on 2 cores; less on more cores) take the sparse Gram product
 _SPARSE_DENSITY = 0.05
-#: minimum width of the gene strips of the dense Gram product (up to 8 strips: ~44% fewer flops)
+#: minimum width of the gene strips of the dense Gram product (strips only where a genes x genes float32 product
+#: would not fit in one block of ``_CHUNK_ELEMENTS`` values)
 _STRIP_GENES = 512
 
 
@@ -36,7 +42,11 @@ def _top_neighbors(sim: np.ndarray, start: int, k: int, threshold: float) -> tup
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0, dtype=np.float32)
     np.negative(sim, out=sim)  # in place (the chunk is a scratch array): no copy for argpartition
-    idx = np.argpartition(sim, k - 1, axis=1)[:, :k]
+    idx = np.empty((sim.shape[0], k), dtype=np.intp)
+    step = max(1, _TOPK_ELEMENTS // sim.shape[1])
+    # a few rows at a time (no full-size index array); each row's selection is the same as in one call
+    for r0 in range(0, sim.shape[0], step):
+        idx[r0 : r0 + step] = np.argpartition(sim[r0 : r0 + step], k - 1, axis=1)[:, :k]
     val = -np.take_along_axis(sim, idx, axis=1)
     order = np.argsort(-val, axis=1, kind="stable")
     idx, val = np.take_along_axis(idx, order, axis=1), np.take_along_axis(val, order, axis=1)
@@ -160,11 +170,14 @@ def go_graph(
     a = sp.csr_matrix((np.ones(gi.size, dtype=np.float32), (gi, ti)), shape=(genes.size, terms.size))
     at = a.T.tocsr()
     n_terms = np.asarray(a.sum(axis=1), dtype=np.float32).ravel()
-    chunk = max(1, _CHUNK_ELEMENTS // genes.size)
+    chunk = max(1, min(_CHUNK_ELEMENTS, _SIMILARITY_ELEMENTS) // genes.size)
     parts = []
     for start in range(0, genes.size, chunk):
         inter = (a[start : start + chunk] @ at).toarray()
-        jac = inter / (n_terms[start : start + chunk, None] + n_terms[None, :] - inter)
+        union = np.add.outer(n_terms[start : start + chunk], n_terms)
+        union -= inter
+        jac = np.divide(inter, union, out=inter)  # in place: one scratch array besides the union
+        del union
         parts.append(_top_neighbors(jac, start, int(n_neighbors), threshold))
     params = {
         "n_neighbors": int(n_neighbors),
@@ -202,12 +215,24 @@ def _use_sparse_gram(x) -> bool:
     return sp.issparse(x) and x.nnz < _SPARSE_DENSITY * np.sqrt(2 / n_cpu) * x.shape[0] * x.shape[1]
 
 
+def _gene_strips(g: int) -> np.ndarray:
+    """Bounds of the gene strips of the dense Gram product.
+
+    One strip if the ``g x g`` float32 product fits in a block (``_CHUNK_ELEMENTS`` values), else as
+    few strips as keep each strip's product within a block, none narrower than ``_STRIP_GENES``.
+    """
+    n = -(-g * g // _CHUNK_ELEMENTS)
+    return np.linspace(0, g, max(1, min(n, g // _STRIP_GENES)) + 1).astype(int)
+
+
 def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
     """Covariance matrix (float64, genes x genes) of the rows ``rows`` (default all) of ``x`` (sparse or dense).
 
-    Working memory beyond the ``genes x genes`` result is one block of cells (``_CHUNK_ELEMENTS``
-    float32 values): the rows are gathered block by block (no copy of the selected cells) and the
-    lower triangle is filled in place from the upper one.
+    Working memory beyond the ``genes x genes`` result is about two blocks of cells
+    (``_CHUNK_ELEMENTS`` float32 values): the rows are gathered block by block (no copy of the
+    selected cells). One pass: each dense float32 block is centred on the first block's mean and its
+    symmetric product (BLAS ``syrk``, half the flops of a general product) accumulated in float64 with
+    the column sums; the exact centring on the mean of all rows is a rank-one correction at the end.
     """
     if sp.issparse(x) and x.format != "csr":
         x = sp.csr_matrix(x)
@@ -222,30 +247,44 @@ def _covariance(x, rows: np.ndarray | None = None) -> np.ndarray:
         return gram
     g = x.shape[1]
     chunk = max(1, _CHUNK_ELEMENTS // g)
-
-    codes = np.zeros(x.shape[0], dtype=np.int64)
-    if rows is not None:
-        codes -= 1
-        codes[rows] = 0
-    mean32 = group_means(x, codes, 1)[0]
-    # dense float32 blocks of cells, centred, accumulated in float64; upper triangle by row strips
     gram = np.zeros((g, g), dtype=np.float64)
-    bounds = np.linspace(0, g, max(1, min(8, g // _STRIP_GENES)) + 1).astype(int)
+    total = np.zeros(g, dtype=np.float64)
+    shift = None  # float32 mean of the first block: every block is centred on it
+    bounds = _gene_strips(g)
+    densify = sp.issparse(x) and x.dtype == np.float32  # into one reused buffer, centred in place
+    dense = np.empty((min(chunk, n), g), dtype=np.float32) if densify else None
+    prod = np.empty(int(np.diff(bounds).max()) * g, dtype=np.float32)  # products of a strip, reused
     for start in range(0, n, chunk):
         block = x[start : start + chunk] if rows is None else x[rows[start : start + chunk]]
-        if sp.issparse(block) and block.dtype == np.float32:  # a new dense array: centred in place
+        if densify:
+            block = block.toarray(out=dense[: block.shape[0]])
+        elif sp.issparse(block):
             block = block.toarray()
-            block -= mean32
+        block = np.asarray(block)
+        total += block.sum(axis=0, dtype=np.float64)
+        if shift is None:
+            shift = (total / block.shape[0]).astype(np.float32)
+        if densify:
+            block -= shift
         else:  # a new array: x is never written
-            block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            block = np.subtract(block, mean32, dtype=np.float32)
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            gram[lo:hi, lo:] += block[:, lo:hi].T @ block[:, lo:]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):  # lower triangle from the upper one, in place
+            block = np.subtract(block, shift, dtype=np.float32)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):  # upper triangle by row strips
+            strip = block[:, lo:hi]
+            diag = np.matmul(strip.T, strip, out=prod[: (hi - lo) ** 2].reshape(hi - lo, hi - lo))  # syrk
+            gram[lo:hi, lo:hi] += diag
+            if hi < g:
+                off = np.matmul(
+                    strip.T, block[:, hi:], out=prod[: (hi - lo) * (g - hi)].reshape(hi - lo, g - hi)
+                )
+                gram[lo:hi, hi:] += off
+    for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True):  # lower triangle from the upper one, in place
         gram[lo:hi, :lo] = gram[:lo, lo:hi].T
-        diag = gram[lo:hi, lo:hi]
-        low = np.tril_indices(hi - lo, -1)
-        diag[low] = diag.T[low]
+    d = total / n - shift  # the mean of all rows, less the centre used
+    step = max(1, _SIMILARITY_ELEMENTS // g)
+    for lo in range(0, g, step):  # gram -= n d d^T, a few rows at a time (no genes x genes temporary)
+        part = np.multiply.outer(d[lo : lo + step], d)
+        part *= n
+        gram[lo : lo + step] -= part
     gram /= n - 1
     return gram
 
@@ -316,10 +355,11 @@ def coexpression_graph(
     if constant.any():
         logger.info("%d genes are constant over the %d training cells and get no edges.", constant.sum(), n)
     inv = np.where(constant, 0.0, 1.0 / np.sqrt(np.where(constant, 1.0, var)))
-    chunk = max(1, _CHUNK_ELEMENTS // cov.shape[0])  # float64 correlations: 32 MiB at a time
+    chunk = max(1, min(_CHUNK_ELEMENTS, _SIMILARITY_ELEMENTS) // cov.shape[0])
     parts = []
-    for start in range(0, cov.shape[0], chunk):
-        r = cov[start : start + chunk] * inv[start : start + chunk, None]
+    for start in range(0, cov.shape[0], chunk):  # correlations in place of the covariances (a scratch array)
+        r = cov[start : start + chunk]
+        r *= inv[start : start + chunk, None]
         r *= inv[None, :]
         np.clip(r, -1, 1, out=r)
         if absolute:

@@ -89,6 +89,7 @@ def pretrain_compass(
         Passed to Lightning (``strategy='ddp'`` for data-parallel training; on CPU it uses gloo).
     precision
         Lightning precision; ``None``: ``'bf16-mixed'`` (or ``'16-mixed'``) on a CUDA GPU, else 32-bit.
+        ``'bf16-mixed'`` also trains on CPU (tested), for CPUs with bf16 units (AVX512-BF16 / AMX).
     ckpt_dir
         Write ``last.ckpt`` (weights, optimizer, scheduler and loop state) there every epoch (and every
         ``ckpt_every_n_steps`` steps).

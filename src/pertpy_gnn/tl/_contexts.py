@@ -20,6 +20,7 @@ from pertpy_gnn._utils import get_matrix
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import as_perturbation_sets, get_context, layer_of
 
+from .._prediction import unpredictable_of
 from ._baselines import _KINDS, NoChangeBaseline, _Training, _training_data
 from ._prediction import PREDICTION_UNS_KEY, make_prediction_adata
 
@@ -256,6 +257,9 @@ class _InContext:
     def __init__(self, model, context: str):
         self.model, self.context = model, context
         self.name = getattr(model, "name", "model")
+
+    def unpredictable(self, sets) -> dict[str, str]:
+        return unpredictable_of(self.model, sets)
 
     def predict(self, sets, **kwargs):
         out = self.model.predict(sets, context=self.context, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from pertpy_gnn._utils import check_overwrite, get_adata, get_matrix, logger
 from pertpy_gnn.pp._de import group_moments
 from pertpy_gnn.pp._perturbations import canonical_name, get_context, get_parsed, layer_of
 
-from .._prediction import PREDICTION_UNS_KEY
+from .._prediction import PREDICTION_UNS_KEY, recorded_skipped, unpredictable_of
 
 #: metrics computed by :func:`evaluate`, with what they measure (per perturbation, on mean expression)
 METRICS = {
@@ -42,6 +43,8 @@ METRICS = {
     "de_overlap_top100": "fraction of the true top-100 DE genes among the 100 genes of largest predicted |change|",
 }
 _N_TOP = 20
+#: columns of the tidy frame returned by :func:`evaluate` (plus ``context`` after ``perturbation`` with contexts)
+COLUMNS = ("model", "perturbation", "subgroup", "metric", "value", "available", "skipped")
 
 
 def _welch_t(n: np.ndarray, mean: np.ndarray, var: np.ndarray, c: int) -> np.ndarray:
@@ -280,13 +283,25 @@ def evaluate(
     modality
         Modality of a MuData.
 
+    Perturbations a model cannot predict (a predictor's ``unpredictable(sets)``: GEARS has no embedding
+    for a gene without a node in its GO graph, e.g. IER5L, which has no GO annotation; a prediction
+    AnnData's ``uns['pg_prediction']['skipped']``, written by ``predict(..., skip_unknown=True)``) are
+    left out of the metrics of **every** model, so that all models, baselines included, are scored on
+    the same perturbations; a warning names them, the reason and the fix, and their rows say so
+    (``skipped``). A model that can predict none of them, or no perturbation left for every model,
+    raises an error naming why. Evaluate models in one call to compare them on the same perturbations.
+
     Returns
     -------
     Tidy DataFrame with columns ``model``, ``perturbation``, ``subgroup``, ``metric``, ``value``,
-    ``available`` (one row per model x perturbation x metric; ``available`` is ``False`` where the
-    prediction's ``obs['available']`` says the model fell back, e.g. ``linear_coexpression`` on a gene
-    outside ``var_names``, and a warning is logged). Sets ``adata.uns['pg_evaluation']`` = ``{'results':``
-    that frame, ``'summary':`` :func:`summarize_evaluation` of it, ``'params': {...}}``.
+    ``available``, ``skipped`` (one row per model x evaluated perturbation x metric; ``available`` is
+    ``False`` where the prediction's ``obs['available']`` says the model fell back, e.g.
+    ``linear_coexpression`` on a gene outside ``var_names``, and a warning is logged; ``skipped`` is
+    ``''`` for a scored row and the reason for a perturbation left out, whose ``value`` is NaN and
+    ``available`` ``False``). Sets ``adata.uns['pg_evaluation']`` = ``{'results':`` that frame,
+    ``'summary':`` :func:`summarize_evaluation` of it (``n``: the perturbations each mean rests on,
+    ``n_skipped``: those left out), ``'skipped':`` one row per model and left-out perturbation
+    (``model``, ``perturbation``, ``subgroup``, ``reason``; empty when none), ``'params': {...}}``.
 
     With contexts (``parse_perturbations(..., context_key=)``) every context is scored on its own:
     truth, control mean, DE genes (``'context|perturbation'`` rows of ``uns[de_key]``), perturbed
@@ -333,7 +348,7 @@ def evaluate(
             de_key=de_key,
             layer=layer,
             predict_kwargs=predict_kwargs,
-            evaluate=evaluate,
+            evaluate=functools.partial(evaluate, key_added=key_added),
         )
         _store(adata, key_added, df, split_key, subset, de_key, layer, _N_TOP, models)
         return df
@@ -355,6 +370,11 @@ def evaluate(
     names = [cat for cat, k in zip(col.cat.categories, in_split, strict=True) if cat != CONTROL and k > 0]
     if not names:
         raise ValueError(f"No perturbed cells in subset {subset!r} to evaluate.")
+    # perturbations some model cannot predict (e.g. a gene without a GO-graph node for GEARS) are left out
+    # of every model's metrics: all models are scored on the same perturbations
+    all_names = names
+    skipped = _skipped_perturbations(models, names, subset, key_added)
+    names = [nm for nm in all_names if not any(nm in sk for sk in skipped.values())]
     de_names = adata.uns[de_key]["indices"]
     missing = [n for n in names if n not in de_names.index]
     if missing:
@@ -425,7 +445,7 @@ def evaluate(
     weights = de_weights(t_rest)
     d_true_c = true - centroid[None, :]
 
-    subgroups = _subgroups(adata, names, split_key, col)
+    subgroups = _subgroups(adata, all_names, split_key, col)
     sets = [tuple(nm.split(DELIM)) for nm in names]
     kwargs = {} if predict_kwargs is None else dict(predict_kwargs)
     frames = []
@@ -479,31 +499,124 @@ def evaluate(
                 len(names),
                 fallback,
             )
-        wide = pd.DataFrame(values)
-        wide.insert(0, "available", available)
+        # every evaluated perturbation gets its rows; those left out: NaN, available False, `skipped` says why
+        wide = pd.DataFrame(values, index=names).reindex(all_names)
+        wide.insert(0, "skipped", [_skip_reason(model, nm, skipped) for nm in all_names])
+        wide.insert(0, "available", pd.Series(available, index=names).reindex(all_names, fill_value=False))
         wide.insert(0, "subgroup", subgroups)
-        wide.insert(0, "perturbation", names)
+        wide.insert(0, "perturbation", all_names)
         wide.insert(0, "model", model)
         frames.append(
             wide.melt(
-                id_vars=["model", "perturbation", "subgroup", "available"],
+                id_vars=["model", "perturbation", "subgroup", "available", "skipped"],
                 var_name="metric",
                 value_name="value",
             )
         )
     df = pd.concat(frames, ignore_index=True)
-    df = df[["model", "perturbation", "subgroup", "metric", "value", "available"]]
-    for k in ("model", "perturbation", "subgroup", "metric"):
+    df = df[list(COLUMNS)]
+    for k in ("model", "perturbation", "subgroup", "metric", "skipped"):
         df[k] = df[k].astype(str)
+    df["available"] = df["available"].astype(bool)
+    df["value"] = df["value"].astype(np.float64)
     _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models)
-    logger.info("Evaluated %d models on %d perturbations of subset %r.", len(models), len(names), subset)
+    logger.info(
+        "Evaluated %d models on the same %d perturbations of subset %r%s.",
+        len(models),
+        len(names),
+        subset,
+        f" ({len(all_names) - len(names)} left out: not predictable by every model)"
+        if len(names) < len(all_names)
+        else "",
+    )
     return df
 
 
+def _skipped_perturbations(models: dict, names: list[str], subset, key: str) -> dict[str, dict[str, str]]:
+    """Per model, the evaluated perturbations it cannot predict (name -> reason with the fix); logs them.
+
+    A predictor says so through ``unpredictable(sets)`` (GEARS: genes without a GO-graph node); a
+    prediction AnnData through ``uns['pg_prediction']['skipped']`` (``predict(..., skip_unknown=True)``).
+    Raises when a model can predict none of them, or when no perturbation is left for every model.
+    """
+    sets = [tuple(nm.split(DELIM)) for nm in names]
+    wanted = set(names)
+    out: dict[str, dict[str, str]] = {}
+    for model, m in models.items():
+        if _is_predictor(m):
+            sk = unpredictable_of(m, sets)
+        else:
+            present = _prediction_rows(m, names) >= 0
+            recorded = recorded_skipped(m)
+            sk = {
+                nm: recorded[nm] for nm, ok in zip(names, present, strict=True) if not ok and nm in recorded
+            }
+        sk = {nm: r for nm, r in sk.items() if nm in wanted}
+        if len(sk) == len(names):
+            raise ValueError(
+                f"{model!r} cannot predict any of the {len(names)} perturbations of subset {subset!r}, so it cannot "
+                f"be evaluated: {_reasons(sk)}"
+            )
+        out[model] = sk
+    left_out = [nm for nm in names if any(nm in sk for sk in out.values())]
+    if len(left_out) == len(names):
+        raise ValueError(
+            f"No perturbation of subset {subset!r} can be predicted by every model, so they cannot be compared on "
+            "the same perturbations: "
+            + " | ".join(f"{model}: {_reasons(sk)}" for model, sk in out.items() if sk)
+            + " Evaluate the models in separate calls, or fix the reasons above."
+        )
+    for model, sk in out.items():
+        if sk:
+            logger.warning(
+                "%s cannot predict %d of the %d evaluated perturbations; they are left out of the metrics of "
+                "every model (so that all are scored on the same %d perturbations; column 'skipped' and "
+                "uns[%r]['skipped'] list them): %s",
+                model,
+                len(sk),
+                len(names),
+                len(names) - len(left_out),
+                key,
+                _reasons(sk),
+            )
+    return out
+
+
+def _reasons(skipped: dict[str, str], n: int = 10) -> str:
+    """``'A, A+B: reason; C: other reason.'``: perturbations grouped by reason, at most ``n`` reasons."""
+    by_reason: dict[str, list[str]] = {}
+    for nm, r in skipped.items():
+        by_reason.setdefault(r, []).append(nm)
+    items = list(by_reason.items())
+    text = "; ".join(
+        f"{', '.join(nms[:10])}{f' (+{len(nms) - 10} more)' if len(nms) > 10 else ''}: {r}"
+        for r, nms in items[:n]
+    )
+    return text + (f"; ... ({len(items) - n} more reasons)" if len(items) > n else "") + "."
+
+
+def _skip_reason(model: str, name: str, skipped: dict[str, dict[str, str]]) -> str:
+    """Why ``name`` is not scored for ``model`` ('' when it is)."""
+    if name in skipped[model]:
+        return skipped[model][name]
+    others = [m for m, sk in skipped.items() if name in sk]
+    if not others:
+        return ""
+    return f"left out of every model's metrics (all scored on the same perturbations): {', '.join(others)} cannot predict it"
+
+
 def _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models) -> None:
+    keys = ["model", "perturbation", *(["context"] if "context" in df else [])]
+    skipped = (
+        df.loc[df["skipped"] != "", [*keys, "subgroup", "skipped"]]
+        .drop_duplicates(keys)
+        .rename(columns={"skipped": "reason"})
+        .reset_index(drop=True)
+    )
     adata.uns[key_added] = {
         "results": df,
         "summary": summarize_evaluation(df),
+        "skipped": skipped,
         "params": {
             "split_key": split_key,
             "subset": "all" if subset is None else subset,
@@ -529,8 +642,11 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     Returns
     -------
     Long DataFrame with columns ``model``, ``subgroup``, ``metric``, ``mean``, ``sem``, ``n`` (number of
-    perturbations with a finite value; NaN values are left out of the mean) and, when ``df`` has the
-    ``available`` column, ``n_unavailable`` (perturbations the model fell back on), or the wide table.
+    perturbations with a finite value, the perturbations the mean rests on; NaN values are left out of
+    the mean), when ``df`` has the ``available`` column ``n_unavailable`` (scored perturbations the model
+    fell back on) and, when it has the ``skipped`` column, ``n_skipped`` (perturbations left out of the
+    metrics because some model cannot predict them; the same for every model of one evaluation), or
+    the wide table.
     """
     need = {"model", "perturbation", "subgroup", "metric", "value"}
     if not need <= set(df.columns):
@@ -543,11 +659,13 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     g = both.groupby(["model", "subgroup", "metric"], sort=False)["value"]
     out = pd.DataFrame({"mean": g.mean(), "sem": g.sem(), "n": g.count()}).reset_index()
     out["n"] = out["n"].astype(np.int64)
-    if "available" in both:
-        unavailable = (~both["available"].astype(bool)).groupby(
-            [both["model"], both["subgroup"], both["metric"]], sort=False
-        )
+    by = [both["model"], both["subgroup"], both["metric"]]
+    skipped = both["skipped"].astype(str) != "" if "skipped" in both else pd.Series(False, index=both.index)
+    if "available" in both:  # fallbacks among the scored perturbations (a skipped one is not a fallback)
+        unavailable = (~both["available"].astype(bool) & ~skipped).groupby(by, sort=False)
         out["n_unavailable"] = unavailable.sum().to_numpy().astype(np.int64)
+    if "skipped" in both:
+        out["n_skipped"] = skipped.groupby(by, sort=False).sum().to_numpy().astype(np.int64)
     if wide:
         return out.pivot(index=["subgroup", "metric"], columns="model", values="mean")[
             list(pd.unique(df["model"]))

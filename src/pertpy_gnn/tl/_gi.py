@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import CONTROL, DELIM, GI_KEY, PERT_KEY
-from .._prediction import DELTA_LAYER
+from .._prediction import DELTA_LAYER, recorded_skipped
 from .._utils import check_overwrite, get_adata, get_matrix, group_means, logger
 from ..pp._perturbations import as_perturbation_sets, canonical_name, get_parsed, layer_of
 
@@ -909,7 +909,10 @@ def gi_scores(
         MuData with ``modality``.
     pairs
         Doubles to score (``"A+B"`` or ``("A", "B")``). Default: every double whose two singles are
-        present.
+        present. Pairs that need a perturbation the model could not predict (listed in a
+        prediction's ``uns['pg_prediction']['skipped']`` by ``predict(..., skip_unknown=True)``, e.g.
+        a gene without a GO-graph node) are left out with a warning naming them and the reason; an
+        error when none is left.
     thresholds
         Subtype rules, updating the defaults ``synergy: magnitude > 1.15``, ``suppression: magnitude
         < 1.0``, ``neomorphism: model_fit < 0.88``, ``redundancy: similarity > 0.85``,
@@ -973,6 +976,27 @@ def gi_scores(
     else:
         sets = _pair_sets(pairs)
         missing = sorted({nm for s in sets for nm in (s[0], s[1], DELIM.join(s)) if nm not in rows})
+        lost = recorded_skipped(adata) if kind == "prediction" and missing else {}
+        lost = {nm: lost[nm] for nm in missing if nm in lost}
+        if lost:  # the model could not predict them (predict(..., skip_unknown=True)): leave those pairs out
+            left = [s for s in sets if not any(nm in lost for nm in (s[0], s[1], DELIM.join(s)))]
+            dropped = [DELIM.join(s) for s in sets if s not in left]
+            reasons = "; ".join(f"{nm}: {r}" for nm, r in list(lost.items())[:10])
+            if not left:
+                raise ValueError(
+                    f"None of the {len(sets)} requested pairs can be scored: the model could not predict "
+                    f"perturbations each of them needs ({reasons})."
+                )
+            logger.warning(
+                "%d of the %d requested pairs are left out of the GI scores, the model could not predict "
+                "perturbations they need: %s (%s).",
+                len(dropped),
+                len(sets),
+                dropped[:10],
+                reasons,
+            )
+            sets = left
+            missing = sorted({nm for s in sets for nm in (s[0], s[1], DELIM.join(s)) if nm not in rows})
         if missing:
             raise ValueError(
                 f"{len(missing)} perturbations needed for the requested pairs are not in the {kind}: "
