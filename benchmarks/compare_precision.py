@@ -19,7 +19,9 @@ test metrics of ``pg.tl.evaluate``; beside them the baselines ``no_change``, ``t
 ``additive``, ``linear_coexpression`` and ``linear_embedding`` of the same split. Runs are appended
 to ``benchmarks/work/compare_precision/<screen>.jsonl`` (a rerun skips those done);
 ``--summarize`` writes ``--out`` (JSON, with the machine's load and bf16 support) and the Markdown
-table next to it, with mean +- SD over seeds and the paired difference bf16 - float32.
+table next to it, with mean +- SD over seeds and the paired difference mode - float32. A third mode,
+``32-true-other-block``, trains float32 with the first post-perturbation block the non-default way
+(``GEARSModule.fold_training_block``: folded for set batches, the plain layers for cell batches).
 
 Usage::
 
@@ -42,30 +44,42 @@ from compare_batching import METRICS, NORMAN, SCREENS, _d, _f, _words, build, ru
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "compare_precision"
-PRECISIONS = ("32-true", "bf16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed", "32-true-other-block")
+#: the modes: Lightning's precision, and how the first post-perturbation block trains
+#: (``GEARSModule.fold_training_block``): ``None`` the default (folded for cell batches, the plain layers
+#: for set batches), ``"other"`` the other way (the same maths, other float rounding)
+MODES = {
+    "32-true": ("32-true", None),
+    "bf16-mixed": ("bf16-mixed", None),
+    "32-true-other-block": ("32-true", "other"),
+}
 PRESETS = ("anchored", "paper")
 BASELINES = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
 
 #: the closing note of the table, written from the recorded run (2026-12-07)
 VERDICT = (
     "**Which wins.** float32 stays the default. With the recommended `anchored` preset bf16-mixed is as accurate "
-    "as float32 (test normalized MSE +0.000 ± 0.001 on the simulated screen, +0.006 ± 0.037 on Norman; Pearson "
-    "delta -0.000 ± 0.001 and +0.001 ± 0.017) but not faster at these sizes (500 genes, hidden size 64): its "
-    "training takes 1.10 ± 0.07 and 1.24 ± 0.13 times float32's CPU seconds (the matrix products are small "
-    "here, and float32 runs use the fused Adam while bf16-mixed runs use the foreach one, since Lightning's "
-    "mixed precision refuses fused optimizers; how the extra CPU splits between autocast's casts and the "
-    "optimizer was not profiled). With the paper's preset it is as fast "
-    "(0.98x, 1.07x) and within the spread on the simulated screen, but loses test Pearson delta on Norman "
-    "(-0.116 ± 0.087, paired; the validation-selected epoch of that schedule is noisy). bf16 pays off only on "
-    "larger screens: one epoch on the sim20k input of `compare_speed.py` (20,000 cells x 2,000 genes, measured "
-    "apart from this benchmark, one seed, 1 thread) took 31.0 vs 43.5 CPU s with cell batches (0.71x) and 10.8 vs 11.5 with set batches "
-    "(0.94x). Beside the baselines: anchored GEARS (either precision) beats the training mean and the linear "
-    "embedding model on normalized MSE on both screens (0.878 vs 0.966 and 0.902; 0.910-0.916 vs 0.992 and "
-    "0.980) and on Pearson delta on Norman (0.343-0.345 vs 0.302), but the linear embedding model has the "
-    "higher Pearson delta on the simulated screen (0.187 vs 0.179); the paper's GEARS beats neither baseline "
-    "on Pearson delta on either screen. `linear_coexpression` equals no change on both screens to three "
-    "decimals (on Norman the perturbed genes are outside `var_names`, so its rows are the control mean), and `additive` predicts only the few "
-    "test sets whose genes were all trained singles (see above), where it is far better than any model."
+    "as float32 (test normalized MSE +0.000 ± 0.001 on the simulated screen, -0.001 ± 0.028 on Norman over 12 "
+    "seeds; Pearson delta -0.000 ± 0.001 and +0.015 ± 0.037) but not faster at these sizes (500 genes, hidden "
+    "size 64): 1.16 ± 0.05 and 1.23 ± 0.08 times float32's CPU (float32 runs use the fused Adam, bf16-mixed "
+    "runs the foreach one, since Lightning's mixed precision refuses fused optimizers; how the extra CPU splits "
+    "between autocast's casts and the optimizer was not profiled). With the paper's preset it is as fast "
+    "(0.96x, 1.07x) and within the spread on the simulated screen, but loses test Pearson delta on Norman "
+    "(-0.119 ± 0.086, paired; the validation-selected epoch of that schedule is noisy). bf16 pays off only on "
+    "larger screens with cell batches (`compare_speed.md`). **The training block** (`32-true-other-block`: the "
+    "first post-perturbation block folded for set batches, the plain layers for cell batches; the default is "
+    "the other way round): with set batches on Norman the folded block ended less accurate than the plain "
+    "layers (+0.014 ± 0.016 test normalized MSE, worse in 10 of 12 paired seeds) for no CPU gain, so set "
+    "batches train on the plain layers; with cell batches the two are equal within the spread on both screens "
+    "(plain minus folded -0.001 ± 0.026 and +0.002 ± 0.019) and the folded block saves CPU (1.04x and 1.09x "
+    "for the plain layers here, 0.82x on the 2,000-gene sim20k screen), so cell batches train folded. Beside the "
+    "baselines: anchored GEARS beats the training mean and the linear embedding model on normalized MSE on "
+    "both screens (0.878 vs 0.966 and 0.902; 0.902 vs 0.964 and 0.942) and on Pearson delta on Norman (0.311 "
+    "vs 0.292 and 0.296), but the linear embedding model has the higher Pearson delta on the simulated screen "
+    "(0.187 vs 0.179); the paper's GEARS beats neither baseline on Pearson delta on either screen. "
+    "`linear_coexpression` equals no change on both screens (on Norman the perturbed genes are outside "
+    "`var_names`, so its rows are the control mean), and `additive` predicts only the few test sets whose "
+    "genes were all trained singles (see above), where it is far better than any model."
 )
 
 
@@ -104,6 +118,7 @@ def measure(args) -> None:
     import torch
 
     import pertpy_gnn as pg
+    from pertpy_gnn.gears._module import GEARSModule
 
     torch.set_num_threads(1)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -119,7 +134,7 @@ def measure(args) -> None:
         print(name, "seeds", seeds, flush=True)
         pg.pp.split_perturbations(adata, kind="simulation", seed=0, overwrite=True)
         pg.pp.coexpression_graph(adata, overwrite=True)
-        for precision in PRECISIONS:  # first-call costs (oneDNN kernels) out of the measured runs
+        for precision in PRECISIONS[:2]:  # first-call costs (oneDNN kernels) out of the measured runs
             run(adata, "paper", "warm-up", 0, 1, None, precision=precision)
         for seed in seeds:
             pg.pp.split_perturbations(adata, kind="simulation", seed=seed, overwrite=True)
@@ -137,7 +152,14 @@ def measure(args) -> None:
                 for precision in order:
                     if (preset, precision, seed, args.epochs) in seen:
                         continue
-                    rec = run(adata, preset, precision, seed, args.epochs, None, precision=precision)
+                    if MODES[precision][1] == "other":  # the anchored preset trains on set batches
+                        GEARSModule.fold_training_block = preset == "anchored"
+                    try:
+                        rec = run(
+                            adata, preset, precision, seed, args.epochs, None, precision=MODES[precision][0]
+                        )
+                    finally:
+                        GEARSModule.fold_training_block = None
                     rec.update(epochs_arg=args.epochs, load=[round(v, 2) for v in os.getloadavg()])
                     seen.add((preset, precision, seed, args.epochs))
                     with path.open("a") as f:
@@ -276,7 +298,9 @@ def markdown(record: dict) -> str:
         "(RECOMMENDED_GEARS: set batches of 4 sets x 8 cells, constant lr 1e-3, last epoch); `paper` = the "
         "paper's GEARS and schedule (cell batches of 32, lr 1e-3 halved every epoch, validation-selected "
         "epoch). Metrics: mean over the perturbations of the validation / test set (`pg.tl.evaluate`), then "
-        "mean ± SD over seeds; `Δ vs fp32`: the paired difference bf16 - float32 (mean ± SD over seeds; "
+        "mean ± SD over seeds; `32-true-other-block`: float32 with the first post-perturbation block trained the "
+        "non-default way (folded for set batches, the plain layers for cell batches; `GEARSModule."
+        "fold_training_block`); `Δ vs fp32`: the paired difference mode - float32 default (mean ± SD over seeds; "
         "negative = lower MSE, positive = higher Pearson). CPU: training incl. per-epoch validation, 1 torch "
         "thread, on a 2-core machine shared with other jobs (1-minute load "
         f"{record['load_1min_during_runs'][0]:.1f}-{record['load_1min_during_runs'][1]:.1f} during the runs; CPU seconds of one setting vary by up to 2x under "

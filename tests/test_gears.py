@@ -429,6 +429,31 @@ def test_training_steps_with_folded_post_mlp_equal_plain_layers(monkeypatch, dty
 
 
 @pytest.mark.parametrize(
+    "batching, forced, folded",
+    [("cells", None, True), ("sets", None, False), ("sets", True, True), ("cells", False, False)],
+)
+def test_training_block_folded_for_cell_batches_only(toy, monkeypatch, batching, forced, folded):
+    """By default cell batches train the folded post-perturbation block and set batches the plain layers
+    (measured more accurate with set batches); ``GEARSModule.fold_training_block`` forces either."""
+    import pertpy_gnn.gears._module as gears_module
+
+    calls = []
+    real = gears_module._post_mlp_train
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(gears_module, "_post_mlp_train", counting)
+    monkeypatch.setattr(GEARSModule, "fold_training_block", forced)
+    GEARS.setup_anndata(toy)
+    model = GEARS(toy, hidden_dim=8, seed=0)
+    model.train(max_epochs=1, batch_size=16, batching=batching, progress_bar=False)
+    assert model.module.cell_batches is (batching == "cells")
+    assert bool(calls) is folded
+
+
+@pytest.mark.parametrize(
     "model_kwargs, train_kwargs",
     [
         ({"uncertainty": True}, {}),  # the paper's GEARS, cell batches, validation-selected epoch

@@ -431,6 +431,14 @@ class GEARSModule(BaseModuleClass):
         ``direction_lambda`` are unused).
     """
 
+    #: whether the first post-perturbation block trains folded (:class:`_PostMLPTrain`): ``None`` (default)
+    #: folds it for cell batches only (``cell_batches``, which :meth:`GEARS.train` sets), ``True`` / ``False``
+    #: always / never. The same maths, other float rounding: with set batches the plain layers measured
+    #: more accurate on the Norman subset (``benchmarks/results/compare_precision.md``).
+    fold_training_block: bool | None = None
+    #: the batches the module trains on are cell batches (set by :meth:`GEARS.train`)
+    cell_batches: bool = True
+
     def __init__(
         self,
         n_genes: int,
@@ -674,7 +682,8 @@ class GEARSModule(BaseModuleClass):
         g = (h_gene - mean) * scale + bn.bias
         h = (g.unsqueeze(1) + (h_p * scale).unsqueeze(0)).relu_()
         out = {"h_gene": h_gene, "h": h}
-        if self.training and not torch.is_autocast_enabled(h.device.type):
+        fold = self.cell_batches if self.fold_training_block is None else self.fold_training_block
+        if self.training and fold and not torch.is_autocast_enabled(h.device.type):
             # the batch norm folded into the first linear layer, with the moments of the last batch norm
             h_post, colsum, sumsq = _post_mlp_train(self.post_mlp, h.reshape(k * n, d))
             out["post_moments"] = (colsum, sumsq)
