@@ -221,26 +221,35 @@ def jobs(part: str, args, sweep: bool) -> list[tuple[str, str, dict, str]]:
     return out
 
 
-def measure(args) -> None:
+def screens(datasets, n_seeds: int, work: Path):
+    """Per screen of ``datasets`` (Norman skipped when absent): its runs file ``work/<name>.jsonl``, the
+    runs it holds and their keys ``(preset, mode, seed, epochs_arg)``, the AnnData (split with seed 0,
+    its co-expression graph built) and its usable seeds."""
     import torch
 
     import pertpy_gnn as pg
 
     torch.set_num_threads(1)
-    WORK.mkdir(parents=True, exist_ok=True)
-    for name in args.datasets:
+    work.mkdir(parents=True, exist_ok=True)
+    for name in datasets:
         if name == "norman_subset" and not NORMAN.is_file():
             print(f"{name}: skipped, {NORMAN} absent", flush=True)
             continue
-        path = WORK / f"{name}.jsonl"
+        path = work / f"{name}.jsonl"
         done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        key = lambda r: (r["preset"], r["mode"], r["seed"], r.get("epochs_arg"))  # noqa: E731
-        seen = {key(r) for r in done}
+        seen = {(r["preset"], r["mode"], r["seed"], r.get("epochs_arg")) for r in done}
         adata = build(name)
-        seeds = usable_seeds(adata, args.seeds)
+        seeds = usable_seeds(adata, n_seeds)
         print(name, "seeds", seeds, flush=True)
         pg.pp.split_perturbations(adata, kind="simulation", seed=0, overwrite=True)
         pg.pp.coexpression_graph(adata, overwrite=True)
+        yield name, path, done, seen, adata, seeds
+
+
+def measure(args) -> None:
+    import pertpy_gnn as pg
+
+    for name, path, done, seen, adata, seeds in screens(args.datasets, args.seeds, WORK):
         run(adata, "paper", "warm-up", 0, 1, None)  # first-call costs out of the measured runs
         # the presets' comparison for every seed first, then the sweep (so a cut-short run has the former)
         todo = [

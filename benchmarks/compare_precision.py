@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from _common import machine, versions, write_record
-from compare_batching import METRICS, NORMAN, SCREENS, _d, _f, _words, build, run, scores, usable_seeds
+from compare_batching import METRICS, SCREENS, _d, _f, _words, run, scores, screens
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "compare_precision"
@@ -115,25 +115,10 @@ def n_scored(adata, models: dict) -> dict:
 
 
 def measure(args) -> None:
-    import torch
-
     import pertpy_gnn as pg
     from pertpy_gnn.gears._module import GEARSModule
 
-    torch.set_num_threads(1)
-    WORK.mkdir(parents=True, exist_ok=True)
-    for name in args.datasets:
-        if name == "norman_subset" and not NORMAN.is_file():
-            print(f"{name}: skipped, {NORMAN} absent", flush=True)
-            continue
-        path = WORK / f"{name}.jsonl"
-        done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        seen = {(r["preset"], r["mode"], r["seed"], r.get("epochs_arg")) for r in done}
-        adata = build(name)
-        seeds = usable_seeds(adata, args.seeds)
-        print(name, "seeds", seeds, flush=True)
-        pg.pp.split_perturbations(adata, kind="simulation", seed=0, overwrite=True)
-        pg.pp.coexpression_graph(adata, overwrite=True)
+    for name, path, _, seen, adata, seeds in screens(args.datasets, args.seeds, WORK):
         for precision in PRECISIONS[:2]:  # first-call costs (oneDNN kernels) out of the measured runs
             run(adata, "paper", "warm-up", 0, 1, None, precision=precision)
         for seed in seeds:
