@@ -309,6 +309,21 @@ def test_bf16_autocast_trains_with_float32_statistics():
     assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
 
 
+def test_eval_predictions_float32_under_bf16_autocast():
+    """In eval mode (validation of a bf16-mixed run) ``predict_delta`` runs in float32 also under autocast,
+    the shared gene states included: the same values as without autocast."""
+    module = _small_module(uncertainty=True)
+    module.eval()
+    pert_idx = _batch(module)[K.PERT_IDX]
+    with torch.no_grad():
+        ref = module.predict_delta(pert_idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = module.predict_delta(pert_idx)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _plain_post_mlp(mlp, h):
     """The training-mode post-perturbation MLP through the plain nn layers (what ``_post_mlp_train`` replaces)."""
     out = mlp(h, last_norm=False)

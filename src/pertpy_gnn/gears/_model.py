@@ -803,13 +803,14 @@ class GEARS(BaseModelClass):
             Lightning's ``Trainer(precision=...)``: ``'32-true'`` (default, float32) or
             ``'bf16-mixed'`` (the forward pass and its gradients in bfloat16 under autocast; weights,
             optimizer state, batch-norm statistics and predictions stay float32, and so does
-            validation apart from the shared gene states), for hardware with bf16 units (CPUs
+            validation), for hardware with bf16 units (CPUs
             with AVX512-BF16 / AMX, recent GPUs). Measured on a CPU
             with AMX over 5 paired seeds (``benchmarks/results/compare_precision.md``): with
             ``train_gears(preset='anchored')`` as accurate as float32 (test normalized top-20 MSE
             +0.000 +- 0.001 simulated, +0.006 +- 0.037 Norman subset) but not faster on 500 genes
             (1.1-1.2x float32's CPU seconds); with this method's defaults (the paper's schedule) test
-            Pearson delta on the Norman subset fell by 0.12 +- 0.09. It saves CPU on larger screens
+            Pearson delta on the Norman subset fell by 0.12 +- 0.09 (measured while validation's
+            shared gene states were still computed in bfloat16; the selected epoch may differ now). It saves CPU on larger screens
             with cell batches (2,000 genes: 0.71x a cell-batch epoch, 0.94x a set-batch epoch), hence
             an option, not the default.
         progress_bar

@@ -880,10 +880,11 @@ class GEARSModule(BaseModuleClass):
             out = self.generative(**self._get_generative_input({}, inf))
             zhat, logvar = out["zhat"], out["logvar"]
         else:
-            h = self.gene_states() if h_gene is None else h_gene
-            # in float32 also under autocast (validation of a bf16-mixed run): the folded weights and
-            # the preallocated output are float32, and evaluation is a small part of an epoch
-            with torch.autocast(h.device.type, enabled=False):
+            # in float32 also under autocast (validation of a bf16-mixed run), the shared gene states
+            # included: the folded weights and the preallocated output are float32, and evaluation is
+            # a small part of an epoch
+            with torch.autocast(self.control_mean.device.type, enabled=False):
+                h = self.gene_states() if h_gene is None else h_gene
                 zhat, logvar = self._predict_folded(pert_idx, h.float(), block_rows, context)
         return (zhat if self.anchor is None else zhat + self.anchor_delta(pert_idx)), logvar
 
