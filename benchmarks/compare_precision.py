@@ -20,8 +20,8 @@ test metrics of ``pg.tl.evaluate``; beside them the baselines ``no_change``, ``t
 to ``benchmarks/work/compare_precision/<screen>.jsonl`` (a rerun skips those done);
 ``--summarize`` writes ``--out`` (JSON, with the machine's load and bf16 support) and the Markdown
 table next to it, with mean +- SD over seeds and the paired difference mode - float32. A third mode,
-``32-true-other-block``, trains float32 with the first post-perturbation block the non-default way
-(``GEARSModule.fold_training_block``: folded for set batches, the plain layers for cell batches).
+``32-true-plain-block``, trains float32 with the first post-perturbation block through the plain layers
+(``GEARSModule.fold_training_block = False``; the default trains it folded, as one autograd Function).
 
 Usage::
 
@@ -44,39 +44,42 @@ from compare_batching import METRICS, SCREENS, _d, _f, _words, run, scores, scre
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "compare_precision"
-PRECISIONS = ("32-true", "bf16-mixed", "32-true-other-block")
+PRECISIONS = ("32-true", "bf16-mixed", "32-true-plain-block")
 #: the modes: Lightning's precision, and how the first post-perturbation block trains
-#: (``GEARSModule.fold_training_block``): ``None`` the default (folded for cell batches, the plain layers
-#: for set batches), ``"other"`` the other way (the same maths, other float rounding)
+#: (``GEARSModule.fold_training_block``): ``None`` the default (folded), ``False`` the plain layers (the same
+#: maths, other float rounding)
 MODES = {
     "32-true": ("32-true", None),
     "bf16-mixed": ("bf16-mixed", None),
-    "32-true-other-block": ("32-true", "other"),
+    "32-true-plain-block": ("32-true", False),
 }
 PRESETS = ("anchored", "paper")
 BASELINES = ("no_change", "train_mean", "additive", "linear_coexpression", "linear_embedding")
 
-#: the closing note of the table, written from the recorded run (2026-12-07)
+#: the closing note of the table, written from the recorded runs (2026-12-07; 24 Norman seeds for anchored)
 VERDICT = (
     "**Which wins.** float32 stays the default. With the recommended `anchored` preset bf16-mixed is as accurate "
-    "as float32 (test normalized MSE +0.000 ± 0.001 on the simulated screen, -0.001 ± 0.028 on Norman over 12 "
-    "seeds; Pearson delta -0.000 ± 0.001 and +0.015 ± 0.037) but not faster at these sizes (500 genes, hidden "
-    "size 64): 1.16 ± 0.05 and 1.23 ± 0.08 times float32's CPU (float32 runs use the fused Adam, bf16-mixed "
+    "as float32 (test normalized MSE +0.003 ± 0.003 on the simulated screen, -0.007 ± 0.051 on Norman over 24 "
+    "seeds; Pearson delta -0.002 ± 0.004 and +0.003 ± 0.036) but not faster at these sizes (500 genes, hidden "
+    "size 64): 1.23 ± 0.07 and 1.20 ± 0.06 times float32's CPU (float32 runs use the fused Adam, bf16-mixed "
     "runs the foreach one, since Lightning's mixed precision refuses fused optimizers; how the extra CPU splits "
     "between autocast's casts and the optimizer was not profiled). With the paper's preset it is as fast "
     "(0.96x, 1.07x) and within the spread on the simulated screen, but loses test Pearson delta on Norman "
     "(-0.119 ± 0.086, paired; the validation-selected epoch of that schedule is noisy). bf16 pays off only on "
-    "larger screens with cell batches (`compare_speed.md`). **The training block** (`32-true-other-block`: the "
-    "first post-perturbation block folded for set batches, the plain layers for cell batches; the default is "
-    "the other way round): with set batches on Norman the folded block ended less accurate than the plain "
-    "layers (+0.014 ± 0.016 test normalized MSE, worse in 10 of 12 paired seeds) for no CPU gain, so set "
-    "batches train on the plain layers; with cell batches the two are equal within the spread on both screens "
-    "(plain minus folded -0.001 ± 0.026 and +0.002 ± 0.019) and the folded block saves CPU (1.04x and 1.09x "
-    "for the plain layers here, 0.82x on the 2,000-gene sim20k screen), so cell batches train folded. Beside the "
-    "baselines: anchored GEARS beats the training mean and the linear embedding model on normalized MSE on "
-    "both screens (0.878 vs 0.966 and 0.902; 0.902 vs 0.964 and 0.942) and on Pearson delta on Norman (0.311 "
-    "vs 0.292 and 0.296), but the linear embedding model has the higher Pearson delta on the simulated screen "
-    "(0.187 vs 0.179); the paper's GEARS beats neither baseline on Pearson delta on either screen. "
+    "larger screens with cell batches (`compare_speed.md`). **The training block** (`32-true-plain-block`: the "
+    "first post-perturbation block through the plain layers instead of the folded autograd Function, the "
+    "default): equal within the paired spread everywhere. With set batches (anchored) the plain layers differ "
+    "by +0.002 ± 0.003 test normalized MSE on the simulated screen and +0.005 ± 0.034 on Norman over 24 seeds "
+    "(the first 12 seeds had pointed the other way, +0.014 ± 0.016 for the folded block, worse in 10 of 12; "
+    "12 more seeds reversed it: +0.024 ± 0.037 for the plain layers, better in 4 of 12); with cell "
+    "batches by +0.002 ± 0.019 and -0.001 ± 0.026. The folded block saves CPU where the genes x sets grid is "
+    "large (0.82x a cell-batch epoch on the 2,000-gene sim20k screen, about 0.94x a set-batch epoch there in "
+    "one run; 0.99-1.09x here on 500 genes) and keeps less in memory for the backward pass, so both batchings "
+    "train folded. Beside the baselines: anchored GEARS beats the training mean and the linear embedding model "
+    "on normalized MSE on both screens (0.876 vs 0.966 and 0.902; on Norman over 24 seeds 0.945 vs 1.009 and "
+    "0.985) and on Pearson delta on Norman (0.308 vs 0.280 and 0.284), but the linear embedding model has the "
+    "higher Pearson delta on the simulated screen (0.187 vs 0.181); the paper's GEARS beats neither baseline "
+    "on Pearson delta on either screen (its 5 seeds against the baselines' means over every seed). "
     "`linear_coexpression` equals no change on both screens (on Norman the perturbed genes are outside "
     "`var_names`, so its rows are the control mean), and `additive` predicts only the few test sets whose "
     "genes were all trained singles (see above), where it is far better than any model."
@@ -137,14 +140,14 @@ def measure(args) -> None:
                 for precision in order:
                     if (preset, precision, seed, args.epochs) in seen:
                         continue
-                    if MODES[precision][1] == "other":  # the anchored preset trains on set batches
-                        GEARSModule.fold_training_block = preset == "anchored"
+                    if MODES[precision][1] is not None:
+                        GEARSModule.fold_training_block = MODES[precision][1]
                     try:
                         rec = run(
                             adata, preset, precision, seed, args.epochs, None, precision=MODES[precision][0]
                         )
                     finally:
-                        GEARSModule.fold_training_block = None
+                        GEARSModule.fold_training_block = True
                     rec.update(epochs_arg=args.epochs, load=[round(v, 2) for v in os.getloadavg()])
                     seen.add((preset, precision, seed, args.epochs))
                     with path.open("a") as f:
@@ -283,9 +286,9 @@ def markdown(record: dict) -> str:
         "(RECOMMENDED_GEARS: set batches of 4 sets x 8 cells, constant lr 1e-3, last epoch); `paper` = the "
         "paper's GEARS and schedule (cell batches of 32, lr 1e-3 halved every epoch, validation-selected "
         "epoch). Metrics: mean over the perturbations of the validation / test set (`pg.tl.evaluate`), then "
-        "mean ± SD over seeds; `32-true-other-block`: float32 with the first post-perturbation block trained the "
-        "non-default way (folded for set batches, the plain layers for cell batches; `GEARSModule."
-        "fold_training_block`); `Δ vs fp32`: the paired difference mode - float32 default (mean ± SD over seeds; "
+        "mean ± SD over seeds; `32-true-plain-block`: float32 with the first post-perturbation block trained "
+        "through the plain layers (`GEARSModule.fold_training_block = False`; the default trains it folded; runs "
+        "recorded before the default changed are filed by the block they used); `Δ vs fp32`: the paired difference mode - float32 default (mean ± SD over seeds; "
         "negative = lower MSE, positive = higher Pearson). CPU: training incl. per-epoch validation, 1 torch "
         "thread, on a 2-core machine shared with other jobs (1-minute load "
         f"{record['load_1min_during_runs'][0]:.1f}-{record['load_1min_during_runs'][1]:.1f} during the runs; CPU seconds of one setting vary by up to 2x under "

@@ -445,13 +445,14 @@ def test_training_steps_with_folded_post_mlp_equal_plain_layers(monkeypatch, dty
 
 @pytest.mark.parametrize(
     "batching, forced, folded",
-    [("cells", None, True), ("sets", None, False), ("sets", True, True), ("cells", False, False)],
+    [("cells", True, True), ("sets", True, True), ("sets", False, False), ("cells", False, False)],
 )
-def test_training_block_folded_for_cell_batches_only(toy, monkeypatch, batching, forced, folded):
-    """By default cell batches train the folded post-perturbation block and set batches the plain layers
-    (measured more accurate with set batches); ``GEARSModule.fold_training_block`` forces either."""
+def test_training_block_folded_unless_told(toy, monkeypatch, batching, forced, folded):
+    """Both batchings train the folded post-perturbation block by default;
+    ``GEARSModule.fold_training_block = False`` trains the plain layers."""
     import pertpy_gnn.gears._module as gears_module
 
+    assert GEARSModule.fold_training_block is True
     calls = []
     real = gears_module._post_mlp_train
 
@@ -464,7 +465,6 @@ def test_training_block_folded_for_cell_batches_only(toy, monkeypatch, batching,
     GEARS.setup_anndata(toy)
     model = GEARS(toy, hidden_dim=8, seed=0)
     model.train(max_epochs=1, batch_size=16, batching=batching, progress_bar=False)
-    assert model.module.cell_batches is (batching == "cells")
     assert bool(calls) is folded
 
 

@@ -891,7 +891,6 @@ class GEARS(BaseModelClass):
                 use_distributed_sampler=trainer_kwargs.pop("use_distributed_sampler", False),
                 **trainer_kwargs,
             )
-            self.module.cell_batches = batching == "cells"
             if batching == "sets":
                 loader = make_set_loader(train, sets_per_batch, cells_per_set, seed=seed)
             else:
