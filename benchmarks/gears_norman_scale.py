@@ -70,6 +70,12 @@ def main() -> None:
     parser.add_argument(
         "--cells-per-set", type=int, default=8, help="most cells of a set per step (set batches; 0: all)"
     )
+    parser.add_argument(
+        "--training-block",
+        choices=["folded", "plain"],
+        default="folded",
+        help="the first post-perturbation block in training: folded (the default) or the plain layers",
+    )
     parser.add_argument("--md", action="store_true", help="also write a Markdown summary next to --out")
     parser.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (default 2: the target machine)"
@@ -159,6 +165,7 @@ def main() -> None:
 
     timer = EpochTimer()
     accelerator = "gpu" if args.device == "gpu" else "cpu"
+    model.module.fold_training_block = args.training_block == "folded"
     with PeakRSS() as train_peak:
         t0 = time.perf_counter()
         model.train(
@@ -194,7 +201,8 @@ def main() -> None:
             {"sets_per_batch": args.sets_per_batch, "cells_per_set": args.cells_per_set or "all"}
             if args.batching == "sets"
             else {"batch_size": args.batch_size}
-        ),
+        )
+        | {"training_block": args.training_block},
         "split": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in summary.items()},
         "preparation": prep,
         "epochs": timer.epochs,
@@ -230,7 +238,7 @@ def summary_md(r: dict, name: str) -> str:
         f"set batches, {b['sets_per_batch']} sets x up to {b['cells_per_set']} cells per step"
         if b["mode"] == "sets"
         else f"cell batches of {b['batch_size']}"
-    )
+    ) + f", training block {b.get('training_block', 'not recorded')}"
     lines = [
         f"GEARS on the Norman-shaped simulation ({r['shape'][0]} cells x {r['shape'][1]} genes, "
         f"{r['split']['n_train_cells']} training cells, {r['split']['n_train_perturbations']} training perturbations), "
