@@ -81,6 +81,22 @@ def test_metrics_bars_points_and_labels(prepared):
     assert any(np.allclose(line.get_ydata(), 1) for line in ax.lines)
     assert ax.get_ylabel() == "mse_top20_normalized"
 
+    # additive predicts no unseen single and only some doubles: its bars are labelled with their coverage
+    assert [t.get_text() for t in ax.texts] == ["0/1", "0/1"]  # the unseen single and one double
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 2 and all(p.get_height() == 0 for p in hatched)
+    # common=True: every bar over the perturbations all three models predict (none in the subgroups where
+    # additive predicts nothing: there every model's bar is empty and labelled 0/1)
+    ax3 = pg.pl.metrics(df, common=True, points=True)
+    assert [t.get_text() for t in ax3.texts] == ["0/1"] * 6
+    value = df[df["metric"] == "mse_top20_normalized"].pivot_table(
+        index=["subgroup", "perturbation"], columns="model", values="value"
+    )
+    shared = value.dropna()
+    for k, sg in enumerate(["unseen_single", "combo_seen0", "combo_seen2"]):
+        want = shared.loc[sg, "train_mean"].mean() if sg in shared.index.get_level_values(0) else 0.0
+        assert ax3.patches[3 + k].get_height() == pytest.approx(want)  # train_mean's bars
+
     ax2 = pg.pl.metrics(df, metric="pearson_delta", models=["additive"], points=False)
     assert len(ax2.patches) == 3 and not [c for c in ax2.collections if isinstance(c, PathCollection)]
     with pytest.raises(ValueError, match="No values of metric 'nope'"):

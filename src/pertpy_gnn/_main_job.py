@@ -305,7 +305,8 @@ def run_main_job(
     fig.tight_layout()
     body += _embed(
         _figure(plt, fig, out, "metrics_mse_top20.png"),
-        "Normalized top-20 DE MSE per model and subgroup (one point per perturbation; 1 = no change).",
+        "Normalized top-20 DE MSE per model and subgroup (one point per perturbation; 1 = no change; a hatched "
+        "bar labelled n/N stands for the n of the subgroup's N perturbations its model predicts).",
     )
     test_perts = split_table.index[split_table["split"] == "test"].tolist()
     if test_perts:

@@ -20,10 +20,16 @@ def metrics(
     models: list[str] | None = None,
     subgroups: list[str] | None = None,
     points: bool = True,
+    common: bool = False,
     seed: int = 0,
     ax: Axes | None = None,
 ) -> Axes:
     """Bars of a metric's mean per model and subgroup, with one point per perturbation.
+
+    A bar behind which stand fewer perturbations than its subgroup has with a value for some drawn
+    model (a model that cannot predict some of them, e.g. ``additive`` on doubles with an untrained
+    single) is hatched and labelled ``n/N``: its mean is over other perturbations than its
+    neighbours' and is not comparable with them.
 
     Parameters
     ----------
@@ -38,6 +44,9 @@ def metrics(
         Subgroups to draw, in this order (default: all; ``unseen_single``, ``combo_seen0/1/2`` first).
     points
         Draw each perturbation's value as a point over its bar (jittered, seeded).
+    common
+        Per subgroup, only the perturbations that every drawn model predicts (so that the bars compare
+        the same perturbations); default: each model over those it predicts.
     seed
         Seed of the jitter.
     ax
@@ -45,7 +54,8 @@ def metrics(
 
     Returns
     -------
-    The matplotlib axes: one bar per model and subgroup (NaN means are drawn as empty bars).
+    The matplotlib axes: one bar per model and subgroup (NaN means are drawn as empty bars), with an
+    ``n/N`` label over each bar that stands for fewer than all the subgroup's perturbations.
     """
     need = {"model", "perturbation", "subgroup", "metric", "value"}
     if not need <= set(eval_df.columns):
@@ -63,7 +73,15 @@ def metrics(
         subgroups = [s for s in _SUBGROUP_ORDER if s in found] + [
             s for s in found if s not in _SUBGROUP_ORDER
         ]
+    df = df[df["model"].isin(models)]
+    n_drawn = df["model"].nunique()
+    df = df[np.isfinite(df["value"].to_numpy(dtype=float))]  # scored (not left out, predictable)
+    n_all = df.groupby("subgroup")["perturbation"].nunique()  # with a value for at least one model
+    if common:  # the perturbations every drawn model predicts
+        n_models = df.groupby(["subgroup", "perturbation"])["model"].transform("nunique")
+        df = df[n_models.to_numpy() == n_drawn]
     means = df.groupby(["subgroup", "model"])["value"].mean()
+    counts = df.groupby(["subgroup", "model"])["perturbation"].nunique()
 
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(subgroups) * max(1, len(models)) / 2), 3.5))
@@ -73,14 +91,18 @@ def metrics(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, model in enumerate(models):
         offs = x - 0.4 + width * (j + 0.5)
-        heights = [means.get((s, model), np.nan) for s in subgroups]
+        heights = np.nan_to_num([means.get((s, model), np.nan) for s in subgroups])
         color = colors[j % len(colors)]
-        ax.bar(offs, np.nan_to_num(heights), width=width * 0.9, color=color, alpha=0.7, label=str(model))
+        bars = ax.bar(offs, heights, width=width * 0.9, color=color, alpha=0.7, label=str(model))
+        for i, s in enumerate(subgroups):
+            n, total = int(counts.get((s, model), 0)), int(n_all.get(s, 0))
+            if n < total:  # fewer perturbations behind this bar than the subgroup has
+                bars[i].set_hatch("//")
+                ax.text(offs[i], heights[i], f"{n}/{total}", ha="center", va="bottom", fontsize="x-small")
         if points:
             sub = df[df["model"] == model]
             for i, s in enumerate(subgroups):
                 v = sub.loc[sub["subgroup"] == s, "value"].to_numpy(dtype=float)
-                v = v[np.isfinite(v)]
                 if v.size:
                     jitter = rng.uniform(-0.25, 0.25, v.size) * width
                     ax.scatter(offs[i] + jitter, v, s=10, color="black", zorder=3, linewidths=0)
