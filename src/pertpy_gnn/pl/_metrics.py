@@ -111,5 +111,5 @@ def metrics(
     ax.set_xticks(x)
     ax.set_xticklabels(subgroups)
     ax.set_ylabel(metric)
-    ax.legend(frameon=False, fontsize="small")
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
     return ax
