@@ -179,7 +179,7 @@ def test_group_quantiles_match_numpy():
         np.testing.assert_allclose(out[:, g], np.quantile(v[codes == g], [0.0, 0.25, 0.4, 1.0], axis=0))
 
 
-def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
+def test_keys_shapes_summary_and_h5ad(synth, tmp_path, caplog):
     models = {k: pg.tl.fit_baseline(synth, k) for k in ("no_change", "train_mean", "additive")}
     df = pg.tl.evaluate(synth, models)
     assert list(df.columns) == [
@@ -229,9 +229,23 @@ def test_keys_shapes_summary_and_h5ad(synth, tmp_path):
         (summary.model == "additive") & (summary.subgroup == "all") & (summary.metric == "mse_top20")
     ]
     assert row["n"].item() == 2 and row["mean"].item() == pytest.approx(add[["G0+G1", "G2+G3"]].mean())
-    wide = pg.tl.summarize_evaluation(df, wide=True)
+    with caplog.at_level("WARNING", logger="pertpy_gnn"):
+        wide = pg.tl.summarize_evaluation(df, wide=True)
     assert list(wide.columns) == ["no_change", "train_mean", "additive"]
     assert wide.loc[("all", "mse_top20_normalized"), "no_change"] == pytest.approx(1.0)
+    assert "means of additive rest on fewer perturbations" in caplog.text
+    # common=True: every model over G0+G1 and G2+G3, the perturbations additive predicts
+    same = pg.tl.summarize_evaluation(df, common=True)
+    assert set(same["subgroup"]) == {"combo_seen2"}  # one subgroup left: no separate 'all' row
+    assert (same["n"] == 2).all()
+    mean = same[(same.model == "no_change") & (same.metric == "mse_top20")]["mean"]
+    assert mean.item() == pytest.approx(
+        np.mean([_value(df, "no_change", p, "mse_top20") for p in ("G0+G1", "G2+G3")])
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pertpy_gnn"):
+        pg.tl.summarize_evaluation(df, wide=True, common=True)
+    assert "fewer perturbations" not in caplog.text
 
     synth.write_h5ad(tmp_path / "e.h5ad")
     back = ad.read_h5ad(tmp_path / "e.h5ad").uns["pg_evaluation"]

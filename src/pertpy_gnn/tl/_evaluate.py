@@ -628,8 +628,12 @@ def _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models
     }
 
 
-def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFrame:
+def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False, common: bool = False) -> pd.DataFrame:
     """Mean of each metric per model and subgroup (and over all subgroups, as subgroup ``all``).
+
+    A model that cannot predict some perturbations (``additive`` on sets with an untrained gene: NaN)
+    has its means over fewer perturbations than the others (``n``); the wide table, which has no
+    ``n``, logs a warning naming such models. ``common=True`` compares like with like.
 
     Parameters
     ----------
@@ -638,6 +642,9 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     wide
         Return one row per ``subgroup`` x ``metric`` and one column per model (means only), ready for
         ``DataFrame.to_markdown()``.
+    common
+        Per metric, only the perturbations with a value for every model (the means then rest on the
+        same perturbations); default: each model over the perturbations it has a value for.
 
     Returns
     -------
@@ -653,6 +660,16 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
         raise ValueError(
             f"Expected the tidy frame of pg.tl.evaluate with columns {sorted(need)}, got {list(df.columns)}."
         )
+    if common:
+        keys = ["metric", "perturbation", *(["context"] if "context" in df else [])]
+        finite = np.isfinite(df["value"].to_numpy(dtype=float))
+        n_models = df[finite].groupby(keys)["model"].nunique()
+        shared = n_models[n_models == df["model"].nunique()].index
+        df = df[pd.MultiIndex.from_frame(df[keys]).isin(shared)]
+        if df.empty:
+            raise ValueError(
+                "No perturbation has a value for every model: `common=True` leaves nothing to summarize."
+            )
     both = (
         pd.concat([df, df.assign(subgroup="all")], ignore_index=True) if df["subgroup"].nunique() > 1 else df
     )
@@ -667,6 +684,14 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False) -> pd.DataFram
     if "skipped" in both:
         out["n_skipped"] = skipped.groupby(by, sort=False).sum().to_numpy().astype(np.int64)
     if wide:
+        fewer = out["n"] < out.groupby(["subgroup", "metric"])["n"].transform("max")
+        if fewer.any():
+            logger.warning(
+                "In the wide summary the means of %s rest on fewer perturbations than the other models' "
+                "(column n of the long table); summarize_evaluation(..., common=True) compares all models "
+                "on the same perturbations.",
+                ", ".join(map(str, pd.unique(out.loc[fewer, "model"]))),
+            )
         return out.pivot(index=["subgroup", "metric"], columns="model", values="mean")[
             list(pd.unique(df["model"]))
         ]
