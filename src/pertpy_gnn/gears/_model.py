@@ -804,15 +804,15 @@ class GEARS(BaseModelClass):
             ``'bf16-mixed'`` (the forward pass and its gradients in bfloat16 under autocast; weights,
             optimizer state, batch-norm statistics and predictions stay float32, and so does
             validation), for hardware with bf16 units (CPUs
-            with AVX512-BF16 / AMX, recent GPUs). Measured on a CPU
-            with AMX over 5 paired seeds (``benchmarks/results/compare_precision.md``): with
+            with AVX512-BF16 / AMX, recent GPUs). Measured on a CPU with AMX
+            (``benchmarks/results/compare_precision.md``, paired seeds): with
             ``train_gears(preset='anchored')`` as accurate as float32 (test normalized top-20 MSE
-            +0.000 +- 0.001 simulated, +0.006 +- 0.037 Norman subset) but not faster on 500 genes
-            (1.1-1.2x float32's CPU seconds); with this method's defaults (the paper's schedule) test
-            Pearson delta on the Norman subset fell by 0.12 +- 0.09 (measured while validation's
-            shared gene states were still computed in bfloat16; the selected epoch may differ now). It saves CPU on larger screens
-            with cell batches (2,000 genes: 0.71x a cell-batch epoch, 0.94x a set-batch epoch), hence
-            an option, not the default.
+            +0.003 +- 0.003 simulated over 5 seeds, -0.007 +- 0.051 Norman subset over 24) but not
+            faster on 500 genes (1.2x float32's CPU seconds); with this method's defaults (the paper's
+            schedule) test Pearson delta on the Norman subset fell by 0.12 +- 0.09 over 5 seeds
+            (measured while validation's shared gene states were still computed in bfloat16, so the
+            selected epoch may differ now). On 2,000 genes a cell-batch epoch took 0.94-0.97x
+            float32's CPU (``compare_speed.md``): an option, not the default.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
