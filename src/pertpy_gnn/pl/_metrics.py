@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from pertpy_gnn.tl._evaluate import METRICS
+from pertpy_gnn.tl._evaluate import METRICS, common_rows
 
 #: subgroups of pg.pp.split_perturbations in the order GEARS reports them; others follow in order of appearance
 _SUBGROUP_ORDER = ["unseen_single", "combo_seen0", "combo_seen1", "combo_seen2", "val", "train", "all"]
@@ -74,12 +74,9 @@ def metrics(
             s for s in found if s not in _SUBGROUP_ORDER
         ]
     df = df[df["model"].isin(models)]
-    n_drawn = df["model"].nunique()
-    df = df[np.isfinite(df["value"].to_numpy(dtype=float))]  # scored (not left out, predictable)
-    n_all = df.groupby("subgroup")["perturbation"].nunique()  # with a value for at least one model
-    if common:  # the perturbations every drawn model predicts
-        n_models = df.groupby(["subgroup", "perturbation"])["model"].transform("nunique")
-        df = df[n_models.to_numpy() == n_drawn]
+    scored = df[np.isfinite(df["value"].to_numpy(dtype=float))]  # not left out, predictable
+    n_all = scored.groupby("subgroup")["perturbation"].nunique()  # with a value for at least one model
+    df = common_rows(df) if common else scored  # common: the perturbations every drawn model predicts
     means = df.groupby(["subgroup", "model"])["value"].mean()
     counts = df.groupby(["subgroup", "model"])["perturbation"].nunique()
 

@@ -628,6 +628,18 @@ def _store(adata, key_added, df, split_key, subset, de_key, layer, n_top, models
     }
 
 
+def common_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a tidy :func:`evaluate` frame with a finite value for every model of the frame.
+
+    Per metric and perturbation (and context, if any): the perturbations all models are scored on.
+    """
+    keys = ["metric", "perturbation", *(["context"] if "context" in df else [])]
+    finite = np.isfinite(df["value"].to_numpy(dtype=float))
+    n_models = df[finite].groupby(keys)["model"].nunique()
+    shared = n_models[n_models == df["model"].nunique()].index
+    return df[finite & pd.MultiIndex.from_frame(df[keys]).isin(shared)]
+
+
 def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False, common: bool = False) -> pd.DataFrame:
     """Mean of each metric per model and subgroup (and over all subgroups, as subgroup ``all``).
 
@@ -661,11 +673,7 @@ def summarize_evaluation(df: pd.DataFrame, *, wide: bool = False, common: bool =
             f"Expected the tidy frame of pg.tl.evaluate with columns {sorted(need)}, got {list(df.columns)}."
         )
     if common:
-        keys = ["metric", "perturbation", *(["context"] if "context" in df else [])]
-        finite = np.isfinite(df["value"].to_numpy(dtype=float))
-        n_models = df[finite].groupby(keys)["model"].nunique()
-        shared = n_models[n_models == df["model"].nunique()].index
-        df = df[pd.MultiIndex.from_frame(df[keys]).isin(shared)]
+        df = common_rows(df)
         if df.empty:
             raise ValueError(
                 "No perturbation has a value for every model: `common=True` leaves nothing to summarize."
