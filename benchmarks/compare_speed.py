@@ -23,13 +23,22 @@ reset + ``VmHWM``, as the reference run):
                   is that of one way of training
 ``train_bf16``    the same epoch under ``precision='bf16-mixed'`` (a fresh model, same second process)
 
-Then compares with ``benchmarks/results/reference_gears_<dataset>.json`` and writes
+With ``--reference-python`` (the python of the reference's venv, ``reference_gears/setup_venv.sh``)
+the reference is rerun in the same run, ``--pairs`` times, alternating with ours (reference first in
+odd pairs, ours first in even ones), so that both see the same machine: CPU seconds of the same code
+move by a quarter between sittings on this shared machine. Each reference run is appended to
+``reference_gears_<dataset>_history.json``; the table compares the medians over the pairs (every
+phase's numbers), and a second table gives each pair's ratios. Without it, it compares with the
+last recorded reference run,
+``benchmarks/results/reference_gears_<dataset>.json``, and writes
 ``benchmarks/results/compare_speed.json`` and ``compare_speed.md`` (reference, ours, ratio
 reference / ours per phase, against the issue's targets).
 
 Usage::
 
     .venv/bin/python benchmarks/compare_speed.py --device cpu --seed 0
+    .venv/bin/python benchmarks/compare_speed.py --pairs 3 \
+        --reference-python benchmarks/work/ref-venv/bin/python
 """
 
 from __future__ import annotations
@@ -236,9 +245,12 @@ def run_workers(args) -> dict:
     }
 
 
-def compare(ours: dict, ref: dict, history: list[dict] | None = None) -> tuple[list[dict], str]:
+def compare(
+    ours: dict, ref: dict, history: list[dict] | None = None, pairs: list[dict] | None = None
+) -> tuple[list[dict], str]:
     """Rows and Markdown of ours against the reference run ``ref``; ``history``: every recorded reference run
-    (``reference_gears_<dataset>_history.json``), summarized beside the table with ours against its medians."""
+    (``reference_gears_<dataset>_history.json``), summarized beside the table with ours against its medians;
+    ``pairs``: the reference / ours pairs of this run (``ours`` and ``ref`` then are their medians)."""
     rp, op = ref["phases"], ours["phases"]
     tr = rp["train"]
     sampled_train = bool(tr.get("sampled"))
@@ -343,7 +355,13 @@ def compare(ours: dict, ref: dict, history: list[dict] | None = None) -> tuple[l
         f"Dataset: `{ref['dataset']['source']}` ({ref['dataset']['n_cells']} cells x {ref['dataset']['n_genes']} genes), "
         "same split, same GO graph, hidden 64, 1 SGC layer each, batch 32, 1 epoch, 1 torch thread, CPU. "
         "Shared 2-core machine under load from other jobs: **CPU seconds are the fair basis**, wall seconds "
-        "are inflated by contention (load averages in the JSON).\n",
+        "are inflated by contention (load averages in the JSON)."
+        + (
+            f" Both were run in this run, {len(pairs)} times each, alternating (`--pairs {len(pairs)}`): the "
+            "table compares the medians over the pairs of every phase's numbers; each pair's ratios follow it.\n"
+            if pairs
+            else "\n"
+        ),
         "| phase | reference CPU s | ours CPU s | ratio (ref/ours), CPU | target | met | reference wall s | ours wall s | ratio, wall | reference numbers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -367,6 +385,8 @@ def compare(ours: dict, ref: dict, history: list[dict] | None = None) -> tuple[l
             f"{above[0] / above[1]:.1f}x |  |  | | | | peak less the RSS after the import phase (data, "
             "preparation, training, prediction, GI scores) |"
         )
+    if pairs:
+        md.append("\n" + pairs_table(pairs))
     short = [r["phase"].strip() for r in rows if r["meets_target_cpu"] is False]
     short += [f"peak RSS ({ram['what']})" for ram in rams if not ram["meets_target"]]
     md.append(
@@ -397,7 +417,7 @@ def compare(ours: dict, ref: dict, history: list[dict] | None = None) -> tuple[l
         "s once (a run with a stale cache: 6.3 CPU s for the 10 doubles, peak RSS 25 MiB higher).\n"
     )
     if history:
-        md.append(reference_spread(history, {r["key"]: r for r in rows}, rams))
+        md.append(reference_spread(history, {r["key"]: r for r in rows}, rams, n_pairs=len(pairs or [])))
     md.append("1-minute load average at the start / end of each phase (2 cores):\n")
     md.append("| phase | reference | ours |")
     md.append("|---|---|---|")
@@ -411,7 +431,7 @@ def compare(ours: dict, ref: dict, history: list[dict] | None = None) -> tuple[l
     return rows + [{"phase": "peak RSS", **ram} for ram in rams], "\n".join(md) + "\n"
 
 
-def reference_spread(history: list[dict], rows: dict, rams: list[dict]) -> str:
+def reference_spread(history: list[dict], rows: dict, rams: list[dict], n_pairs: int = 0) -> str:
     """A paragraph: how the reference's own numbers vary between its runs here, and ours against their medians."""
     fields = {
         "peak_rss_mib_process": "peak RSS (MiB)",
@@ -433,8 +453,14 @@ def reference_spread(history: list[dict], rows: dict, rams: list[dict]) -> str:
     return (
         f"**The reference's own spread.** Its {len(history)} recorded runs on this machine "
         f"({history[0]['date']} to {history[-1]['date']}, `reference_gears_sim20k_history.json`) vary: {spread}. "
-        "The table above compares with the run of this sitting, as the issue asks; against the medians of all "
-        "runs, ours (this run) are: " + ", ".join(f"{k} {v:.2f}x" for k, v in ours) + ".\n"
+        + (
+            f"The table above compares with the medians of the {n_pairs} reference runs of this run"
+            if n_pairs
+            else "The table above compares with the run of this sitting"
+        )
+        + ", as the issue asks; against the medians of all recorded runs, ours (this run) are: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in ours)
+        + ".\n"
     )
 
 
@@ -484,6 +510,140 @@ def full_scale() -> tuple[list[dict], str]:
     return rows, "\n".join(md) + "\n"
 
 
+#: the reference's run in a pair: its epoch and prediction sampled and scaled (all 500 doubles take hours)
+REFERENCE_SAMPLING = ["--n-predict", "30", "--max-train-steps", "60", "--max-eval-batches", "40"]
+
+
+def run_reference(args, out: Path) -> dict:
+    """One run of ``reference_gears/run_reference.py`` in the reference's venv on the same inputs."""
+    script = ROOT / "benchmarks" / "reference_gears" / "run_reference.py"
+    cmd = [str(args.reference_python), str(script), "--data-dir", str(args.data_dir), "--out", str(out)]
+    cmd += ["--threads", str(args.threads), *REFERENCE_SAMPLING]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def median_record(records: list[dict]) -> dict:
+    """Field-wise median of records of the same shape (numbers that differ: the median; anything else: the first's)."""
+    first = records[0]
+    out = {}
+    for key, value in first.items():
+        values = [r[key] for r in records if key in r]
+        if len(values) < len(records):
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = median_record(values)
+        elif (
+            all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            and len(set(values)) > 1
+        ):
+            out[key] = float(statistics.median(values))
+        else:
+            out[key] = value
+    return out
+
+
+def history_entry(ref: dict, ours: dict, label: str) -> dict:
+    """The numbers of one reference run that ``reference_gears_<dataset>_history.json`` keeps."""
+    rows = {r["key"]: r for r in compare(ours, ref)[0] if "key" in r}
+    return {
+        "run": label,
+        "date": time.strftime("%Y-%m-%d"),
+        "peak_rss_mib_process": ref["peak_rss_mib_process"],
+        "preparation_cpu_s": round(rows["preparation"]["ref"]["cpu"], 2),
+        "epoch_cpu_s": round(rows["epoch_sets"]["ref"]["cpu"], 1),
+        "predict_500_cpu_s": round(rows["predict_500"]["ref"]["cpu"], 1),
+    }
+
+
+#: the ratios each pair reports: row key, label
+PAIR_COLUMNS = [
+    ("preparation", "preparation"),
+    ("epoch_sets", "set-batch epoch"),
+    ("epoch", "cell-batch epoch"),
+    ("predict_500", "predict 500"),
+    ("peak_ram", "peak RSS, main job"),
+    ("peak_ram_cells", "peak RSS, cells"),
+]
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    """Markdown: each pair's ratios (reference / ours, CPU seconds and peak RSS), their median and range."""
+    ratios = []
+    for pair in pairs:
+        rows = {r["key"]: r for r in compare(pair["ours"], pair["ref"])[0]}
+        ratios.append(
+            {
+                k: rows[k]["ratio"]["cpu"] if isinstance(rows[k]["ratio"], dict) else rows[k]["ratio"]
+                for k, _ in PAIR_COLUMNS
+                if k in rows
+            }
+        )
+    keys = [(k, label) for k, label in PAIR_COLUMNS if all(k in r for r in ratios)]
+    md = [
+        f"**Each pair** ({len(pairs)} pairs in this run, reference and ours alternating which ran first; "
+        "ratio reference / ours, CPU seconds, peak RSS of the process):\n",
+        "| pair | first | reference epoch CPU s | " + " | ".join(label for _, label in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
+    for i, (pair, r) in enumerate(zip(pairs, ratios, strict=True)):
+        epoch = pair["ref"]["phases"]["train"]
+        epoch_cpu = epoch.get("extrapolated_train_cpu_s", epoch["cpu_s"])
+        md.append(
+            f"| {i + 1} | {pair['first']} | {epoch_cpu:.0f} | "
+            + " | ".join(f"{r[k]:.1f}x" for k, _ in keys)
+            + " |"
+        )
+    md.append(
+        "| median | | | "
+        + " | ".join(f"{statistics.median(r[k] for r in ratios):.1f}x" for k, _ in keys)
+        + " |"
+    )
+    md.append(
+        "| range | | | "
+        + " | ".join(f"{min(r[k] for r in ratios):.1f}-{max(r[k] for r in ratios):.1f}x" for k, _ in keys)
+        + " |\n"
+    )
+    return "\n".join(md) + "\n"
+
+
+def write_tables(record: dict, ref: dict, history: list[dict] | None, out: Path) -> None:
+    """``record['comparison']`` and ``record['full_scale']``, and the Markdown beside ``out``."""
+    record["comparison"], md = compare(record["ours"], ref, history, pairs=record.get("pairs"))
+    record["full_scale"], md_full = full_scale()
+    out.with_suffix(".md").write_text(md + md_full)
+
+
+def run_pairs(args, ref_path: Path, history_path: Path) -> tuple[dict, dict, list[dict]]:
+    """``args.pairs`` reference runs and ours, alternating; each reference run joins the history file.
+
+    Returns the field-wise medians of ours and of the reference over the pairs, and the pairs.
+    """
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.pairs):
+            first = "reference" if i % 2 == 0 else "ours"
+            pair: dict = {"first": first}
+            for who in ("ref", "ours") if first == "reference" else ("ours", "ref"):
+                if who == "ref":
+                    pair["ref"] = run_reference(args, Path(tmp) / f"reference_{i}.json")
+                else:
+                    pair["ours"] = run_workers(args)
+            pairs.append(pair)
+            ref_path.write_text(json.dumps(pair["ref"], indent=2) + "\n")  # the latest reference run
+            history = json.loads(history_path.read_text()) if history_path.exists() else {"runs": []}
+            history.setdefault(
+                "what",
+                f"every recorded run of the reference GEARS (cell-gears 0.1.2) on the {args.dataset} "
+                "inputs on this machine, oldest first",
+            )
+            label = f"pair {i + 1} of {args.pairs} of compare_speed --pairs, {time.strftime('%H:%M')} UTC"
+            history["runs"].append(history_entry(pair["ref"], pair["ours"], label))
+            history_path.write_text(json.dumps(history, indent=1) + "\n")
+            print(f"[compare_speed] pair {i + 1} of {args.pairs} done", file=sys.stderr, flush=True)
+    return median_record([p["ours"] for p in pairs]), median_record([p["ref"] for p in pairs]), pairs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -494,6 +654,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_speed.json")
     p.add_argument("--from-json", action="store_true", help="only rewrite the tables from --out (no run)")
     p.add_argument("--skip-bf16", action="store_true", help="do not time a bf16-mixed epoch of cell batches")
+    p.add_argument(
+        "--reference-python",
+        type=Path,
+        default=None,
+        help="python of the reference's venv: rerun the reference in this run, alternating with ours",
+    )
+    p.add_argument("--pairs", type=int, default=1, help="with --reference-python: reference / ours pairs")
     p.add_argument("--worker", choices=["main", "cells"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -508,17 +675,22 @@ def main() -> None:
         )
     if args.from_json:  # rewrite the tables from an existing record, without rerunning
         record = json.loads(args.out.read_text())
-        ref = json.loads(ref_path.read_text())
-        record["comparison"], md = compare(record["ours"], ref, history)
-        record["full_scale"], md_full = full_scale()
-        args.out.with_suffix(".md").write_text(md + md_full)
+        ref = record.get("reference") or json.loads(ref_path.read_text())
+        write_tables(record, ref, history, args.out)
         args.out.write_text(json.dumps(record, indent=2, default=float) + "\n")
         return
     if args.worker:  # one of the two processes run_workers starts
         args.worker_out.write_text(json.dumps(run_ours(args), default=float))
         return
+    if args.pairs < 1 or (args.pairs > 1 and args.reference_python is None):
+        raise ValueError("--pairs needs --reference-python and must be at least 1.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    ours = run_workers(args)
+    pairs = None
+    if args.reference_python is not None:
+        ours, ref, pairs = run_pairs(args, ref_path, history_path)
+        history = json.loads(history_path.read_text())["runs"]
+    else:
+        ours = run_workers(args)
     record = {
         "benchmark": "compare_speed",
         "dataset": args.dataset,
@@ -533,13 +705,14 @@ def main() -> None:
         },
         "ours": ours,
     }
-    if ref_path.exists():
+    if pairs:
+        record["pairs"], record["reference"] = pairs, ref
+    elif ref_path.exists():
         ref = json.loads(ref_path.read_text())
         record["reference_file"] = str(ref_path.relative_to(ROOT))
+    if pairs or ref_path.exists():
         record["reference_params"] = ref["params"]
-        record["comparison"], md = compare(ours, ref, history)
-        record["full_scale"], md_full = full_scale()
-        args.out.with_suffix(".md").write_text(md + md_full)
+        write_tables(record, ref, history, args.out)
     record["machine"] = machine(args.device)
     record["command"] = " ".join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
