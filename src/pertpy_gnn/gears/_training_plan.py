@@ -70,7 +70,8 @@ class GEARSTrainingPlan(pl.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = -1
         self.best_val = math.inf
-        self._epoch_loss = [0.0, 0]
+        # the epoch's sum of loss x cells, kept on the device (no host sync per step on a GPU), and its cells
+        self._epoch_loss: list = [None, 0]
         self._val_sums: list[torch.Tensor] = []
         self._val = math.nan
         self._memory: ExitStack | None = None
@@ -92,7 +93,9 @@ class GEARSTrainingPlan(pl.LightningModule):
         _, _, out = self.module(batch)
         n = batch[K.X].shape[0]
         self.log("train_loss", out.loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        self._epoch_loss[0] += float(out.loss.detach()) * n
+        weighted = out.loss.detach() * n
+        total = self._epoch_loss[0]
+        self._epoch_loss[0] = weighted if total is None else total.add_(weighted)
         self._epoch_loss[1] += n
         return out.loss
 
@@ -145,11 +148,12 @@ class GEARSTrainingPlan(pl.LightningModule):
     def on_train_epoch_end(self):
         self._sync_buffers()
         total, n = self._epoch_loss
+        total = 0.0 if total is None else float(total)
         if self.trainer.world_size > 1:  # the mean over every process's cells
             total, n = self.trainer.strategy.reduce(
                 torch.tensor([total, n], dtype=torch.float64, device=self.device), reduce_op="sum"
             ).tolist()
-        self._epoch_loss = [0.0, 0]
+        self._epoch_loss = [None, 0]
         self.history["epoch"].append(self.current_epoch)
         self.history["train_loss"].append(total / max(n, 1))
         self.history["val_top20_de_mse"].append(self._val)
