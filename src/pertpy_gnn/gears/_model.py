@@ -810,9 +810,9 @@ class GEARS(BaseModelClass):
             +0.003 +- 0.003 simulated over 5 seeds, -0.007 +- 0.051 Norman subset over 24) but not
             faster on 500 genes (1.2x float32's CPU seconds); with this method's defaults (the paper's
             schedule) test Pearson delta on the Norman subset fell by 0.12 +- 0.09 over 5 seeds
-            (measured while validation's shared gene states were still computed in bfloat16, so the
-            selected epoch may differ now). On 2,000 genes a cell-batch epoch took 0.94-0.97x
-            float32's CPU (``compare_speed.md``): an option, not the default.
+            (the same after validation became fully float32). On 2,000 genes a cell-batch epoch
+            took 0.83-0.89x float32's CPU in 3 runs (``compare_speed.md``; 0.71-0.97x in earlier
+            sittings): an option, not the default.
         progress_bar
             Show progress: Lightning's bar and banner in a terminal or notebook; elsewhere (output
             redirected to a file) one log line per epoch with the loss, the validation MSE and the time.
