@@ -384,6 +384,21 @@ def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol):
     torch.testing.assert_close(mlp(h, last_norm=False), ref(h, last_norm=False), rtol=rtol, atol=atol)
 
 
+def test_folded_post_mlp_training_block_frees_its_relu_output_in_backward():
+    """Backward drops the block's largest activation (``N x 2d``) once used; a second backward is refused clearly."""
+    torch.manual_seed(0)
+    mlp = MLP([4, 8, 4]).train()
+    h = torch.randn(50, 4).relu_().requires_grad_()
+    out, colsum, sumsq = _post_mlp_train(mlp, h)
+    ctx = out.grad_fn
+    assert ctx.relu_out is not None and ctx.relu_out.shape == (50, 8)
+    loss = out.sum() + colsum.sum() + sumsq.sum()
+    loss.backward(retain_graph=True)
+    assert ctx.relu_out is None and h.grad is not None
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
 @pytest.mark.parametrize(
     ("dtype", "rtol", "atol"), [(torch.float64, 1e-8, 1e-10), (torch.float32, 1e-3, 1e-4)]
 )
