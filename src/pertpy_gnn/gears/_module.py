@@ -11,9 +11,9 @@ import math
 from typing import Literal
 
 import torch
-from torch.autograd.function import once_differentiable
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from ._constants import TENSOR_KEYS as K
@@ -134,7 +134,9 @@ class _PostMLPTrain(torch.autograd.Function):
         h, out, w1, w2, mu, cov, s, inv, w1s = ctx.saved_tensors
         r, ctx.relu_out = ctx.relu_out, None
         if r is None:
-            raise RuntimeError("The folded GEARS block frees its activations in backward: backward runs once.")
+            raise RuntimeError(
+                "The folded GEARS block frees its activations in backward: backward runs once."
+            )
         n = h.shape[0]
         g = torch.addcmul(g_out, out, 2.0 * g_sumsq).add_(g_sum)  # gradient w.r.t. the output, all of it
         d_b2, d_w2 = g.sum(0), torch.mm(g.T, r)
