@@ -673,6 +673,37 @@ def test_fixed_seed_is_deterministic():
     assert not np.array_equal(runs[0][1], runs[2][1])
 
 
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_gradient_clipping_by_value_equals_lightnings(monkeypatch, clip):
+    """The plan's in-place ``foreach`` clipping trains to exactly the parameters Lightning's own clipping gives."""
+    import lightning.pytorch as lp
+
+    from pertpy_gnn.gears._training_plan import GEARSTrainingPlan
+
+    calls = []
+    real = torch._foreach_clamp_min_
+    monkeypatch.setattr(torch, "_foreach_clamp_min_", lambda *a: calls.append(1) or real(*a))
+    states = []
+    for ours in (True, False):
+        if not ours:  # Lightning's path: the LightningModule's hook
+            monkeypatch.setattr(
+                GEARSTrainingPlan,
+                "configure_gradient_clipping",
+                lp.LightningModule.configure_gradient_clipping,
+            )
+        adata = _prepare(_toy())
+        GEARS.setup_anndata(adata)
+        model = GEARS(adata, hidden_dim=16, seed=0)
+        model.train(max_epochs=1, progress_bar=False, gradient_clip_val=clip, seed=0)
+        states.append({k: v.clone() for k, v in model.module.state_dict().items()})
+        if ours:
+            n_ours = len(calls)
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0, msg=k)
+    assert n_ours > 0 if clip else n_ours == 0  # the fast path ran, once per step, only when clipping
+
+
 def test_uncertainty_and_per_cell_predictions(toy):
     model = pg.tl.train_gears(toy, max_epochs=1, hidden_dim=16, uncertainty=True, progress_bar=False)
     train_sets = [
