@@ -334,7 +334,13 @@ def compare(
             "ref_note": "measured (GI_predict, empty cache)",
         },
     ]
-    per_pair = pair_ratios(pairs) if pairs else {}
+    # with pairs: each pair's ratios, and their median per row
+    ratios = [_ratios(pair) for pair in pairs or []]
+    per_pair = {
+        k: float(statistics.median(r[k] for r in ratios))
+        for k in (ratios[0] if ratios else {})
+        if all(k in r for r in ratios)
+    }
     for r in rows:
         r["ratio"] = {u: r["ref"][u] / max(r["ours"][u], 1e-9) for u in ("wall", "cpu")}
         t = TARGETS.get(r["key"])
@@ -398,7 +404,7 @@ def compare(
             "preparation, training, prediction, GI scores) |"
         )
     if pairs:
-        md.append("\n" + pairs_table(pairs))
+        md.append("\n" + pairs_table(pairs, ratios, per_pair))
     short = [r["phase"].strip() for r in rows if r["meets_target_cpu"] is False]
     short += [f"peak RSS ({ram['what']})" for ram in rams if not ram["meets_target"]]
     md.append(
@@ -589,18 +595,9 @@ def _ratios(pair: dict) -> dict[str, float]:
     }
 
 
-def pair_ratios(pairs: list[dict]) -> dict[str, float]:
-    """Median over the pairs of each row's ratio reference / ours."""
-    ratios = [_ratios(pair) for pair in pairs]
-    return {
-        k: float(statistics.median(r[k] for r in ratios)) for k in ratios[0] if all(k in r for r in ratios)
-    }
-
-
-def pairs_table(pairs: list[dict]) -> str:
+def pairs_table(pairs: list[dict], ratios: list[dict[str, float]], medians: dict[str, float]) -> str:
     """Markdown: each pair's ratios (reference / ours, CPU seconds and peak RSS), their median and range."""
-    ratios = [_ratios(pair) for pair in pairs]
-    keys = [(k, label) for k, label in PAIR_COLUMNS if all(k in r for r in ratios)]
+    keys = [(k, label) for k, label in PAIR_COLUMNS if k in medians]
     md = [
         f"**Each pair** ({len(pairs)} pairs in this run, reference and ours alternating which ran first; "
         "ratio reference / ours, CPU seconds, peak RSS of the process):\n",
@@ -615,11 +612,7 @@ def pairs_table(pairs: list[dict]) -> str:
             + " | ".join(f"{r[k]:.1f}x" for k, _ in keys)
             + " |"
         )
-    md.append(
-        "| median | | | "
-        + " | ".join(f"{statistics.median(r[k] for r in ratios):.1f}x" for k, _ in keys)
-        + " |"
-    )
+    md.append("| median | | | " + " | ".join(f"{medians[k]:.1f}x" for k, _ in keys) + " |")
     md.append(
         "| range | | | "
         + " | ".join(f"{min(r[k] for r in ratios):.1f}-{max(r[k] for r in ratios):.1f}x" for k, _ in keys)
