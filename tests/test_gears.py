@@ -21,6 +21,7 @@ from pertpy_gnn.gears._module import (
     LearnedEncoder,
     PretrainedGeneEncoder,
     _post_mlp_train,
+    grid_relu,
 )
 
 GO_FILE = "go/human_gene2go_orgHsEgDb_20220912.tsv.gz"
@@ -324,23 +325,27 @@ def test_eval_predictions_float32_under_bf16_autocast():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _plain_post_mlp(mlp, h):
-    """The training-mode post-perturbation MLP through the plain nn layers (what ``_post_mlp_train`` replaces)."""
-    out = mlp(h, last_norm=False)
+def _plain_post_mlp(mlp, g, q, **_):
+    """The training-mode first post-perturbation block through the plain nn layers (what ``_post_mlp_train`` replaces)."""
+    out = mlp(grid_relu(g, q).reshape(-1, g.shape[1]), last_norm=False)
     return out, out.sum(0), (out * out).sum(0)
 
 
 @pytest.mark.parametrize(
+    "chunk_rows", [12, 3, 10_000]
+)  # chunks of 2 genes (the last of 1), of 1 gene, one chunk
+@pytest.mark.parametrize(
     ("dtype", "rtol", "atol"), [(torch.float64, 1e-9, 1e-11), (torch.float32, 2e-4, 2e-5)]
 )
-def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol):
-    """``Linear -> BN -> ReLU -> Linear`` as one Function (BN folded through the Gram matrix) equals the layers.
+def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol, chunk_rows):
+    """``ReLU(g_u + q_s) -> Linear -> BN -> ReLU -> Linear`` as one chunked Function (BN folded through the
+    Gram matrix) equals the plain layers over the gene x set grid.
 
-    Outputs, the column moments, the gradients of the input and of every parameter (for a loss through
-    all three outputs), and the running statistics; then eval mode on the updated statistics.
+    Outputs, the column moments, the gradients of ``g``, ``q`` and of every parameter (for a loss
+    through all three outputs), and the running statistics; then eval mode on the updated statistics.
     """
     torch.manual_seed(0)
-    d, n = 8, 300
+    d, k, n = 8, 37, 5
     mlp = MLP([d, 2 * d, d]).to(dtype)
     with torch.no_grad():
         for bn in (mlp[1], mlp[-1]):
@@ -348,55 +353,79 @@ def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol):
             bn.bias.uniform_(-0.5, 0.5)
     ref = copy.deepcopy(mlp)
     mlp.train(), ref.train()
-    weights = [torch.randn(n, d, dtype=dtype), torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype) / n]
+    big_n = k * n
+    weights = [
+        torch.randn(big_n, d, dtype=dtype),
+        torch.randn(d, dtype=dtype),
+        torch.randn(d, dtype=dtype) / big_n,
+    ]
     for step in range(3):  # running statistics move over several steps
-        h0 = (torch.randn(n, d, dtype=dtype) + 0.3 * step).relu_()
+        g0, q0 = torch.randn(k, d, dtype=dtype) + 0.3 * step, torch.randn(n, d, dtype=dtype)
         results = []
         for fn, m in ((_post_mlp_train, mlp), (_plain_post_mlp, ref)):
-            h = h0.clone().requires_grad_()
+            g, q = g0.clone().requires_grad_(), q0.clone().requires_grad_()
             m.zero_grad()
-            outs = fn(m, h)
+            outs = fn(m, g, q, chunk_rows=chunk_rows)
             sum(
                 ((o * w).sum() for o, w in zip(outs, weights, strict=True)), torch.zeros((), dtype=dtype)
             ).backward()
             grads = {f"grad {k}": p.grad for k, p in m.named_parameters() if p.grad is not None}
-            results.append({"out": outs[0], "sum": outs[1], "sumsq": outs[2], "grad h": h.grad} | grads)
+            names = ("out", "sum", "sumsq")
+            results.append(dict(zip(names, outs, strict=True)) | {"grad g": g.grad, "grad q": q.grad} | grads)
         new, old = results
-        assert new.keys() == old.keys() and len(new) == 4 + 6  # lin1, bn1, lin2 (not the last batch norm)
+        assert new.keys() == old.keys() and len(new) == 5 + 6  # lin1, bn1, lin2 (not the last batch norm)
+        assert new["out"].shape == (big_n, d)
         # the first linear layer's bias is followed by a batch norm: its gradient is zero, exactly here,
         # rounding noise of the sum over the rows through the plain layers (small beside its weight's)
         assert (new.pop("grad 0.bias") == 0).all()
         assert old.pop("grad 0.bias").abs().max() < 10 * atol * old["grad 0.weight"].abs().max()
-        for k, b in old.items():
+        for k_, b in old.items():
             scale = b.abs().max().clamp(min=1.0)
             torch.testing.assert_close(
-                new[k].detach() / scale,
+                new[k_].detach() / scale,
                 b.detach() / scale,
                 rtol=rtol,
                 atol=atol,
-                msg=lambda m, k=k: f"{k}: {m}",
+                msg=lambda m, k_=k_: f"{k_}: {m}",
             )
         for name, buf in ref[1].named_buffers():
             torch.testing.assert_close(dict(mlp[1].named_buffers())[name], buf, rtol=rtol, atol=atol)
     assert int(mlp[1].num_batches_tracked) == 3
     mlp.eval(), ref.eval()
-    h = torch.rand(n, d, dtype=dtype)
+    h = torch.rand(big_n, d, dtype=dtype)
     torch.testing.assert_close(mlp(h, last_norm=False), ref(h, last_norm=False), rtol=rtol, atol=atol)
 
 
-def test_folded_post_mlp_training_block_frees_its_relu_output_in_backward():
-    """Backward drops the block's largest activation (``N x 2d``) once used; a second backward is refused clearly."""
+def test_folded_post_mlp_training_block_gradients_of_some_outputs_only():
+    """A loss through the output alone or through the column moments alone (autograd passes ``None`` for
+    the others) gives the plain layers' gradients."""
+    torch.manual_seed(1)
+    mlp = MLP([4, 8, 4]).train().double()
+    ref = copy.deepcopy(mlp)
+    g0, q0 = torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for which, w in ((0, torch.randn(27, 4, dtype=torch.float64)), (2, torch.randn(4, dtype=torch.float64))):
+        grads = []
+        for fn, m in ((_post_mlp_train, mlp), (_plain_post_mlp, ref)):
+            g, q = g0.clone().requires_grad_(), q0.clone().requires_grad_()
+            m.zero_grad()
+            (fn(m, g, q, chunk_rows=6)[which] * w).sum().backward()
+            grads.append((g.grad, q.grad, m[0].weight.grad, m[3].weight.grad))
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_folded_post_mlp_training_block_keeps_only_its_output_for_backward():
+    """Of the grid's size (``K n`` rows) the block keeps its output only: ``h`` and the hidden ``K n x 2d``
+    activation are recomputed per chunk in backward, not saved."""
     torch.manual_seed(0)
     mlp = MLP([4, 8, 4]).train()
-    h = torch.randn(50, 4).relu_().requires_grad_()
-    out, colsum, sumsq = _post_mlp_train(mlp, h)
-    ctx = out.grad_fn
-    assert ctx.relu_out is not None and ctx.relu_out.shape == (50, 8)
-    loss = out.sum() + colsum.sum() + sumsq.sum()
-    loss.backward(retain_graph=True)
-    assert ctx.relu_out is None and h.grad is not None
-    with pytest.raises(RuntimeError, match="backward runs once"):
-        loss.backward()
+    g, q = torch.randn(10, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    out, colsum, sumsq = _post_mlp_train(mlp, g, q, chunk_rows=20)
+    saved = out.grad_fn.saved_tensors
+    assert [t.shape[0] for t in saved if t.dim() == 2 and t.shape[0] == 50] == [50]
+    assert any(t is out or t.data_ptr() == out.data_ptr() for t in saved)
+    (out.sum() + colsum.sum() + sumsq.sum()).backward()
+    assert g.grad.shape == (10, 4) and q.grad.shape == (5, 4)
 
 
 @pytest.mark.parametrize(
@@ -471,9 +500,9 @@ def test_training_block_folded_unless_told(toy, monkeypatch, batching, forced, f
     calls = []
     real = gears_module._post_mlp_train
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(gears_module, "_post_mlp_train", counting)
     monkeypatch.setattr(GEARSModule, "fold_training_block", forced)

@@ -53,6 +53,11 @@ class MLP(nn.Sequential):
         return x
 
 
+def grid_relu(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``ReLU(g_u + q_s)`` over the grid of ``g``'s rows ``u`` (``K x d``) and ``q``'s rows ``s`` (``n x d``): ``K x n x d``."""
+    return (g.unsqueeze(1) + q.unsqueeze(0)).relu_()
+
+
 def _bn_moments(
     bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,100 +78,144 @@ def _bn_moments(
     return mean, var
 
 
-def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
-) -> torch.Tensor:
-    """``x weight^T + bias`` (then ReLU in place), without autograd.
-
-    The product, then the bias added in place: ``torch.addmm`` first broadcasts the bias into its
-    output, which measured slower on CPU (about 1.5 ms of 12 over ``46,000 x 128``). oneDNN's fused
-    linear layer (bias and ReLU inside the product) was faster still, but its cache of primitives, one
-    per row count (the number of sets varies between batches), raised the training peak RSS by 150-250
-    MiB (``benchmarks/gears_cell_step.py``).
-    """
-    out = torch.mm(x, weight.T)
-    if bias is not None:
-        out.add_(bias)
-    return out.relu_() if relu else out
+#: rows of the ``K n x d`` grid per chunk of the folded post-perturbation block (:class:`_PostBlockTrain`,
+#: whole genes per chunk): its temporaries are ``chunk x 2d``; 4,096 measured fastest on CPU for 23-32
+#: sets per batch (smaller chunks pay Python overhead, larger ones fall out of the caches)
+POST_BLOCK_CHUNK_ROWS = 4096
 
 
-class _PostMLPTrain(torch.autograd.Function):
-    """``Linear -> BatchNorm1d -> ReLU -> Linear`` in training mode, the batch norm folded into the first layer.
+def _row_chunks(n_rows: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
-    Over ``N`` rows, with the column sums and sums of squares of the output. The batch moments of ``y = h W1^T + b1`` follow from the mean ``mu`` and covariance ``S`` of the
-    input (``d x d``, one Gram matrix): ``mean(y) = W1 mu + b1``, ``var(y)_j = W1_j S W1_j^T``, so the
-    block is ``ReLU(h W'^T + b')`` with ``W' = diag(s) W1``, ``s = gamma / sqrt(var(y) + eps)``,
+
+class _PostBlockTrain(torch.autograd.Function):
+    """The first post-perturbation block in training mode, from its two terms, in chunks of genes.
+
+    ``Linear -> BatchNorm1d -> ReLU -> Linear`` in training mode on the ``N = K n`` rows of
+    ``h = ReLU(g_u + q_s)``, the grid of genes ``u`` and sets ``s`` (``g``: ``K x d``, ``q``:
+    ``n x d``, the normalized gene and set embeddings), with the column sums and sums of squares of
+    the output. The batch moments of ``y = h W1^T + b1`` follow from the mean ``mu`` and covariance
+    ``S`` of ``h`` (``d x d``, one Gram matrix): ``mean(y) = W1 mu + b1``, ``var(y)_j = W1_j S W1_j^T``,
+    so the block is ``ReLU(h W'^T + b')`` with ``W' = diag(s) W1``, ``s = gamma / sqrt(var(y) + eps)``,
     ``b' = beta - W' mu`` (``b1`` cancels), then ``Linear``: two matrix products and one ReLU, no
     element-wise batch-norm passes. The backward is the batch-norm gradient written with the same
-    small matrices (``dh = g W' - h M + 1 v^T`` with ``M = W1^T diag(c) W1``); it keeps the input and
-    the ReLU output (``N x 2d``) only, where autograd over the plain layers keeps ``N x 2d`` twice, and
-    backward frees the ReLU output and the output's gradient as soon as they have served (the training
-    peak of a paper cell-batch epoch on 20,000 x 2,000 fell by about 20 MiB; backward runs once).
-    ``d b1`` is zero (exactly; the plain layers give rounding noise). The output's column sums and sums
-    of squares (the moments of the batch norm that follows, folded into the decoders) are outputs, so
-    their gradient joins the output's in one pass. Forward returns also the batch moments of ``y``
-    (mean, population variance; no gradient) for the running statistics.
+    small matrices (``dh = g_r W' - h M + 1 v^T`` with ``M = W1^T diag(c) W1``), then through the
+    first ReLU into ``g`` (summed over sets) and ``q`` (summed over genes).
+
+    Every pass over the grid runs over chunks of ``chunk_rows`` rows, and ``h`` and the hidden ReLU
+    output ``r`` are recomputed per chunk (an add and one matrix product) rather than kept: of the
+    grid's size only the output (``N x d``) is kept for backward, and backward allocates one
+    ``N x d`` buffer (``g_r W'``, needed after a reduction over all rows). Autograd over the plain
+    layers keeps ``h``, the pre-ReLU sum and ``N x 2d`` twice, and allocates gradients of each; the
+    training peak of a paper cell-batch epoch on 20,000 x 2,000 fell by about 75 MiB. ``d b1`` is zero
+    (exactly; the plain layers give rounding noise). The output's moments (those of the batch norm
+    that follows, folded into the decoders) are outputs, so their gradient joins the output's in one
+    pass. Forward returns also the batch moments of ``y`` (mean, population variance; no gradient)
+    for the running statistics.
     """
 
     @staticmethod
-    def forward(ctx, h, w1, b1, gamma, beta, w2, b2, eps: float):
-        n = h.shape[0]
-        mu = h.sum(0).div_(n)
-        cov = torch.mm(h.T, h).div_(n).sub_(torch.outer(mu, mu))
+    def _h_chunk(g, q, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
+        """``ReLU(g_u + q_s)`` for the genes ``a:b`` (``(b - a) n x d``), written into ``buf``."""
+        return torch.add(g[a:b].unsqueeze(1), q.unsqueeze(0), out=buf[: b - a]).relu_().view(-1, g.shape[1])
+
+    @staticmethod
+    def forward(ctx, g, q, w1, b1, gamma, beta, w2, b2, eps: float, chunk_rows: int):
+        k, n, d = g.shape[0], q.shape[0], g.shape[1]
+        big_n = k * n
+        genes = max(1, chunk_rows // n)  # genes per chunk: a chunk holds all sets of its genes
+        h_buf, r_buf = g.new_empty(genes, n, d), g.new_empty(genes * n, w1.shape[0])
+        h_sum, gram = g.new_zeros(d), g.new_zeros(d, d)
+        for a, b in _row_chunks(k, genes):
+            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            h_sum += hc.sum(0)
+            gram.addmm_(hc.T, hc)
+        mu = h_sum.div_(big_n)
+        cov = gram.div_(big_n).sub_(torch.outer(mu, mu))
         mean_y = torch.addmv(b1, w1, mu)
         var_y = ((w1 @ cov) * w1).sum(1).clamp_(min=0.0)
         inv = torch.rsqrt(var_y + eps)
         s = gamma * inv
         w1s = w1 * s.unsqueeze(1)
-        r = _linear(h, w1s, beta - w1s @ mu, relu=True)
-        out = _linear(r, w2, b2)
-        colsum, sumsq = out.sum(0), (out * out).sum(0)
-        ctx.save_for_backward(h, out, w1, w2, mu, cov, s, inv, w1s)
-        # the ReLU output (N x 2d, the largest) is an intermediate, kept on ctx so that backward can free
-        # it as soon as it has served, before the input's gradient is allocated
-        ctx.relu_out = r
+        bias1 = beta - w1s @ mu
+        out = g.new_empty(big_n, w2.shape[0])
+        colsum, sumsq = g.new_zeros(w2.shape[0]), g.new_zeros(w2.shape[0])
+        for a, b in _row_chunks(k, genes):
+            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            # product, then the bias in place: addmm's broadcast of the bias into its output measured
+            # slower; oneDNN's fused linear layer caches a primitive per row count (+150-250 MiB RSS)
+            rc = torch.mm(hc, w1s.T, out=r_buf[: hc.shape[0]]).add_(bias1).relu_()
+            oc = torch.mm(rc, w2.T, out=out[a * n : b * n]).add_(b2)
+            colsum += oc.sum(0)
+            sumsq += (oc * oc).sum(0)
+        ctx.save_for_backward(g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1)
+        ctx.genes = genes
         ctx.mark_non_differentiable(mean_y, var_y)
+        ctx.set_materialize_grads(False)  # no zero N x d gradient for an output without one
         return out, colsum, sumsq, mean_y, var_y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_sum, g_sumsq, _g_mean, _g_var):
-        h, out, w1, w2, mu, cov, s, inv, w1s = ctx.saved_tensors
-        r, ctx.relu_out = ctx.relu_out, None
-        if r is None:
-            raise RuntimeError(
-                "The folded GEARS block frees its activations in backward: backward runs once."
-            )
-        n = h.shape[0]
-        g = torch.addcmul(g_out, out, 2.0 * g_sumsq).add_(g_sum)  # gradient w.r.t. the output, all of it
-        d_b2, d_w2 = g.sum(0), torch.mm(g.T, r)
-        g_r = _linear(g, w2.T)
-        del g
-        torch.ops.aten.threshold_backward.grad_input(
-            g_r, r, 0.0, grad_input=g_r
-        )  # through the ReLU, in place
-        del r
-        d_beta = g_r.sum(0)
-        a = torch.mm(g_r.T, h)  # 2d x d
-        d_gamma = ((a - torch.outer(d_beta, mu)) * w1).sum(1) * inv
-        c = s * d_gamma * inv / n
+        g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1 = ctx.saved_tensors
+        k, n, d, genes = g.shape[0], q.shape[0], g.shape[1], ctx.genes
+        big_n = k * n
+        h_buf, r_buf = g.new_empty(genes, n, d), g.new_empty(genes * n, w1.shape[0])
+        two = None if g_sumsq is None else 2.0 * g_sumsq
+        d_b2, d_w2 = g.new_zeros(w2.shape[0]), g.new_zeros(w2.shape)
+        d_beta, a_mat = g.new_zeros(w1.shape[0]), g.new_zeros(w1.shape[0], d)
+        g_r_w = g.new_empty(big_n, d)  # g_r W', then the gradient w.r.t. h
+        for a, b in _row_chunks(k, genes):
+            lo, hi = a * n, b * n
+            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            rc = torch.mm(hc, w1s.T, out=r_buf[: hi - lo]).add_(bias1).relu_()
+            # the gradient w.r.t. the output, all of it, for this chunk
+            gc = g.new_zeros(hi - lo, w2.shape[0]) if g_out is None else g_out[lo:hi]
+            if two is not None:
+                gc = torch.addcmul(gc, out[lo:hi], two)
+            if g_sum is not None:  # in place where gc is ours, not the caller's gradient
+                gc = gc.add_(g_sum) if g_out is None or two is not None else gc + g_sum
+            d_b2 += gc.sum(0)
+            d_w2.addmm_(gc.T, rc)
+            # through the ReLU, into r's chunk: g_r, the gradient w.r.t. the batch-norm output
+            torch.ops.aten.threshold_backward.grad_input(torch.mm(gc, w2), rc, 0.0, grad_input=rc)
+            d_beta += rc.sum(0)
+            a_mat.addmm_(rc.T, hc)
+            torch.mm(rc, w1s, out=g_r_w[lo:hi])
+        d_gamma = ((a_mat - torch.outer(d_beta, mu)) * w1).sum(1) * inv
+        c = s * d_gamma * inv / big_n
         m = w1.T @ (w1 * c.unsqueeze(1))  # d x d
-        d_h = _linear(g_r, w1s.T, mu @ m - (s * d_beta / n) @ w1).addmm_(h, m, alpha=-1.0)
-        d_w1 = s.unsqueeze(1) * a - torch.outer(s * d_beta, mu) - n * (c.unsqueeze(1) * (w1 @ cov))
-        return d_h, d_w1, torch.zeros_like(s), d_gamma, d_beta, d_w2, d_b2, None
+        vec = mu @ m - (s * d_beta / big_n) @ w1
+        needs_g, needs_q = ctx.needs_input_grad[:2]
+        d_g = g.new_empty(k, d) if needs_g else None
+        d_q = g.new_zeros(n, d) if needs_q else None
+        for a, b in _row_chunks(k, genes) if needs_g or needs_q else ():
+            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            dh = g_r_w[a * n : b * n].add_(vec).addmm_(hc, m, alpha=-1.0)
+            torch.ops.aten.threshold_backward.grad_input(dh, hc, 0.0, grad_input=dh)  # the first ReLU
+            dh = dh.view(b - a, n, d)
+            if needs_g:
+                torch.sum(dh, 1, out=d_g[a:b])
+            if needs_q:
+                d_q += dh.sum(0)
+        del g_r_w
+        d_w1 = s.unsqueeze(1) * a_mat - torch.outer(s * d_beta, mu) - big_n * (c.unsqueeze(1) * (w1 @ cov))
+        return d_g, d_q, d_w1, torch.zeros_like(s), d_gamma, d_beta, d_w2, d_b2, None, None
 
 
-def _post_mlp_train(mlp: MLP, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mlp(h, last_norm=False)`` in training mode through :class:`_PostMLPTrain`, and the output's column moments.
+def _post_mlp_train(
+    mlp: MLP, g: torch.Tensor, q: torch.Tensor, *, chunk_rows: int = POST_BLOCK_CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mlp(ReLU(g_u + q_s), last_norm=False)`` over the gene x set grid in training mode (:class:`_PostBlockTrain`).
 
     Batch statistics, the running statistics updated as :class:`torch.nn.BatchNorm1d` does; returns
-    the output and its column sums and sums of squares.
+    the output (``K n x d``, gene-major) and its column sums and sums of squares.
     """
     lin1, bn1, _, lin2, _ = mlp
-    out, colsum, sumsq, mean_y, var_y = _PostMLPTrain.apply(
-        h, lin1.weight, lin1.bias, bn1.weight, bn1.bias, lin2.weight, lin2.bias, bn1.eps
+    out, colsum, sumsq, mean_y, var_y = _PostBlockTrain.apply(
+        g, q, lin1.weight, lin1.bias, bn1.weight, bn1.bias, lin2.weight, lin2.bias, bn1.eps, chunk_rows
     )
-    _bn_moments(bn1, mean_y, var_y, h.shape[0])
+    _bn_moments(bn1, mean_y, var_y, out.shape[0])
     return out, colsum, sumsq
 
 
@@ -445,7 +494,7 @@ class GEARSModule(BaseModuleClass):
         ``direction_lambda`` are unused).
     """
 
-    #: whether the first post-perturbation block trains folded (:class:`_PostMLPTrain`, the default) or
+    #: whether the first post-perturbation block trains folded (:class:`_PostBlockTrain`, the default) or
     #: through the plain layers (``False``): the same maths, other float rounding; equally accurate over
     #: 24 paired seeds with set batches and 5 with cell batches (``benchmarks/results/compare_precision.md``)
     fold_training_block: bool = True
@@ -674,7 +723,8 @@ class GEARSModule(BaseModuleClass):
         -------
         ``h_gene`` (``K x d``, computed once and shared by every set), ``h_post``
         (``K x n x d``, gene-major so that the gene-specific decoders are batched matrix products) and
-        ``h`` (``K x n x d``, ``ReLU(BN(h_gene + h_P))``, the input of ``post_mlp``).
+        ``h_terms``, the gene and set terms ``(g, q)`` (``K x d``, ``n x d``) of the input of
+        ``post_mlp``, ``ReLU(BN(h_gene + h_P)) = grid_relu(g, q)`` (``K x n x d``, not built in training).
         """
         h_gene = self.gene_mlp(self.gene_encoder())
         n, k, d = pert_idx.shape[0], self.n_genes, self.hidden_dim
@@ -690,16 +740,16 @@ class GEARSModule(BaseModuleClass):
             k * n,
         )
         scale = bn.weight / torch.sqrt(var + bn.eps)
-        g = (h_gene - mean) * scale + bn.bias
-        h = (g.unsqueeze(1) + (h_p * scale).unsqueeze(0)).relu_()
-        out = {"h_gene": h_gene, "h": h}
-        if self.training and self.fold_training_block and not torch.is_autocast_enabled(h.device.type):
-            # the batch norm folded into the first linear layer, with the moments of the last batch norm
-            h_post, colsum, sumsq = _post_mlp_train(self.post_mlp, h.reshape(k * n, d))
+        g, q = (h_gene - mean) * scale + bn.bias, h_p * scale
+        out = {"h_gene": h_gene, "h_terms": (g, q)}
+        if self.training and self.fold_training_block and not torch.is_autocast_enabled(g.device.type):
+            # the grid in chunks, never whole; the batch norm folded into the first linear layer, with
+            # the moments of the last batch norm
+            h_post, colsum, sumsq = _post_mlp_train(self.post_mlp, g, q)
             out["post_moments"] = (colsum, sumsq)
         else:  # eval (running statistics), or under autocast: the plain layers
-            h_post = self.post_mlp(h.reshape(k * n, d), last_norm=False)
-        out["h_post"] = h_post.reshape(k, n, d)
+            h_post = self.post_mlp(grid_relu(g, q).reshape(k * n, d), last_norm=False)
+        out["h_post"] = h_post.view(k, n, d)
         return out
 
     def _gene_linear(

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from .._constants import GEARS_DATA_KEY
 from .._pickle import UnsafePickleError, read_plain_pickle
-from ._module import MLP, GEARSModule, GraphEncoder, _unit_rows
+from ._module import MLP, GEARSModule, GraphEncoder, _unit_rows, grid_relu
 
 COEXPRESSION_KINDS = ("all", "first_cell")
 #: the cell-gears ``config.pkl`` entries our module needs
@@ -151,7 +151,9 @@ class ReferenceGEARSModule(GEARSModule):
         self.coexpression, self.predict_batch_size = coexpression, predict_batch_size
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
-        return {"h_post": inference_outputs["h_post"], "h": inference_outputs["h"]}
+        # the shared uncertainty MLP reads the input of post_mlp, built here only where it is needed
+        h = grid_relu(*inference_outputs["h_terms"]) if self.uncertainty else None
+        return {"h_post": inference_outputs["h_post"], "h": h}
 
     def inference(self, pert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """As :meth:`GEARSModule.inference`; refuses training with ``coexpression='first_cell'``."""
