@@ -20,6 +20,8 @@ from pertpy_gnn.gears._module import (
     GraphEncoder,
     LearnedEncoder,
     PretrainedGeneEncoder,
+    _column_var,
+    _GeneDot,
     _post_mlp_train,
     grid_relu,
 )
@@ -142,11 +144,43 @@ def test_sgc_matches_torch_geometric_and_row_subsets():
     x = enc.embedding / enc.embedding.norm(dim=1, keepdim=True).clamp(min=1)
     full = enc()
     torch.testing.assert_close(full, conv(x, edges, weights))
-    rows = torch.tensor([3, 17, 29])
-    torch.testing.assert_close(enc(rows=rows), full[rows])
-    for gnn in ("gcn", "gat"):
-        enc2 = GraphEncoder(30, 8, 2, gnn, edges, weights)
-        torch.testing.assert_close(enc2(rows=rows), enc2()[rows])
+    rows = torch.tensor([3, 17, 29, 3])
+    w = torch.randn(4, 8, generator=g)
+    for gnn, layers in (("sgc", 1), ("gcn", 1), ("gcn", 2), ("gat", 2)):
+        # a subset of rows (one propagation: only the neighbours' rows normalized): same values, same gradients
+        enc2 = enc if gnn == "sgc" else GraphEncoder(30, 8, layers, gnn, edges, weights)
+        grads = []
+        for out in (enc2(rows=rows), enc2()[rows]):
+            enc2.zero_grad()
+            (out * w).sum().backward()
+            grads.append((out.detach(), enc2.embedding.grad.clone()))
+        (sub, d_sub), (ref, d_ref) = grads
+        torch.testing.assert_close(sub, ref)
+        torch.testing.assert_close(d_sub, d_ref)
+        assert d_ref.abs().sum() > 0
+
+
+def test_gene_dot_and_column_var_equal_torch():
+    """The per-gene decoder product (:class:`_GeneDot`) gives :func:`torch.baddbmm`'s values and gradients,
+    also for a transposed incoming gradient; :func:`_column_var` equals ``var(0, unbiased=False)``."""
+    g = torch.Generator().manual_seed(2)
+    y0 = torch.randn(7, 3, 5, dtype=torch.float64, generator=g)
+    w0 = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    up = torch.randn(3, 7, dtype=torch.float64, generator=g)  # the decoders read z as n x K
+    results = []
+    for fn in (
+        lambda y, w: _GeneDot.apply(y, w),
+        lambda y, w: torch.baddbmm(torch.zeros(7, 3, 1, dtype=y.dtype), y, w.unsqueeze(-1)).squeeze(-1),
+    ):
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        z = fn(y, w)
+        (z.T * up).sum().backward()
+        results.append((z.detach(), y.grad, w.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert results[0][1].is_contiguous()
+    x = torch.randn(50, 4, generator=g) * 3 + 10
+    torch.testing.assert_close(_column_var(x), x.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
 
 
 def test_gcn_norm_equals_torch_geometric():

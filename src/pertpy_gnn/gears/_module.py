@@ -58,6 +58,12 @@ def grid_relu(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (g.unsqueeze(1) + q.unsqueeze(0)).relu_()
 
 
+def _column_var(x: torch.Tensor) -> torch.Tensor:
+    """Population variance of each column: as ``x.var(0, unbiased=False)``, several times faster on CPU."""
+    centred = x - x.mean(0)
+    return (centred * centred).mean(0)
+
+
 def _bn_moments(
     bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +92,30 @@ POST_BLOCK_CHUNK_ROWS = 4096
 
 def _row_chunks(n_rows: int, step: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+class _GeneDot(torch.autograd.Function):
+    """``z_us = y_us . w_u``, one weight vector per gene ``u`` (``y``: ``K x n x d``, ``w``: ``K x d``; ``K x n``).
+
+    A batched product forward. Backward takes ``dy = dz w`` by broadcasting and ``dw`` as one batched
+    product: autograd through :func:`torch.baddbmm` builds ``dy`` as ``K`` outer products, which took 2-9
+    times as long on CPU (``K = 5,000`` genes and 4 sets: 4.4 ms per step, 2.0 here).
+    """
+
+    @staticmethod
+    def forward(ctx, y, w):
+        ctx.save_for_backward(y, w)
+        return torch.bmm(y, w.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        y, w = ctx.saved_tensors
+        # dz arrives transposed (the decoders read z as n x K): contiguous, so that dy comes out gene-major
+        dz = dz.contiguous()
+        dy = dz.unsqueeze(-1) * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dz.unsqueeze(1), y).squeeze(1) if ctx.needs_input_grad[1] else None
+        return dy, dw
 
 
 class _PostBlockTrain(torch.autograd.Function):
@@ -316,8 +346,14 @@ class GraphEncoder(nn.Module):
         )
         self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
 
-    def propagate(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``A x`` for all nodes, or for the nodes ``rows`` only (in the graph's dtype, also under autocast)."""
+    def propagate(
+        self, x: torch.Tensor, rows: torch.Tensor | None = None, *, unit: bool = False
+    ) -> torch.Tensor:
+        """``A x`` for all nodes, or for the nodes ``rows`` only (in the graph's dtype, also under autocast).
+
+        ``unit=True`` (with ``rows``): ``A unit(x)``, the rows of ``x`` that the nodes read scaled to norm at
+        most 1 (:func:`_unit_rows`) after they are gathered, not all of them before.
+        """
         x = x.to(self.weight.dtype)
         if rows is None:
             with torch.autocast(x.device.type, enabled=False):  # sparse.mm has no bfloat16 backward
@@ -329,11 +365,16 @@ class GraphEncoder(nn.Module):
             torch.cumsum(counts, 0) - counts, counts
         )
         edges = start[seg] + offset
-        messages = x[self.src[edges]] * self.weight[edges].unsqueeze(1)
+        sources = x[self.src[edges]]
+        messages = (_unit_rows(sources) if unit else sources) * self.weight[edges].unsqueeze(1)
         return x.new_zeros(rows.numel(), x.shape[1]).index_add_(0, seg, messages)
 
     def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of all nodes, or of the nodes ``rows`` (same values, less work)."""
+        if rows is not None and self.n_layers == 1 and self.gnn != "gat":
+            # one propagation to a few nodes (a batch's perturbed genes): only their neighbours' rows of
+            # the table are normalized, not all of them (same values)
+            return self.lins[0](self.propagate(self.embedding, rows, unit=True))
         h = _unit_rows(self.embedding)
         last = self.n_layers - 1
         if self.gnn == "gat":
@@ -736,7 +777,7 @@ class GEARSModule(BaseModuleClass):
         mean, var = _bn_moments(
             bn,
             h_gene.mean(0) + h_p.mean(0),
-            h_gene.var(0, unbiased=False) + h_p.var(0, unbiased=False),
+            _column_var(h_gene) + _column_var(h_p),
             k * n,
         )
         scale = bn.weight / torch.sqrt(var + bn.eps)
@@ -756,9 +797,9 @@ class GEARSModule(BaseModuleClass):
         self, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     ):
         """``w_u . BN(y)_u + b_u`` per gene, the batch norm folded into the weights (``K x n``)."""
-        w_eff = w * scale.unsqueeze(1)
-        b_eff = b + (shift.unsqueeze(1) * w).sum(1, keepdim=True)
-        return torch.baddbmm(b_eff, y, w_eff).squeeze(-1)
+        w_eff = (w * scale.unsqueeze(1)).squeeze(-1)
+        b_eff = b.view(-1, 1) + (shift.unsqueeze(1) * w).sum(1)
+        return _GeneDot.apply(y, w_eff) + b_eff
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """``zhat`` (``n x K``) from the gene-specific effects ``z`` (``K x n``), through the cross-gene state."""
