@@ -150,6 +150,14 @@ class _PostBlockTrain(torch.autograd.Function):
         return torch.add(g[a:b].unsqueeze(1), q.unsqueeze(0), out=buf[: b - a]).relu_().view(-1, g.shape[1])
 
     @staticmethod
+    def _hidden_chunk(g, q, a: int, b: int, w1s, bias1, h_buf, r_buf) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` and the hidden ReLU output ``ReLU(h W'^T + b')`` for the genes ``a:b``, in the buffers."""
+        hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+        # product, then the bias in place: addmm's broadcast of the bias into its output measured
+        # slower; oneDNN's fused linear layer caches a primitive per row count (+150-250 MiB RSS)
+        return hc, torch.mm(hc, w1s.T, out=r_buf[: hc.shape[0]]).add_(bias1).relu_()
+
+    @staticmethod
     def forward(ctx, g, q, w1, b1, gamma, beta, w2, b2, eps: float, chunk_rows: int):
         k, n, d = g.shape[0], q.shape[0], g.shape[1]
         big_n = k * n
@@ -171,10 +179,7 @@ class _PostBlockTrain(torch.autograd.Function):
         out = g.new_empty(big_n, w2.shape[0])
         colsum, sumsq = g.new_zeros(w2.shape[0]), g.new_zeros(w2.shape[0])
         for a, b in _row_chunks(k, genes):
-            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
-            # product, then the bias in place: addmm's broadcast of the bias into its output measured
-            # slower; oneDNN's fused linear layer caches a primitive per row count (+150-250 MiB RSS)
-            rc = torch.mm(hc, w1s.T, out=r_buf[: hc.shape[0]]).add_(bias1).relu_()
+            _, rc = _PostBlockTrain._hidden_chunk(g, q, a, b, w1s, bias1, h_buf, r_buf)
             oc = torch.mm(rc, w2.T, out=out[a * n : b * n]).add_(b2)
             colsum += oc.sum(0)
             sumsq += (oc * oc).sum(0)
@@ -191,20 +196,19 @@ class _PostBlockTrain(torch.autograd.Function):
         k, n, d, genes = g.shape[0], q.shape[0], g.shape[1], ctx.genes
         big_n = k * n
         h_buf, r_buf = g.new_empty(genes, n, d), g.new_empty(genes * n, w1.shape[0])
-        two = None if g_sumsq is None else 2.0 * g_sumsq
+        # the moments' gradients (d values each; None where the loss does not reach them)
+        two = 2.0 * g_sumsq if g_sumsq is not None else g.new_zeros(w2.shape[0])
+        g_sum = g_sum if g_sum is not None else g.new_zeros(w2.shape[0])
         d_b2, d_w2 = g.new_zeros(w2.shape[0]), g.new_zeros(w2.shape)
         d_beta, a_mat = g.new_zeros(w1.shape[0]), g.new_zeros(w1.shape[0], d)
         g_r_w = g.new_empty(big_n, d)  # g_r W', then the gradient w.r.t. h
         for a, b in _row_chunks(k, genes):
             lo, hi = a * n, b * n
-            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
-            rc = torch.mm(hc, w1s.T, out=r_buf[: hi - lo]).add_(bias1).relu_()
-            # the gradient w.r.t. the output, all of it, for this chunk
-            gc = g.new_zeros(hi - lo, w2.shape[0]) if g_out is None else g_out[lo:hi]
-            if two is not None:
-                gc = torch.addcmul(gc, out[lo:hi], two)
-            if g_sum is not None:  # in place where gc is ours, not the caller's gradient
-                gc = gc.add_(g_sum) if g_out is None or two is not None else gc + g_sum
+            hc, rc = _PostBlockTrain._hidden_chunk(g, q, a, b, w1s, bias1, h_buf, r_buf)
+            # the gradient w.r.t. the output, all of it, for this chunk (a new tensor, not the caller's)
+            oc = out[lo:hi]
+            gc = torch.mul(oc, two) if g_out is None else torch.addcmul(g_out[lo:hi], oc, two)
+            gc.add_(g_sum)
             d_b2 += gc.sum(0)
             d_w2.addmm_(gc.T, rc)
             # through the ReLU, into r's chunk: g_r, the gradient w.r.t. the batch-norm output
