@@ -365,13 +365,14 @@ def _plain_post_mlp(mlp, g, q, **_):
     return out, out.sum(0), (out * out).sum(0)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 2**30])  # h and r recomputed per chunk in backward / kept
 @pytest.mark.parametrize(
     "chunk_rows", [12, 3, 10_000]
 )  # chunks of 2 genes (the last of 1), of 1 gene, one chunk
 @pytest.mark.parametrize(
     ("dtype", "rtol", "atol"), [(torch.float64, 1e-9, 1e-11), (torch.float32, 2e-4, 2e-5)]
 )
-def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol, chunk_rows):
+def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol, chunk_rows, keep_bytes):
     """``ReLU(g_u + q_s) -> Linear -> BN -> ReLU -> Linear`` as one chunked Function (BN folded through the
     Gram matrix) equals the plain layers over the gene x set grid.
 
@@ -399,7 +400,7 @@ def test_folded_post_mlp_training_block_equals_plain_layers(dtype, rtol, atol, c
         for fn, m in ((_post_mlp_train, mlp), (_plain_post_mlp, ref)):
             g, q = g0.clone().requires_grad_(), q0.clone().requires_grad_()
             m.zero_grad()
-            outs = fn(m, g, q, chunk_rows=chunk_rows)
+            outs = fn(m, g, q, chunk_rows=chunk_rows, keep_bytes=keep_bytes)
             sum(
                 ((o * w).sum() for o, w in zip(outs, weights, strict=True)), torch.zeros((), dtype=dtype)
             ).backward()
@@ -437,29 +438,38 @@ def test_folded_post_mlp_training_block_gradients_of_some_outputs_only():
     mlp = MLP([4, 8, 4]).train().double()
     ref = copy.deepcopy(mlp)
     g0, q0 = torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    for which, w in ((0, torch.randn(27, 4, dtype=torch.float64)), (2, torch.randn(4, dtype=torch.float64))):
+    for which, w, keep in (
+        (0, torch.randn(27, 4, dtype=torch.float64), 0),
+        (2, torch.randn(4, dtype=torch.float64), 0),
+        (0, torch.randn(27, 4, dtype=torch.float64), 2**30),
+        (2, torch.randn(4, dtype=torch.float64), 2**30),
+    ):
         grads = []
         for fn, m in ((_post_mlp_train, mlp), (_plain_post_mlp, ref)):
             g, q = g0.clone().requires_grad_(), q0.clone().requires_grad_()
             m.zero_grad()
-            (fn(m, g, q, chunk_rows=6)[which] * w).sum().backward()
+            (fn(m, g, q, chunk_rows=6, keep_bytes=keep)[which] * w).sum().backward()
             grads.append((g.grad, q.grad, m[0].weight.grad, m[3].weight.grad))
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_folded_post_mlp_training_block_keeps_only_its_output_for_backward():
-    """Of the grid's size (``K n`` rows) the block keeps its output only: ``h`` and the hidden ``K n x 2d``
-    activation are recomputed per chunk in backward, not saved."""
+    """Of the grid's size (``K n`` rows) a block over more than ``keep_bytes`` keeps its output only: ``h``
+    and the hidden ``K n x 2d`` activation are recomputed per chunk in backward, not saved. A smaller
+    grid keeps them too (the default threshold, 16 MiB, for this tiny grid)."""
     torch.manual_seed(0)
     mlp = MLP([4, 8, 4]).train()
     g, q = torch.randn(10, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
-    out, colsum, sumsq = _post_mlp_train(mlp, g, q, chunk_rows=20)
-    saved = out.grad_fn.saved_tensors
-    assert [t.shape[0] for t in saved if t.dim() == 2 and t.shape[0] == 50] == [50]
-    assert any(t is out or t.data_ptr() == out.data_ptr() for t in saved)
-    (out.sum() + colsum.sum() + sumsq.sum()).backward()
-    assert g.grad.shape == (10, 4) and q.grad.shape == (5, 4)
+    for keep_bytes, kept_shapes in ((50 * 12 * 4 - 1, [(50, 4)]), (50 * 12 * 4, [(50, 4), (50, 4), (50, 8)])):
+        out, colsum, sumsq = _post_mlp_train(mlp, g, q, chunk_rows=20, keep_bytes=keep_bytes)
+        saved = out.grad_fn.saved_tensors
+        assert [tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[0] == 50] == kept_shapes
+        assert any(t is out or t.data_ptr() == out.data_ptr() for t in saved)
+        (out.sum() + colsum.sum() + sumsq.sum()).backward()
+        assert g.grad.shape == (10, 4) and q.grad.shape == (5, 4)
+    out = _post_mlp_train(mlp, g, q)[0]
+    assert len([t for t in out.grad_fn.saved_tensors if t.dim() == 2 and t.shape[0] == 50]) == 3
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ those (:class:`PretrainedGeneEncoder`); see :class:`GEARSModule`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -88,6 +89,10 @@ def _bn_moments(
 #: whole genes per chunk): its temporaries are ``chunk x 2d``; 4,096 measured fastest on CPU for 23-32
 #: sets per batch (smaller chunks pay Python overhead, larger ones fall out of the caches)
 POST_BLOCK_CHUNK_ROWS = 4096
+#: grids whose ``h`` and hidden ReLU output (``K n x 3d`` values) fit in this many bytes keep them from the
+#: forward for backward rather than recompute them (set batches: 4 sets x 2,000 genes keep 6 MiB and save
+#: a product and two element-wise passes per chunk; a cell batch of about 24 sets recomputes)
+POST_BLOCK_KEEP_BYTES = 16 * 2**20
 
 
 def _row_chunks(n_rows: int, step: int) -> list[tuple[int, int]]:
@@ -132,12 +137,14 @@ class _PostBlockTrain(torch.autograd.Function):
     small matrices (``dh = g_r W' - h M + 1 v^T`` with ``M = W1^T diag(c) W1``), then through the
     first ReLU into ``g`` (summed over sets) and ``q`` (summed over genes).
 
-    Every pass over the grid runs over chunks of ``chunk_rows`` rows, and ``h`` and the hidden ReLU
-    output ``r`` are recomputed per chunk (an add and one matrix product) rather than kept: of the
-    grid's size only the output (``N x d``) is kept for backward, and backward allocates one
-    ``N x d`` buffer (``g_r W'``, needed after a reduction over all rows). Autograd over the plain
-    layers keeps ``h``, the pre-ReLU sum and ``N x 2d`` twice, and allocates gradients of each; the
-    training peak of a paper cell-batch epoch on 20,000 x 2,000 fell by about 75 MiB. ``d b1`` is zero
+    Every pass over the grid runs over chunks of ``chunk_rows`` rows. Where ``h`` and the hidden ReLU
+    output ``r`` (``N x 3d`` values) would take more than ``keep_bytes``, they are recomputed per chunk
+    (an add and one matrix product) rather than kept: of the grid's size only the output (``N x d``)
+    is kept for backward, and backward allocates one ``N x d`` buffer (``g_r W'``, needed after a
+    reduction over all rows). Autograd over the plain layers keeps ``h``, the pre-ReLU sum and
+    ``N x 2d`` twice, and allocates gradients of each; the training peak of a paper cell-batch epoch
+    on 20,000 x 2,000 fell by about 75 MiB. A smaller grid (set batches) keeps ``h`` and ``r`` from the
+    forward, which saves a product and the element-wise passes that recompute them. ``d b1`` is zero
     (exactly; the plain layers give rounding noise). The output's moments (those of the batch norm
     that follows, folded into the decoders) are outputs, so their gradient joins the output's in one
     pass. Forward returns also the batch moments of ``y`` (mean, population variance; no gradient)
@@ -146,26 +153,30 @@ class _PostBlockTrain(torch.autograd.Function):
 
     @staticmethod
     def _h_chunk(g, q, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
-        """``ReLU(g_u + q_s)`` for the genes ``a:b`` (``(b - a) n x d``), written into ``buf``."""
-        return torch.add(g[a:b].unsqueeze(1), q.unsqueeze(0), out=buf[: b - a]).relu_().view(-1, g.shape[1])
+        """``ReLU(g_u + q_s)`` for the genes ``a:b`` (``(b - a) n x d``), written into ``buf``'s rows."""
+        out = buf.view(-1, q.shape[0], g.shape[1])[: b - a]
+        return torch.add(g[a:b].unsqueeze(1), q.unsqueeze(0), out=out).relu_().view(-1, g.shape[1])
 
     @staticmethod
-    def _hidden_chunk(g, q, a: int, b: int, w1s, bias1, h_buf, r_buf) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h`` and the hidden ReLU output ``ReLU(h W'^T + b')`` for the genes ``a:b``, in the buffers."""
-        hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+    def _hidden(hc, w1s, bias1, buf: torch.Tensor) -> torch.Tensor:
+        """The hidden ReLU output ``ReLU(h W'^T + b')`` of a chunk ``hc`` of ``h``, written into ``buf``'s rows."""
         # product, then the bias in place: addmm's broadcast of the bias into its output measured
         # slower; oneDNN's fused linear layer caches a primitive per row count (+150-250 MiB RSS)
-        return hc, torch.mm(hc, w1s.T, out=r_buf[: hc.shape[0]]).add_(bias1).relu_()
+        return torch.mm(hc, w1s.T, out=buf[: hc.shape[0]]).add_(bias1).relu_()
 
     @staticmethod
-    def forward(ctx, g, q, w1, b1, gamma, beta, w2, b2, eps: float, chunk_rows: int):
-        k, n, d = g.shape[0], q.shape[0], g.shape[1]
+    def forward(ctx, g, q, w1, b1, gamma, beta, w2, b2, eps: float, chunk_rows: int, keep_bytes: int):
+        k, n, d, hidden = g.shape[0], q.shape[0], g.shape[1], w1.shape[0]
         big_n = k * n
         genes = max(1, chunk_rows // n)  # genes per chunk: a chunk holds all sets of its genes
-        h_buf, r_buf = g.new_empty(genes, n, d), g.new_empty(genes * n, w1.shape[0])
+        keep = big_n * (d + hidden) * g.element_size() <= keep_bytes
+        # kept: h and r for all rows, each chunk its own rows; else one chunk's buffers, reused
+        rows = big_n if keep else genes * n
+        h_buf, r_buf = g.new_empty(rows, d), g.new_empty(rows, hidden)
+        at = (lambda buf, a, b: buf[a * n : b * n]) if keep else (lambda buf, a, b: buf)
         h_sum, gram = g.new_zeros(d), g.new_zeros(d, d)
         for a, b in _row_chunks(k, genes):
-            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            hc = _PostBlockTrain._h_chunk(g, q, a, b, at(h_buf, a, b))
             h_sum += hc.sum(0)
             gram.addmm_(hc.T, hc)
         mu = h_sum.div_(big_n)
@@ -179,11 +190,13 @@ class _PostBlockTrain(torch.autograd.Function):
         out = g.new_empty(big_n, w2.shape[0])
         colsum, sumsq = g.new_zeros(w2.shape[0]), g.new_zeros(w2.shape[0])
         for a, b in _row_chunks(k, genes):
-            _, rc = _PostBlockTrain._hidden_chunk(g, q, a, b, w1s, bias1, h_buf, r_buf)
+            hc = at(h_buf, a, b) if keep else _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            rc = _PostBlockTrain._hidden(hc, w1s, bias1, at(r_buf, a, b))
             oc = torch.mm(rc, w2.T, out=out[a * n : b * n]).add_(b2)
             colsum += oc.sum(0)
             sumsq += (oc * oc).sum(0)
-        ctx.save_for_backward(g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1)
+        kept = (h_buf, r_buf) if keep else ()
+        ctx.save_for_backward(g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1, *kept)
         ctx.genes = genes
         ctx.mark_non_differentiable(mean_y, var_y)
         ctx.set_materialize_grads(False)  # no zero N x d gradient for an output without one
@@ -192,10 +205,27 @@ class _PostBlockTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_sum, g_sumsq, _g_mean, _g_var):
-        g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1 = ctx.saved_tensors
+        g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1, *kept = ctx.saved_tensors
         k, n, d, genes = g.shape[0], q.shape[0], g.shape[1], ctx.genes
         big_n = k * n
-        h_buf, r_buf = g.new_empty(genes, n, d), g.new_empty(genes * n, w1.shape[0])
+        if kept:  # h and r of every row, from the forward (r is overwritten by its gradient below)
+            h_buf, r_buf = kept
+
+            def hidden(a, b):
+                return h_buf[a * n : b * n], r_buf[a * n : b * n]
+
+            def h_of(a, b):
+                return h_buf[a * n : b * n]
+        else:  # recomputed per chunk into one chunk's buffers
+            h_buf, r_buf = g.new_empty(genes * n, d), g.new_empty(genes * n, w1.shape[0])
+
+            def hidden(a, b):
+                hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+                return hc, _PostBlockTrain._hidden(hc, w1s, bias1, r_buf)
+
+            def h_of(a, b):
+                return _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+
         # the moments' gradients (d values each; None where the loss does not reach them)
         two = 2.0 * g_sumsq if g_sumsq is not None else g.new_zeros(w2.shape[0])
         g_sum = g_sum if g_sum is not None else g.new_zeros(w2.shape[0])
@@ -204,7 +234,7 @@ class _PostBlockTrain(torch.autograd.Function):
         g_r_w = g.new_empty(big_n, d)  # g_r W', then the gradient w.r.t. h
         for a, b in _row_chunks(k, genes):
             lo, hi = a * n, b * n
-            hc, rc = _PostBlockTrain._hidden_chunk(g, q, a, b, w1s, bias1, h_buf, r_buf)
+            hc, rc = hidden(a, b)
             # the gradient w.r.t. the output, all of it, for this chunk (a new tensor, not the caller's)
             oc = out[lo:hi]
             gc = torch.mul(oc, two) if g_out is None else torch.addcmul(g_out[lo:hi], oc, two)
@@ -224,7 +254,7 @@ class _PostBlockTrain(torch.autograd.Function):
         d_g = g.new_empty(k, d) if needs_g else None
         d_q = g.new_zeros(n, d) if needs_q else None
         for a, b in _row_chunks(k, genes) if needs_g or needs_q else ():
-            hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+            hc = h_of(a, b)
             dh = g_r_w[a * n : b * n].add_(vec).addmm_(hc, m, alpha=-1.0)
             torch.ops.aten.threshold_backward.grad_input(dh, hc, 0.0, grad_input=dh)  # the first ReLU
             dh = dh.view(b - a, n, d)
@@ -234,11 +264,16 @@ class _PostBlockTrain(torch.autograd.Function):
                 d_q += dh.sum(0)
         del g_r_w
         d_w1 = s.unsqueeze(1) * a_mat - torch.outer(s * d_beta, mu) - big_n * (c.unsqueeze(1) * (w1 @ cov))
-        return d_g, d_q, d_w1, torch.zeros_like(s), d_gamma, d_beta, d_w2, d_b2, None, None
+        return d_g, d_q, d_w1, torch.zeros_like(s), d_gamma, d_beta, d_w2, d_b2, None, None, None
 
 
 def _post_mlp_train(
-    mlp: MLP, g: torch.Tensor, q: torch.Tensor, *, chunk_rows: int = POST_BLOCK_CHUNK_ROWS
+    mlp: MLP,
+    g: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    chunk_rows: int = POST_BLOCK_CHUNK_ROWS,
+    keep_bytes: int = POST_BLOCK_KEEP_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``mlp(ReLU(g_u + q_s), last_norm=False)`` over the gene x set grid in training mode (:class:`_PostBlockTrain`).
 
@@ -247,10 +282,59 @@ def _post_mlp_train(
     """
     lin1, bn1, _, lin2, _ = mlp
     out, colsum, sumsq, mean_y, var_y = _PostBlockTrain.apply(
-        g, q, lin1.weight, lin1.bias, bn1.weight, bn1.bias, lin2.weight, lin2.bias, bn1.eps, chunk_rows
+        g,
+        q,
+        lin1.weight,
+        lin1.bias,
+        bn1.weight,
+        bn1.bias,
+        lin2.weight,
+        lin2.bias,
+        bn1.eps,
+        chunk_rows,
+        keep_bytes,
     )
     _bn_moments(bn1, mean_y, var_y, out.shape[0])
     return out, colsum, sumsq
+
+
+def _csr_parts(
+    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row pointers, column indices and values of the ``n x n`` matrix with entries ``values`` at (``rows``, ``cols``), duplicates summed."""
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=True).coalesce()
+    r, c = coo.indices()
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
+    return crow, c.contiguous(), coo.values().contiguous()
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The CSR tensor of parts from :func:`_csr_parts` (no copy; PyTorch's once-per-process beta notice silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+        )
+        return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+class _FixedSparseMatmul(torch.autograd.Function):
+    """``A x`` for a fixed sparse ``A`` (CSR), with ``A^T`` given in CSR for the backward ``A^T dx``.
+
+    Autograd through :func:`torch.sparse.mm` transposes and re-sorts ``A`` on every backward: with a
+    co-expression graph of 2,000 genes and 16,000 edges a forward and backward took 3.1 ms (COO) or
+    2.0 ms (CSR) of CPU, against about 0.4 ms here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, a_t):
+        ctx.a_t = a_t
+        return torch.sparse.mm(a, x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return torch.sparse.mm(ctx.a_t, dy.contiguous()), None, None
 
 
 def gcn_norm(
@@ -333,21 +417,13 @@ class GraphEncoder(nn.Module):
             self.register_buffer("edge_index", edge_index, persistent=False)
             return
         ei, w = gcn_norm(edge_index, edge_weight, n_nodes)
-        order = torch.argsort(ei[1] * n_nodes + ei[0])
-        src, dst, w = ei[0][order], ei[1][order], w[order]
-        crow = torch.zeros(n_nodes + 1, dtype=torch.long)
-        crow[1:] = torch.cumsum(torch.bincount(dst, minlength=n_nodes), 0)
-        # out[t] = sum over edges (s -> t) of w * x[s]; edges sorted by target (CSR rows)
-        self.register_buffer("src", src, persistent=False)
-        self.register_buffer("weight", w, persistent=False)
-        self.register_buffer("crow", crow, persistent=False)
-        self.register_buffer(
-            "adj",
-            torch.sparse_coo_tensor(
-                torch.stack([dst, src]), w, (n_nodes, n_nodes), check_invariants=True
-            ).coalesce(),
-            persistent=False,
-        )
+        # A (target x source, out[t] = sum over edges s -> t of w x[s]) and its transpose as CSR parts,
+        # duplicate edges summed; dense buffers, so that they move with the module and DDP broadcasts them
+        for suffix, (rows_of, cols_of) in (("", (ei[1], ei[0])), ("_t", (ei[0], ei[1]))):
+            crow, col, values = _csr_parts(rows_of, cols_of, w, n_nodes)
+            self.register_buffer("crow" + suffix, crow, persistent=False)
+            self.register_buffer("col" + suffix, col, persistent=False)
+            self.register_buffer("weight" + suffix, values, persistent=False)
         self.lins = nn.ModuleList(nn.Linear(dim, dim) for _ in range(1 if gnn == "sgc" else n_layers))
 
     def propagate(
@@ -360,8 +436,13 @@ class GraphEncoder(nn.Module):
         """
         x = x.to(self.weight.dtype)
         if rows is None:
-            with torch.autocast(x.device.type, enabled=False):  # sparse.mm has no bfloat16 backward
-                return torch.sparse.mm(self.adj, x)
+            with torch.autocast(x.device.type, enabled=False):  # sparse products have no bfloat16 backward
+                n = self.n_nodes
+                return _FixedSparseMatmul.apply(
+                    x,
+                    _csr(self.crow, self.col, self.weight, n),
+                    _csr(self.crow_t, self.col_t, self.weight_t, n),
+                )
         start = self.crow[rows]
         counts = self.crow[rows + 1] - start
         seg = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), counts)
@@ -369,7 +450,7 @@ class GraphEncoder(nn.Module):
             torch.cumsum(counts, 0) - counts, counts
         )
         edges = start[seg] + offset
-        sources = x[self.src[edges]]
+        sources = x[self.col[edges]]
         messages = (_unit_rows(sources) if unit else sources) * self.weight[edges].unsqueeze(1)
         return x.new_zeros(rows.numel(), x.shape[1]).index_add_(0, seg, messages)
 
