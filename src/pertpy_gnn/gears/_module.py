@@ -208,23 +208,13 @@ class _PostBlockTrain(torch.autograd.Function):
         g, q, out, w1, w2, mu, cov, s, inv, w1s, bias1, *kept = ctx.saved_tensors
         k, n, d, genes = g.shape[0], q.shape[0], g.shape[1], ctx.genes
         big_n = k * n
-        if kept:  # h and r of every row, from the forward (r is overwritten by its gradient below)
-            h_buf, r_buf = kept
+        keep = bool(
+            kept
+        )  # h and r of every row from the forward, else recomputed per chunk into one chunk's buffers
+        h_buf, r_buf = kept if keep else (g.new_empty(genes * n, d), g.new_empty(genes * n, w1.shape[0]))
 
-            def hidden(a, b):
-                return h_buf[a * n : b * n], r_buf[a * n : b * n]
-
-            def h_of(a, b):
-                return h_buf[a * n : b * n]
-        else:  # recomputed per chunk into one chunk's buffers
-            h_buf, r_buf = g.new_empty(genes * n, d), g.new_empty(genes * n, w1.shape[0])
-
-            def hidden(a, b):
-                hc = _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
-                return hc, _PostBlockTrain._hidden(hc, w1s, bias1, r_buf)
-
-            def h_of(a, b):
-                return _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
+        def h_of(a: int, b: int) -> torch.Tensor:
+            return h_buf[a * n : b * n] if keep else _PostBlockTrain._h_chunk(g, q, a, b, h_buf)
 
         # the moments' gradients (d values each; None where the loss does not reach them)
         two = 2.0 * g_sumsq if g_sumsq is not None else g.new_zeros(w2.shape[0])
@@ -234,7 +224,8 @@ class _PostBlockTrain(torch.autograd.Function):
         g_r_w = g.new_empty(big_n, d)  # g_r W', then the gradient w.r.t. h
         for a, b in _row_chunks(k, genes):
             lo, hi = a * n, b * n
-            hc, rc = hidden(a, b)
+            hc = h_of(a, b)  # r (kept) is overwritten by its gradient below
+            rc = r_buf[lo:hi] if keep else _PostBlockTrain._hidden(hc, w1s, bias1, r_buf)
             # the gradient w.r.t. the output, all of it, for this chunk (a new tensor, not the caller's)
             oc = out[lo:hi]
             gc = torch.mul(oc, two) if g_out is None else torch.addcmul(g_out[lo:hi], oc, two)
