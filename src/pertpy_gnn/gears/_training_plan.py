@@ -64,8 +64,8 @@ class GEARSTrainingPlan(pl.LightningModule):
     ):
         super().__init__()
         self.module = module
-        # DDP: the graph tensors (non-persistent buffers, the same on every process; one is sparse, which
-        # DDP cannot broadcast) are neither synchronized nor broadcast, the batch-norm statistics are
+        # DDP: the graph tensors (non-persistent buffers, the same on every process) are neither synchronized
+        # nor broadcast; the batch-norm statistics are (persistent buffers, and :meth:`_sync_buffers`)
         persistent = set(module.state_dict())
         self._ddp_params_and_buffers_to_ignore = [
             f"module.{name}" for name, _ in module.named_buffers() if name not in persistent
