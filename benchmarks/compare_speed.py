@@ -409,6 +409,9 @@ def compare(
     short += [f"peak RSS ({ram['what']})" for ram in rams if not ram["meets_target"]]
     md.append(
         "\nTargets not met (CPU basis): " + (", ".join(short) if short else "none") + ". "
+        "The targets are issue 7's (epoch 10x, preparation 50x, peak RSS at most 1/5, prediction 100x), "
+        "with issue 13's 30x for the main job's epoch (set batches); the paper's cell batches keep issue "
+        "7's 10x. "
         "The reference's epoch and prediction were sampled and scaled linearly (its per-step and "
         "per-perturbation costs are constant); its evaluation inside `train()` scores every train, val and "
         "test cell, ours validates on the val perturbations' mean expression, so the epoch row compares "
